@@ -1,0 +1,17 @@
+"""The one exception type that the CLI turns into a one-line message and exit code 2."""
+
+import difflib
+from collections.abc import Iterable
+
+
+class AtlasError(Exception):
+    """Bad input from the user: the message is one sentence that says what to do."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], limit: int = 5) -> str:
+    """A ' (did you mean: a, b?)' suffix naming the closest choices, or '' when none is close."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=limit, cutoff=0.5)
+    if not close:
+        close = [c for c in choices if name.lower() in c.lower()][:limit]
+    return f" (did you mean: {', '.join(close)}?)" if close else ""

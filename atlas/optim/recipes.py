@@ -1,0 +1,163 @@
+"""Recipes: every hyperparameter of a visualization in one frozen, hashable value.
+
+`recipe.hash` goes into task keys, so two runs with equal recipes share results and any change
+of a setting reruns exactly the units it affects. Presets are in `PRESETS`; `get(name, **over)`
+returns one with overrides applied and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from atlas.errors import AtlasError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Octave:
+    """One stage of progressive upscaling: a share of the steps at a fraction of the size,
+    with learning rate and blur sigma moving linearly from start to end."""
+
+    share: float
+    scale: float
+    lr: tuple[float, float]
+    blur: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What the engine runs: `steps` steps at `size` px."""
+
+    steps: int
+    size: int
+    lr: tuple[float, float]
+    blur: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "custom"
+    steps: int = 512
+    size: int = 128  # optimized image, resized to the model's input for every forward pass
+    lr: float = 0.05
+    param: str = "fourier"  # fourier | pixel
+    decay: float = 1.0  # Fourier spectrum scaled by 1 / f^decay
+    colour: str | tuple[float, ...] = "imagenet"  # imagenet | none | 9 floats (3x3 matrix)
+    squash: str = "sigmoid"  # sigmoid | clip
+    init_noise: float = 0.01  # sd of the starting noise (pixels: around grey; Fourier: spectrum)
+    # Geometric transforms, drawn per image and step; pixels are at 128 px and scale with size.
+    pad: float = 0.0
+    jitter: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    rotate: float = 0.0  # degrees, +-
+    colour_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # b, c, s, hue
+    # Priors on the image, subtracted from the objective.
+    l1: float = 0.0  # weight of mean |x - 0.5|
+    l2: float = 0.0  # weight of mean (x - 0.5)^2
+    tv: float = 0.0  # weight of total variation (mean absolute neighbour difference)
+    blur_every: int = 0  # blur the image every N steps (0: never)
+    blur_sigma: float = 0.0
+    octaves: tuple[Octave, ...] = ()
+    diversity: float = 0.0  # weight of the diversity term for K images of one unit
+    diversity_layer: str | None = None  # default: the unit's own layer
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 1, "steps must be at least 1"),
+            (8 <= self.size <= 4096, "size must be between 8 and 4096 px"),
+            (self.lr > 0, "lr must be positive"),
+            (self.param in ("fourier", "pixel"), "param must be fourier or pixel"),
+            (self.squash in ("sigmoid", "clip"), "squash must be sigmoid or clip"),
+            (
+                self.colour in ("imagenet", "none")
+                or (isinstance(self.colour, tuple) and len(self.colour) == 9),
+                "colour must be imagenet, none or 9 numbers",
+            ),
+            (self.scale[0] > 0 and self.scale[0] <= self.scale[1], "scale must be 0 < lo <= hi"),
+            (min(self.pad, self.jitter, self.rotate) >= 0, "pad, jitter, rotate must be >= 0"),
+            (min(self.l1, self.l2, self.tv, self.diversity) >= 0, "weights must be >= 0"),
+            (self.blur_every >= 0 and self.blur_sigma >= 0, "blur settings must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AtlasError(f"recipe {self.name}: {message}")
+
+    @property
+    def hash(self) -> str:
+        """Digest of every setting but the name: renaming a recipe does not rerun anything."""
+        settings = dataclasses.asdict(self)
+        settings.pop("name")
+        text = json.dumps(settings, sort_keys=True, default=list)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def has_geometric_transforms(self) -> bool:
+        return bool(self.pad or self.jitter or self.rotate or self.scale != (1.0, 1.0))
+
+    def stages(self) -> list[Stage]:
+        """The schedule: one stage, or one per octave (steps and sizes follow steps and size)."""
+        if not self.octaves:
+            return [Stage(self.steps, self.size, (self.lr, self.lr), (self.blur_sigma,) * 2)]
+        total_share = sum(o.share for o in self.octaves)
+        stages, used = [], 0
+        for i, octave in enumerate(self.octaves):
+            last = i == len(self.octaves) - 1
+            steps = self.steps - used if last else round(self.steps * octave.share / total_share)
+            used += steps
+            size = max(8, round(self.size * octave.scale))
+            if steps > 0:
+                stages.append(Stage(steps, size, octave.lr, octave.blur))
+        return stages
+
+    def replace(self, **overrides) -> Recipe:
+        """A copy with some settings changed; unknown names raise AtlasError."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        for key in overrides:
+            if key not in fields:
+                raise AtlasError(f"unknown recipe setting {key!r}{did_you_mean(key, fields)}")
+        return dataclasses.replace(self, **overrides)
+
+
+_LUCID_TRANSFORMS = dict(pad=12.0, jitter=8.0, scale=(0.9, 1.1), rotate=10.0)
+
+PRESETS: dict[str, Recipe] = {
+    # Raw gradient ascent on pixels from grey: the baseline that yields adversarial noise.
+    "plain": Recipe(name="plain", param="pixel", colour="none", lr=0.05),
+    # Pixels with transforms, an L2 pull towards grey and a blur every 10 steps.
+    "blur-l2": Recipe(
+        name="blur-l2",
+        param="pixel",
+        colour="none",
+        lr=0.05,
+        l2=0.05,
+        blur_every=10,
+        blur_sigma=1.0,
+        **_LUCID_TRANSFORMS,
+    ),
+    # Progressive upscaling: start at half size and grow, blurring at each upscale.
+    "octaves": Recipe(
+        name="octaves",
+        param="pixel",
+        colour="imagenet",
+        lr=0.05,
+        blur_every=4,
+        octaves=(
+            Octave(share=1, scale=0.5, lr=(0.08, 0.06), blur=(1.0, 0.5)),
+            Octave(share=1, scale=0.75, lr=(0.06, 0.04), blur=(0.8, 0.4)),
+            Octave(share=1, scale=1.0, lr=(0.04, 0.02), blur=(0.5, 0.2)),
+        ),
+        **_LUCID_TRANSFORMS,
+    ),
+    # Lucid's standard: Fourier spectrum, decorrelated colour, sigmoid, transforms, Adam 0.05.
+    "fourier": Recipe(name="fourier", **_LUCID_TRANSFORMS),
+}
+DEFAULT = "fourier"
+
+
+def get(name: str = DEFAULT, **overrides) -> Recipe:
+    """A preset by name, with overrides (None values are ignored, so CLI flags pass through)."""
+    if name not in PRESETS:
+        raise AtlasError(f"unknown recipe {name!r}{did_you_mean(name, PRESETS)}")
+    return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,251 @@
+"""visualize(): optimize one image per objective, all in one batch.
+
+Every image has its own random stream, seeded from (seed, its objective, its repeat number), so
+a unit's image does not depend on which other units share its batch: a batch of N targets gives
+what N single runs give. On CUDA the model runs under bf16 autocast in channels_last, and the
+loop never waits for the GPU: objective history and best images stay on the device until the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from atlas.errors import AtlasError
+from atlas.layers import capture, resolve, run_forward
+from atlas.optim import transforms
+from atlas.optim.objectives import LOGITS, BatchObjective, Objective, Target, as_objective
+from atlas.optim.objectives import diversity as diversity_term
+from atlas.optim.param import ImageParam, colour_matrix
+from atlas.optim.recipes import Recipe
+
+
+@dataclass
+class UnitResult:
+    """The outcome for one image: the best image seen (by objective) and how it got there."""
+
+    objective: Objective
+    image: np.ndarray  # uint8 [H, W, 3]
+    objective_start: float
+    objective_final: float
+    objective_best: float
+    best_step: int
+    history: list[float]
+    seed: int
+
+    @property
+    def target(self) -> Target | None:
+        return self.objective.main_target
+
+    @property
+    def id(self) -> str:
+        return self.objective.id
+
+
+def image_seed(seed: int, objective: Objective, repeat: int) -> int:
+    """A per-image seed that depends on the unit, not on its position in the batch."""
+    text = f"{seed}|{objective!r}|{repeat}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _with_diversity(objectives: list[Objective], recipe: Recipe) -> list[Objective]:
+    """Adds the recipe's diversity term to every objective that appears more than once."""
+    if recipe.diversity <= 0:
+        return objectives
+    counts = Counter(objectives)
+    result = []
+    for objective in objectives:
+        if counts[objective] > 1:
+            layer = recipe.diversity_layer or min(objective.layers - {LOGITS}, default=None)
+            if layer is None:
+                raise AtlasError("diversity for class logits needs recipe.diversity_layer")
+            objective = objective + recipe.diversity * diversity_term(layer)
+        result.append(objective)
+    return result
+
+
+def _needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], str | None]:
+    """The hooked layers, and the one after which the forward pass can stop (None: run it all)."""
+    names = set().union(*(o.layers for o in objectives))
+    for name in names:
+        resolve(model, name)
+    if LOGITS in names:
+        return sorted(names - {LOGITS}), None
+    order = [layer.name for layer in model.layers]
+    return sorted(names), max(names, key=order.index)
+
+
+def _check_indices(model, objectives: Sequence[Objective]) -> None:
+    for objective in objectives:
+        for _, term in objective.terms:
+            if not isinstance(term, Target) or term.index is None:
+                continue
+            layer = resolve(model, term.layer)
+            if not 0 <= term.index < layer.channels:
+                what = "class" if term.layer == LOGITS else "channel"
+                raise AtlasError(
+                    f"{what} {term.index} is out of range: {term.layer} has "
+                    f"{layer.channels} ({what} 0-{layer.channels - 1})"
+                )
+            height, width = layer.shape[-2:] if len(layer.shape) == 3 else (1, 1)
+            box = term.box(height, width)
+            if box and not (0 <= box[0] < box[1] <= height and 0 <= box[2] < box[3] <= width):
+                raise AtlasError(f"{term.id} lies outside the {height}x{width} map of {term.layer}")
+
+
+def _penalties(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+    """Per-image prior penalties (L1, L2 around grey, total variation)."""
+    penalty = torch.zeros(images.shape[0], device=images.device)
+    centred = images - 0.5
+    if recipe.l1:
+        penalty = penalty + recipe.l1 * centred.abs().flatten(1).mean(1)
+    if recipe.l2:
+        penalty = penalty + recipe.l2 * centred.square().flatten(1).mean(1)
+    if recipe.tv:
+        dy = (images[..., 1:, :] - images[..., :-1, :]).abs().flatten(1).mean(1)
+        dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(1)
+        penalty = penalty + recipe.tv * (dx + dy)
+    return penalty
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return list(pixels.cpu().numpy())
+
+
+def visualize(
+    model,
+    targets: Sequence[Target | Objective],
+    recipe: Recipe,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[UnitResult]:
+    """Optimize one image per target in one batch; return the results in the same order.
+
+    `model` is a LoadedModel. Repeating a target K times with `recipe.diversity > 0` gives K
+    diverse images of it. `on_step(done, total)` is called after every step."""
+    if not targets:
+        return []
+    objectives = _with_diversity([as_objective(t) for t in targets], recipe)
+    hooked, stop_after = _needed_layers(model, objectives)
+    _check_indices(model, objectives)
+    device = _resolve_device(device)
+    seed_everything(seed)
+    on_cuda = device.type == "cuda"
+    module = model.module.to(device)
+    normalize = model.normalize.to(device)
+    if on_cuda:
+        module = module.to(memory_format=torch.channels_last)
+
+    batch, channels = len(objectives), model.input_channels
+    repeats: Counter = Counter()
+    generators = []
+    for objective in objectives:
+        generators.append(torch.Generator().manual_seed(image_seed(seed, objective, repeats[objective])))
+        repeats[objective] += 1
+    stages = recipe.stages()
+    total = sum(stage.steps for stage in stages)
+    colour = colour_matrix(recipe.colour, channels)
+
+    def new_param(size: int) -> ImageParam:
+        return ImageParam(
+            batch, channels, size, kind=recipe.param, decay=recipe.decay, colour=colour,
+            squash=recipe.squash,
+        ).to(device)
+
+    param = new_param(stages[0].size)
+    latent = next(iter(param.parameters()))
+    noise = torch.stack([torch.randn(latent.shape[1:], generator=g) for g in generators])
+    param.initialize(noise.to(device) * recipe.init_noise)
+    draws = torch.stack(
+        [torch.rand(total, transforms.DRAWS_PER_STEP, generator=g) for g in generators], dim=1
+    ).to(device)  # [steps, B, draws]
+
+    batch_objective = BatchObjective(objectives)
+    history = torch.zeros(total, batch, device=device)
+    step = 0
+    with capture(module, hooked, stop_after) as acts:
+        for stage_number, stage in enumerate(stages):
+            if stage_number:  # upscale the current image into a larger parameterization
+                with torch.no_grad():
+                    image = transforms.blur(param(), stage.blur[0])
+                    image = torch.nn.functional.interpolate(
+                        image, size=(stage.size, stage.size), mode="bilinear", align_corners=False
+                    )
+                param = new_param(stage.size)
+                param.encode(image)
+            optimizer = torch.optim.Adam(param.parameters(), lr=stage.lr[0])
+            best_value = torch.full((batch,), -torch.inf, device=device)
+            best_image = torch.zeros(batch, channels, stage.size, stage.size, device=device)
+            for stage_step in range(stage.steps):
+                progress = stage_step / max(stage.steps - 1, 1)
+                for group in optimizer.param_groups:
+                    group["lr"] = stage.lr[0] + (stage.lr[1] - stage.lr[0]) * progress
+                images = param()
+                view = normalize(transforms.apply(images, draws[step], recipe, model.input_size))
+                if on_cuda:
+                    view = view.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                    output = run_forward(module, view)
+                if output is not None:
+                    acts[LOGITS] = output
+                values = batch_objective(acts)
+                loss = (_penalties(images, recipe) - values).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                acts.clear()
+                with torch.no_grad():
+                    history[step] = values.detach()
+                    improved = values.detach() > best_value
+                    best_value = torch.where(improved, values.detach(), best_value)
+                    best_image = torch.where(improved.view(-1, 1, 1, 1), images.detach(), best_image)
+                    sigma = stage.blur[0] + (stage.blur[1] - stage.blur[0]) * progress
+                    if recipe.blur_every and (stage_step + 1) % recipe.blur_every == 0:
+                        param.encode(transforms.blur(param(), sigma))
+                step += 1
+                if on_step is not None:
+                    on_step(step, total)
+
+    history_host = history.T.cpu().numpy().astype(float)
+    final_start = total - stages[-1].steps
+    images = _to_uint8(best_image)
+    results = []
+    for i, objective in enumerate(objectives):
+        curve = history_host[i]
+        best_step = final_start + int(np.argmax(curve[final_start:]))
+        results.append(
+            UnitResult(
+                objective=objective,
+                image=images[i],
+                objective_start=float(curve[0]),
+                objective_final=float(curve[-1]),
+                objective_best=float(curve[best_step]),
+                best_step=best_step,
+                history=curve.tolist(),
+                seed=generators[i].initial_seed(),
+            )
+        )
+    return results
