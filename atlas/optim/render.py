@@ -163,7 +163,9 @@ def visualize(
     repeats: Counter = Counter()
     generators = []
     for objective in objectives:
-        generators.append(torch.Generator().manual_seed(image_seed(seed, objective, repeats[objective])))
+        generators.append(
+            torch.Generator().manual_seed(image_seed(seed, objective, repeats[objective]))
+        )
         repeats[objective] += 1
     stages = recipe.stages()
     total = sum(stage.steps for stage in stages)
@@ -171,7 +173,12 @@ def visualize(
 
     def new_param(size: int) -> ImageParam:
         return ImageParam(
-            batch, channels, size, kind=recipe.param, decay=recipe.decay, colour=colour,
+            batch,
+            channels,
+            size,
+            kind=recipe.param,
+            decay=recipe.decay,
+            colour=colour,
             squash=recipe.squash,
         ).to(device)
 
@@ -221,7 +228,9 @@ def visualize(
                     history[step] = values.detach()
                     improved = values.detach() > best_value
                     best_value = torch.where(improved, values.detach(), best_value)
-                    best_image = torch.where(improved.view(-1, 1, 1, 1), images.detach(), best_image)
+                    best_image = torch.where(
+                        improved.view(-1, 1, 1, 1), images.detach(), best_image
+                    )
                     sigma = stage.blur[0] + (stage.blur[1] - stage.blur[0]) * progress
                     if recipe.blur_every and (stage_step + 1) % recipe.blur_every == 0:
                         param.encode(transforms.blur(param(), sigma))
