@@ -154,7 +154,7 @@ def region(
 
 
 def whole_layer(layer: str, *, negative: bool = False) -> Target:
-    """Mean activation of a whole layer (DeepDream)."""
+    """Mean square activation of a whole layer (DeepDream): amplifies whatever it sees."""
     return Target(layer, "layer", negative=negative)
 
 
@@ -235,7 +235,7 @@ class BatchObjective:
             rows = self._tensor(key, "rows", device)
             weight = self._tensor(key, "weight", device)
             if kind == "layer":
-                unit = act[rows].float().flatten(1).mean(1)
+                unit = act[rows].float().flatten(1).square().mean(1)
             else:
                 picked = act[rows, self._tensor(key, "index", device)].float()
                 if picked.dim() == 1:  # a [B, C] layer: logits or pooled features

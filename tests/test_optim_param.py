@@ -1,0 +1,68 @@
+"""Parameterizations and transforms: invertible, differentiable, colour statistics."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atlas.errors import AtlasError
+from atlas.optim import get
+from atlas.optim.param import ImageParam, colour_matrix, colour_matrix_from_folder
+from atlas.optim.transforms import DRAWS_PER_STEP, apply, blur
+
+
+@pytest.mark.parametrize("kind", ["fourier", "pixel"])
+@pytest.mark.parametrize("colour", ["imagenet", "none"])
+def test_encoding_an_image_and_decoding_it_gives_it_back(kind, colour):
+    param = ImageParam(2, 3, 24, kind=kind, colour=colour_matrix(colour, 3))
+    images = torch.rand(2, 3, 24, 24) * 0.9 + 0.05
+    param.encode(images)
+    assert torch.allclose(param(), images, atol=1e-4)
+
+
+def test_fourier_start_is_grey_with_little_noise():
+    param = ImageParam(4, 3, 64, kind="fourier", colour=colour_matrix("imagenet", 3))
+    param.initialize(torch.randn(4, 3, 64, 33, 2) * 0.01)
+    image = param().detach()
+    assert abs(float(image.mean()) - 0.5) < 0.02
+    assert 0.001 < float(image.std()) < 0.1
+
+
+def test_transforms_pass_gradients_and_differ_per_image():
+    recipe = get("fourier", colour_jitter=(0.02, 0.01, 0.02, 0.01))
+    images = torch.full((2, 3, 32, 32), 0.5, requires_grad=True)
+    pattern = torch.rand(1, 3, 32, 32)
+    draws = torch.rand(2, DRAWS_PER_STEP, generator=torch.Generator().manual_seed(0))
+    view = apply(images + pattern, draws, recipe, (48, 48))
+    assert view.shape == (2, 3, 48, 48)
+    assert not torch.allclose(view[0], view[1])
+    view.square().sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_blur_smooths_without_moving_the_mean():
+    noise = torch.rand(1, 3, 32, 32)
+    smooth = blur(noise, 1.5)
+    assert smooth.std() < noise.std() * 0.6
+    assert abs(float(smooth.mean() - noise.mean())) < 0.01
+
+
+def test_colour_matrix_from_a_folder_recolours_like_its_photos(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.random((64, 64, 1))
+    for i in range(3):  # strongly correlated channels, as in natural photos
+        rgb = np.clip(base * np.array([1.0, 0.8, 0.6]) + rng.random((64, 64, 3)) * 0.2, 0, 1)
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(tmp_path / f"photo{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    values = colour_matrix_from_folder(tmp_path)
+    matrix = torch.tensor(values).view(3, 3)
+    assert torch.isclose(matrix.norm(dim=0).max(), torch.tensor(1.0))
+    # colouring white noise reproduces the photos' covariance (up to scale)
+    covariance = matrix @ matrix.T
+    correlation = covariance / covariance.diagonal().sqrt().outer(covariance.diagonal().sqrt())
+    assert correlation[0, 1] > 0.8 and correlation[0, 2] > 0.8
+
+
+def test_colour_matrix_from_an_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(AtlasError, match="no images found"):
+        colour_matrix_from_folder(tmp_path)

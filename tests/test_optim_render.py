@@ -1,0 +1,143 @@
+"""visualize(): batching, determinism, hooks, truncation, recipes, devices."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from atlas.errors import AtlasError
+from atlas.optim import PRESETS, channel, get, logit, neuron, visualize, whole_layer
+
+QUICK = get("fourier", steps=12, size=32)
+
+
+def all_hooks(module):
+    return [
+        hook
+        for m in module.modules()
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    ]
+
+
+def test_a_batch_gives_what_single_runs_give(tiny):
+    targets = [channel("conv2", 1), neuron("conv2", 5), logit(3), whole_layer("conv3")]
+    batched = visualize(tiny, targets, QUICK, seed=7)
+    for target, together in zip(targets, batched, strict=True):
+        (alone,) = visualize(tiny, [target], QUICK, seed=7)
+        np.testing.assert_allclose(alone.history, together.history, rtol=1e-3, atol=1e-4)
+        assert np.abs(alone.image.astype(int) - together.image.astype(int)).max() <= 2
+        assert alone.seed == together.seed
+
+
+def test_same_seed_same_images_other_seed_other_images(tiny):
+    targets = [channel("conv2", 1), logit(2)]
+    first = visualize(tiny, targets, QUICK, seed=3)
+    again = visualize(tiny, targets, QUICK, seed=3)
+    other = visualize(tiny, targets, QUICK, seed=4)
+    for a, b, c in zip(first, again, other, strict=True):
+        assert (a.image == b.image).all() and a.history == b.history
+        assert not (a.image == c.image).all()
+
+
+def test_hooks_are_removed_after_success_and_after_an_exception(tiny):
+    visualize(tiny, [channel("conv2", 1)], QUICK)
+    assert all_hooks(tiny.module) == []
+
+    def explode(done, total):
+        if done == 3:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        visualize(tiny, [channel("conv2", 1), logit(1)], QUICK, on_step=explode)
+    assert all_hooks(tiny.module) == []
+
+
+def test_the_forward_pass_stops_after_the_deepest_needed_layer(tiny):
+    assert tiny.layers  # the one dry forward pass of layer discovery happens first
+    calls = {"conv3": 0, "fc": 0}
+    for name in calls:
+
+        def count(_module, _inputs, name=name):
+            calls[name] += 1
+
+        getattr(tiny.module, name).register_forward_pre_hook(count)
+    visualize(tiny, [channel("conv2", 1), channel("conv1", 0)], QUICK)
+    assert calls == {"conv3": 0, "fc": 0}
+    visualize(tiny, [channel("conv3", 1)], QUICK)
+    assert calls == {"conv3": QUICK.steps, "fc": 0}
+    visualize(tiny, [logit(0)], QUICK)
+    assert calls["fc"] == QUICK.steps
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_recipe_runs_and_raises_the_objective(tiny, name):
+    recipe = get(name, steps=24, size=40)
+    (result,) = visualize(tiny, [channel("conv2", 3)], recipe, seed=0)
+    assert result.image.shape == (40, 40, 3) and result.image.dtype == np.uint8
+    assert len(result.history) == 24
+    assert result.objective_best > result.objective_start
+    assert 0 <= result.best_step < 24
+
+
+def test_octaves_grow_the_image_to_the_final_size():
+    recipe = get("octaves", steps=30, size=48)
+    stages = recipe.stages()
+    assert [s.size for s in stages] == [24, 36, 48]
+    assert sum(s.steps for s in stages) == 30
+    # best step lies in the last octave: the returned image has the final size
+    (result,) = visualize(tiny_model(), [logit(1)], recipe)
+    assert result.best_step >= 20 and result.image.shape == (48, 48, 3)
+
+
+def test_recipe_hash_follows_settings_not_names():
+    base = get("fourier")
+    assert base.hash == base.replace(name="renamed").hash
+    assert base.hash != base.replace(steps=100).hash
+    assert get("fourier", steps=None).hash == base.hash  # None overrides are ignored
+    with pytest.raises(AtlasError, match="did you mean: steps"):
+        base.replace(stepz=3)
+    with pytest.raises(AtlasError, match="unknown recipe 'fourrier'.*fourier"):
+        get("fourrier")
+    with pytest.raises(AtlasError, match="lr must be positive"):
+        base.replace(lr=0)
+
+
+def test_grayscale_models_get_grey_rgb_images():
+    grey_model = tiny_model(in_channels=1)
+    (result,) = visualize(grey_model, [channel("conv2", 2)], QUICK)
+    assert result.image.shape == (32, 32, 3)
+    assert (result.image[..., 0] == result.image[..., 2]).all()
+    assert result.objective_best > result.objective_start
+
+
+def test_small_models_get_transforms_scaled_to_their_size(tiny):
+    # a 12 px pad at 128 px is 3 px at 32 px: the warped view keeps most of the image
+    from atlas.optim.transforms import apply
+
+    recipe = get("fourier")
+    images = torch.rand(2, 3, 32, 32)
+    draws = torch.full((2, 8), 0.5)  # no jitter, scale 1, no rotation
+    view = apply(images, draws, recipe, (32, 32))
+    inner = view[:, :, 4:-4, 4:-4]
+    assert (inner - 0.5).abs().mean() > 0.1  # content, not padding
+
+
+def test_out_of_range_units_are_clear_errors(tiny):
+    with pytest.raises(AtlasError, match="channel 12 is out of range: conv2 has 12"):
+        visualize(tiny, [channel("conv2", 12)], QUICK)
+    with pytest.raises(AtlasError, match="class 10 is out of range"):
+        visualize(tiny, [logit(10)], QUICK)
+    with pytest.raises(AtlasError, match="outside the 16x16 map"):
+        visualize(tiny, [neuron("conv2", 1, (16, 0))], QUICK)
+    with pytest.raises(AtlasError, match="did you mean: conv2"):
+        visualize(tiny, [channel("conv22", 1)], QUICK)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path_with_bf16_autocast_matches_the_cpu_result_closely(tiny):
+    targets = [channel("conv2", 1), logit(3)]
+    on_gpu = visualize(tiny, targets, QUICK, seed=1, device="cuda")
+    on_cpu = visualize(tiny_model(), targets, QUICK, seed=1, device="cpu")
+    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
+        assert gpu.objective_best > gpu.objective_start
+        assert abs(gpu.objective_best - cpu.objective_best) < 0.2 * abs(cpu.objective_best) + 0.1
