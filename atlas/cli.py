@@ -108,16 +108,18 @@ def visualize_command(
     formats,
 ):
     """Visualize a few TARGETS of MODEL: blocks.8:3 (channel), blocks.8:3@3,3 (neuron),
-    blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or logits:hen (class)."""
+    blocks.8:3@centre, blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or
+    logits:hen (class)."""
     from atlas import quick
     from atlas.files import writable_folder
     from atlas.optim import get
     from atlas.optim.param import colour_matrix_from_folder
+    from atlas.optim.recipes import DEFAULT_DIVERSITY
     from atlas.targets import parse_target
 
     out_path = writable_folder(out)
     if diversity is None and samples > 1:
-        diversity = 0.5
+        diversity = DEFAULT_DIVERSITY
     colour = colour_matrix_from_folder(colour_from) if colour_from else None
     recipe = get(recipe_name, steps=steps, size=size, lr=lr, diversity=diversity, colour=colour)
     loaded = model_registry.load(model, weights)

@@ -1,5 +1,5 @@
 """Parsing unit names typed by users: `blocks.8:3`, `blocks.8:3@4,4`, `blocks.8:3@0-2,0-7`,
-`blocks.8` (the whole layer), `logits:8` or `logits:hen` (a class by label)."""
+`blocks.8:3@centre`, `blocks.8` (the whole layer), `logits:8` or `logits:hen` (a class by label)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,12 @@ def parse_target(text: str, model, *, negative: bool = False) -> Target:
         return Target(layer, "logit", index, negative=negative)
     if not at:
         return Target(layer, "channel", index, negative=negative)
+    if where == "centre":
+        return Target(layer, "neuron", index, negative=negative)
     if match := _POSITION.match(where):
         position = (int(match[1]), int(match[2]))
         return Target(layer, "neuron", index, position=position, negative=negative)
     if match := _REGION.match(where):
         box = tuple(int(v) for v in match.groups())
         return Target(layer, "region", index, region=box, negative=negative)
-    raise AtlasError(f"{text!r}: after @ give Y,X (a neuron) or Y0-Y1,X0-X1 (a region)")
+    raise AtlasError(f"{text!r}: after @ give Y,X or centre (a neuron) or Y0-Y1,X0-X1 (a region)")

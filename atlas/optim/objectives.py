@@ -72,10 +72,11 @@ class Target(_Composable):
 
     @property
     def id(self) -> str:
-        """Stable name: 'blocks.8:3', 'logits:285', 'blocks.8:3@4,4', '-blocks.8' (negated)."""
+        """Stable name: 'blocks.8:3', 'logits:285', 'blocks.8:3@4,4', 'blocks.8:3@centre',
+        '-blocks.8' (negated)."""
         text = self.layer if self.index is None else f"{self.layer}:{self.index}"
-        if self.kind == "neuron" and self.position is not None:
-            text += "@{},{}".format(*self.position)
+        if self.kind == "neuron":
+            text += "@{},{}".format(*self.position) if self.position else "@centre"
         elif self.kind == "region" and self.region is not None:
             text += "@{}-{},{}-{}".format(*self.region)
         return f"-{text}" if self.negative else text

@@ -154,6 +154,9 @@ PRESETS: dict[str, Recipe] = {
     "fourier": Recipe(name="fourier", **_LUCID_TRANSFORMS),
 }
 DEFAULT = "fourier"
+# Diversity weight used for K > 1 images of a unit unless one is given: on EfficientNet-Lite0
+# (blocks.8, 96 steps) 2 left three images alike, 20 made them differ in scale and colour.
+DEFAULT_DIVERSITY = 10.0
 
 
 def get(name: str = DEFAULT, **overrides) -> Recipe:
