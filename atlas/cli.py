@@ -4,24 +4,61 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import click
 
 from atlas import models as model_registry
 from atlas.errors import AtlasError
+from atlas.optim.recipes import DEFAULT as DEFAULT_RECIPE
+from atlas.optim.recipes import PRESETS
 
 DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda when available)"
 
 
-class AtlasGroup(click.Group):
-    """Turns AtlasError into one line on stderr and exit code 2, never a traceback."""
+class StepProgress:
+    """A progress bar on a terminal, opened at the first step (so that errors found before any
+    work print alone); silent when stderr is not a terminal."""
 
-    def invoke(self, ctx: click.Context):
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+
+class AtlasGroup(click.Group):
+    """Bad input of any kind (AtlasError, a bad flag or value) ends in one line on stderr and
+    exit code 2, never a traceback or a usage screen."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
         try:
-            return super().invoke(ctx)
-        except AtlasError as error:
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(2)
+            code = super().main(args, prog_name, standalone_mode=False, **extra)
+        except (AtlasError, click.UsageError) as error:
+            message = error.format_message() if isinstance(error, click.UsageError) else error
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,8 +70,10 @@ def cli() -> None:
 @cli.command("models")
 def models_command() -> None:
     """List the built-in model specs and where their weights come from."""
-    for row in model_registry.describe_builtins():
-        click.echo(f"{row['name']:<22} {row['input']:<10} {row['weights']}")
+    rows = model_registry.describe_builtins()
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        click.echo(f"{row['name']:<{width}}  {row['input']:<9} {row['weights']}")
     names = model_registry.torchvision_names()
     click.echo(
         f"\nAlso any of {len(names)} torchvision classification models by name "
@@ -54,6 +93,8 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
 
     loaded = model_registry.load(model, weights)
     layers = select(loaded, patterns) if patterns else loaded.layers
+    if not layers:
+        raise AtlasError(f"{model} has no layer with a feature map or vector output")
     if as_json:
         click.echo(json.dumps([layer.as_dict() for layer in layers], indent=2))
         return
@@ -68,7 +109,13 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--weights", help="State-dict file (or torchvision weights name).")
-@click.option("--recipe", "recipe_name", default="fourier", show_default=True)
+@click.option(
+    "--recipe",
+    "recipe_name",
+    default=DEFAULT_RECIPE,
+    show_default=True,
+    type=click.Choice(sorted(PRESETS)),
+)
 @click.option("--steps", type=click.IntRange(min=1))
 @click.option("--size", type=click.IntRange(min=8), help="Optimized image size in px.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True))
@@ -115,21 +162,18 @@ def visualize_command(
     from atlas.optim import get
     from atlas.optim.param import colour_matrix_from_folder
     from atlas.optim.recipes import DEFAULT_DIVERSITY
+    from atlas.optim.render import check_targets
     from atlas.targets import parse_target
 
-    out_path = writable_folder(out)
     if diversity is None and samples > 1:
         diversity = DEFAULT_DIVERSITY
     colour = colour_matrix_from_folder(colour_from) if colour_from else None
     recipe = get(recipe_name, steps=steps, size=size, lr=lr, diversity=diversity, colour=colour)
     loaded = model_registry.load(model, weights)
     parsed = [parse_target(text, loaded, negative=negative) for text in targets]
-    with click.progressbar(length=1, label="optimizing", file=sys.stderr) as bar:
-
-        def on_step(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
-
+    check_targets(loaded, parsed)
+    out_path = writable_folder(out)
+    with StepProgress("optimizing") as on_step:
         summary = quick.run(
             loaded,
             parsed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,7 +60,12 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.module.eval()
-        self.module.requires_grad_(False)
+        for parameter in self.module.parameters():  # ScriptModules lack requires_grad_()
+            parameter.requires_grad_(False)
+        for submodule in self.module.modules():
+            # an in-place activation overwrites the output captured for the layer before it
+            if getattr(submodule, "inplace", False) is True:
+                submodule.inplace = False
         if not self.digest:
             self.digest = state_digest(self.module)
 
@@ -90,10 +96,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
         raise AtlasError(
-            f"weights file {path} could not be read as PyTorch weights"
-            + (f" ({reason})" if reason else "")
+            f"weights file {path} is not a PyTorch state dict (corrupt, truncated, or holding "
+            "code that weights_only loading refuses)"
         ) from error
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -170,9 +175,11 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
     from efficientnet_lite_pytorch import EfficientNet
 
     size = LITE_VARIANTS[name][0]
-    weights_path = Path(weights) if weights else _lite_weights_file(name)
     upstream = EfficientNet.from_name(name.replace("_", "-"))
-    apply_weights(upstream, weights_path, name)
+    weights_path = "random"
+    if weights != "random":
+        weights_path = Path(weights) if weights else _lite_weights_file(name)
+        apply_weights(upstream, weights_path, name)
     return LoadedModel(
         spec=name,
         module=EfficientNetLite(upstream),
@@ -272,7 +279,9 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
 
 def _load_torchscript(path: Path) -> LoadedModel:
     try:
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch deprecates jit.load loudly; it still works
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
         raise AtlasError(
             f"{path} is not a TorchScript file; for a state dict, name the architecture as "

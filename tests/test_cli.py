@@ -5,6 +5,7 @@ In-process tests reuse one EfficientNet-Lite0 (loading and measuring it takes se
 --weights and the subprocess tests go through the real loading path."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -96,7 +97,8 @@ def test_models_lists_the_builtins(atlas):
     assert "224x224" in default_row
     assert "ImageNet, installed" in default_row
     assert any(row.startswith("efficientnet_lite1") for row in rows)
-    assert "torchvision" in result.stdout and "resnet" not in rows[0]
+    count = re.search(r"any of (\d+) torchvision classification models", result.stdout)
+    assert count and int(count[1]) > 50
 
 
 def test_layers_json(atlas):
@@ -213,9 +215,7 @@ def test_missing_weights_file(atlas, tmp_path):
 def test_corrupt_weights_file(atlas, tmp_path, model):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x00\xffnot a checkpoint" + bytes(range(256)) * 4)
-    assert_bad_input(
-        atlas("layers", model, "--weights", corrupt), "could not be read as PyTorch weights"
-    )
+    assert_bad_input(atlas("layers", model, "--weights", corrupt), "is not a PyTorch state dict")
 
 
 def test_weights_for_another_architecture(atlas, tmp_path):
@@ -238,9 +238,10 @@ def test_unwritable_output_folder(atlas, tmp_path):
 def test_unknown_recipe(atlas, tmp_path):
     line = assert_bad_input(
         atlas("visualize", LITE0, "logits:1", "--recipe", "fourrier", "--out", tmp_path),
-        "unknown recipe 'fourrier'",
+        "'fourrier' is not one of",
+        "'fourier'",
     )
-    assert "fourier" in line.partition("did you mean")[2]
+    assert "Usage" not in line
 
 
 def test_model_file_that_is_not_torchscript_in_a_real_process(tmp_path):

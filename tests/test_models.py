@@ -321,7 +321,7 @@ def test_weights_file_errors(tmp_path):
         models.load("resnet18", str(tmp_path / "missing.pth"))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(AtlasError, match="could not be read as PyTorch weights"):
+    with pytest.raises(AtlasError, match="is not a PyTorch state dict"):
         models.load("resnet18", str(garbage))
     not_tensors = tmp_path / "numbers.pth"
     torch.save({"epoch": 3, "lr": 0.1}, not_tensors)

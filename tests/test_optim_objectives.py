@@ -34,7 +34,9 @@ def activations(model, images_uint8, layer):
 def test_each_objective_kind_raises_its_objective(tiny, target):
     (result,) = visualize(tiny, [target], PLAIN, seed=1)
     # at least tenfold or +0.1, whichever is smaller: a whole layer starts near zero
-    assert result.objective_best > result.objective_start + min(0.1, 9 * abs(result.objective_start))
+    assert result.objective_best > result.objective_start + min(
+        0.1, 9 * abs(result.objective_start)
+    )
     assert result.objective_best == max(result.history)
     assert len(result.history) == PLAIN.steps
 
@@ -63,7 +65,7 @@ def test_objectives_compose_with_plus_minus_and_scalar_times():
     assert sum([a, b]).terms == ((1.0, a), (1.0, b))
     assert composed.layers == {"conv2", "logits"}
     assert composed.main_target == a
-    assert composed.id == "+1*conv2:1 +0.5*conv2:2@ -1*logits:3".replace("@", "")
+    assert composed.id == "+1*conv2:1 +0.5*conv2:2@centre -1*logits:3"
 
 
 def test_target_ids_are_stable():
@@ -104,9 +106,7 @@ def test_diversity_makes_images_of_one_unit_differ(tiny):
     alike = visualize(tiny, [target] * 3, recipe, seed=0)
     diverse = visualize(tiny, [target] * 3, recipe.replace(diversity=20.0), seed=0)
     assert gram_similarity(tiny, diverse, "conv2") < gram_similarity(tiny, alike, "conv2") - 0.02
-    # the diversity term is part of the objective of the repeated unit only
-    assert diverse[0].objective != alike[0].objective
+    # results name the unit asked for, not the formula with the recipe's diversity term
+    assert diverse[0].objective == alike[0].objective and diverse[0].id == "conv2:3"
     explicit = visualize(tiny, [target + 20.0 * diversity("conv2")] * 3, recipe, seed=0)
-    assert all(
-        (a.image == b.image).all() for a, b in zip(explicit, diverse, strict=True)
-    )
+    assert gram_similarity(tiny, explicit, "conv2") < gram_similarity(tiny, alike, "conv2") - 0.02

@@ -28,7 +28,8 @@ from atlas.optim.recipes import Recipe
 
 @dataclass
 class UnitResult:
-    """The outcome for one image: the best image seen (by objective) and how it got there."""
+    """The outcome for one image: the best image seen (by objective) and how it got there.
+    `objective` is the one asked for; a diversity term added by the recipe is not part of it."""
 
     objective: Objective
     image: np.ndarray  # uint8 [H, W, 3]
@@ -60,20 +61,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _with_diversity(objectives: list[Objective], recipe: Recipe) -> list[Objective]:
-    """Adds the recipe's diversity term to every objective that appears more than once."""
+def _with_diversity(model, objectives: list[Objective], recipe: Recipe) -> list[Objective]:
+    """Adds the recipe's diversity term to every objective that appears more than once. Its
+    layer is the recipe's, else the unit's own, else (for logits) the deepest feature map."""
     if recipe.diversity <= 0:
         return objectives
     counts = Counter(objectives)
+    deepest_map = next((x.name for x in reversed(model.layers) if len(x.shape) == 3), None)
     result = []
     for objective in objectives:
         if counts[objective] > 1:
-            layer = recipe.diversity_layer or min(objective.layers - {LOGITS}, default=None)
+            layer = recipe.diversity_layer or min(objective.layers - {LOGITS}, default=deepest_map)
             if layer is None:
-                raise AtlasError("diversity for class logits needs recipe.diversity_layer")
+                raise AtlasError(f"{model.spec} has no feature map to measure diversity on")
             objective = objective + recipe.diversity * diversity_term(layer)
         result.append(objective)
     return result
+
+
+def check_targets(model, targets: Sequence[Target | Objective]) -> None:
+    """Raise AtlasError for unknown layers and out-of-range units before any work starts."""
+    objectives = [as_objective(t) for t in targets]
+    _needed_layers(model, objectives)
+    _check_indices(model, objectives)
 
 
 def _needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], str | None]:
@@ -148,7 +158,8 @@ def visualize(
     diverse images of it. `on_step(done, total)` is called after every step."""
     if not targets:
         return []
-    objectives = _with_diversity([as_objective(t) for t in targets], recipe)
+    requested = [as_objective(t) for t in targets]
+    objectives = _with_diversity(model, requested, recipe)
     hooked, stop_after = _needed_layers(model, objectives)
     _check_indices(model, objectives)
     device = _resolve_device(device)
@@ -162,7 +173,7 @@ def visualize(
     batch, channels = len(objectives), model.input_channels
     repeats: Counter = Counter()
     generators = []
-    for objective in objectives:
+    for objective in requested:
         generators.append(
             torch.Generator().manual_seed(image_seed(seed, objective, repeats[objective]))
         )
@@ -242,7 +253,7 @@ def visualize(
     final_start = total - stages[-1].steps
     images = _to_uint8(best_image)
     results = []
-    for i, objective in enumerate(objectives):
+    for i, objective in enumerate(requested):
         curve = history_host[i]
         best_step = final_start + int(np.argmax(curve[final_start:]))
         results.append(
