@@ -171,13 +171,7 @@ def visualize(
         module = module.to(memory_format=torch.channels_last)
 
     batch, channels = len(objectives), model.input_channels
-    repeats: Counter = Counter()
-    generators = []
-    for objective in requested:
-        generators.append(
-            torch.Generator().manual_seed(image_seed(seed, objective, repeats[objective]))
-        )
-        repeats[objective] += 1
+    generators = _image_generators(seed, requested)
     stages = recipe.stages()
     total = sum(stage.steps for stage in stages)
     colour = colour_matrix(recipe.colour, channels)
@@ -220,7 +214,7 @@ def visualize(
             for stage_step in range(stage.steps):
                 progress = stage_step / max(stage.steps - 1, 1)
                 for group in optimizer.param_groups:
-                    group["lr"] = stage.lr[0] + (stage.lr[1] - stage.lr[0]) * progress
+                    group["lr"] = _lerp(stage.lr, progress)
                 images = param()
                 view = normalize(transforms.apply(images, draws[step], recipe, model.input_size))
                 if on_cuda:
@@ -242,19 +236,46 @@ def visualize(
                     best_image = torch.where(
                         improved.view(-1, 1, 1, 1), images.detach(), best_image
                     )
-                    sigma = stage.blur[0] + (stage.blur[1] - stage.blur[0]) * progress
                     if recipe.blur_every and (stage_step + 1) % recipe.blur_every == 0:
-                        param.encode(transforms.blur(param(), sigma))
+                        param.encode(transforms.blur(param(), _lerp(stage.blur, progress)))
                 step += 1
                 if on_step is not None:
                     on_step(step, total)
 
-    history_host = history.T.cpu().numpy().astype(float)
     final_start = total - stages[-1].steps
+    return _results(requested, history, best_image, final_start, generators)
+
+
+def _image_generators(seed: int, objectives: Sequence[Objective]) -> list[torch.Generator]:
+    """One random stream per image; repeats of one objective get streams 0, 1, 2, ..."""
+    repeats: Counter = Counter()
+    generators = []
+    for objective in objectives:
+        generators.append(
+            torch.Generator().manual_seed(image_seed(seed, objective, repeats[objective]))
+        )
+        repeats[objective] += 1
+    return generators
+
+
+def _lerp(pair: tuple[float, float], progress: float) -> float:
+    return pair[0] + (pair[1] - pair[0]) * progress
+
+
+def _results(
+    objectives: Sequence[Objective],
+    history: torch.Tensor,
+    best_image: torch.Tensor,
+    final_start: int,
+    generators: Sequence[torch.Generator],
+) -> list[UnitResult]:
+    """Copies everything to the host once. The best image is taken from the final stage (the
+    earlier octaves have smaller images)."""
+    curves = history.T.cpu().numpy().astype(float)
     images = _to_uint8(best_image)
     results = []
-    for i, objective in enumerate(requested):
-        curve = history_host[i]
+    for i, objective in enumerate(objectives):
+        curve = curves[i]
         best_step = final_start + int(np.argmax(curve[final_start:]))
         results.append(
             UnitResult(
