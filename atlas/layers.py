@@ -8,7 +8,7 @@ deepest of them.
 
 from __future__ import annotations
 
-import fnmatch
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -128,16 +128,35 @@ def resolve(model, name: str) -> LayerInfo:
     raise AtlasError(f"{model.spec} has no layer {name!r}{hint}")
 
 
+def glob_regex(pattern: str) -> re.Pattern:
+    """Globs over dotted names: `*` and `?` stay within one name part, `**` crosses parts, so
+    `blocks.*` is the blocks themselves and `blocks.**` everything inside them."""
+    parts = re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern)
+    regex = ""
+    for part in parts:
+        if part == "**":
+            regex += ".*"
+        elif part == "*":
+            regex += r"[^.]*"
+        elif part == "?":
+            regex += r"[^.]"
+        elif part.startswith("[") and part.endswith("]") and len(part) > 2:
+            regex += "[" + ("^" + part[2:-1] if part[1] == "!" else part[1:-1]) + "]"
+        else:
+            regex += re.escape(part)
+    return re.compile(regex + r"\Z")
+
+
 def select(model, patterns: Iterable[str]) -> list[LayerInfo]:
     """Layers matching any of the globs (or exact names), in execution order."""
-    patterns = list(patterns)
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(layer.name, pattern) for layer in model.layers):
+    compiled = {pattern: glob_regex(pattern) for pattern in patterns}
+    for pattern, regex in compiled.items():
+        if not any(regex.match(layer.name) for layer in model.layers):
             if not any(ch in pattern for ch in "*?["):
                 resolve(model, pattern)  # raises with suggestions
             raise AtlasError(f"no layer of {model.spec} matches {pattern!r}")
     return [
         layer
         for layer in model.layers
-        if any(fnmatch.fnmatchcase(layer.name, pattern) for pattern in patterns)
+        if any(regex.match(layer.name) for regex in compiled.values())
     ]

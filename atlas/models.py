@@ -57,6 +57,7 @@ class LoadedModel:
     digest: str = ""
     weights: str = ""
     hookable: bool = True  # False for TorchScript: only the logits can be visualized
+    default_layers: tuple[str, ...] = ()  # layer globs an atlas shows when none are chosen
 
     def __post_init__(self) -> None:
         self.module.eval()
@@ -187,6 +188,7 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
         input_size=(size, size),
         labels=imagenet_labels(),
         weights=str(weights_path),
+        default_layers=("stem", "blocks.*", "head"),
     )
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from tinymodels import tiny_model
 
 from atlas.errors import AtlasError
 from atlas.optim import PRESETS, channel, get, logit, neuron, visualize, whole_layer

@@ -1,0 +1,57 @@
+"""How long a plan will take: seconds per unit per layer, from earlier runs in the same output
+folder when there are any, else from a short calibration on this machine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from atlas.optim import visualize
+from atlas.plan import Plan
+
+CALIBRATION_STEPS = 3  # the first is a warm-up and is not timed
+CALIBRATION_BATCH = 4
+
+
+@dataclass(frozen=True)
+class LayerEstimate:
+    layer: str
+    seconds_per_unit: float | None
+    source: str  # "earlier runs", "calibration", or "unknown"
+
+
+def _from_records(records: list[dict], steps: int) -> float | None:
+    rates = [
+        r["seconds"] / r["steps"] for r in records if r.get("status") == "done" and r.get("steps")
+    ]
+    return steps * sorted(rates)[len(rates) // 2] if rates else None
+
+
+def _calibrate(model, plan: Plan, layer: str, device: str) -> float:
+    units = [u for u in plan.units if u.layer == layer][:CALIBRATION_BATCH]
+    targets = [unit.target() for unit in units for _ in range(plan.config.samples)]
+    recipe = plan.config.recipe.replace(steps=CALIBRATION_STEPS, octaves=())
+    stamps: list[float] = []
+    visualize(
+        model, targets, recipe, device=device, on_step=lambda *_: stamps.append(time.perf_counter())
+    )
+    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    steps = sum(stage.steps for stage in plan.config.recipe.stages())
+    return per_step * steps / len(units)
+
+
+def estimate(plan: Plan, model, records: list[dict], *, calibrate: bool, device: str = "cpu"):
+    """One LayerEstimate per planned layer."""
+    steps = sum(stage.steps for stage in plan.config.recipe.stages())
+    estimates = []
+    for layer in plan.units_per_layer():
+        earlier = _from_records([r for r in records if r.get("layer") == layer], steps)
+        if earlier is not None:
+            estimates.append(LayerEstimate(layer, earlier, "earlier runs"))
+        elif calibrate:
+            estimates.append(
+                LayerEstimate(layer, _calibrate(model, plan, layer, device), "calibration")
+            )
+        else:
+            estimates.append(LayerEstimate(layer, None, "unknown"))
+    return estimates

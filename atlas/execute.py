@@ -1,0 +1,268 @@
+"""Runs tasks: in-process (`inline`), on a local Dask cluster, or on an existing one.
+
+The model is loaded once per worker by a worker plugin (never pickled into tasks); at most a
+bounded number of tasks is in flight; failed tasks are retried, and a worker that dies has its
+task rerun elsewhere by the scheduler. Results arrive at the client, which stores them. This
+module knows Dask and tasks, not what a task computes: that is `work.run_task`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from atlas.errors import AtlasError
+
+RETRIES = 2  # a task that raises is tried this many more times before its units fail
+CONNECT_TIMEOUT = "10s"
+_MODELS_ATTRIBUTE = "_atlas_models"
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, counted without initializing CUDA in the client."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def worker_device() -> str:
+    """'cuda' when this process sees a GPU (run on workers, never in a Dask client)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model_here(spec: str, weights: str | None, digest: str):
+    """Load the model in this process and check it is the one the client planned with."""
+    import torch
+
+    from atlas import models
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, _cpu_count()))
+    model = models.load(spec, weights)
+    if model.digest != digest:
+        raise RuntimeError(
+            f"the worker's {spec} has weights digest {model.digest}, the plan {digest}: "
+            "the weights file differs between the client and this worker"
+        )
+    return model
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads the model once per worker process (also on workers that join later)."""
+
+    def __init__(self, spec: str, weights: str | None, digest: str):
+        self.spec, self.weights, self.digest = spec, weights, digest
+
+    def setup(self, worker) -> None:
+        models = getattr(worker, _MODELS_ATTRIBUTE, {})
+        models[self.digest] = load_model_here(self.spec, self.weights, self.digest)
+        setattr(worker, _MODELS_ATTRIBUTE, models)
+
+    def teardown(self, worker) -> None:
+        getattr(worker, _MODELS_ATTRIBUTE, {}).pop(self.digest, None)
+
+
+def _run_on_worker(function: Callable, digest: str, task) -> dict:
+    from distributed import get_worker
+
+    worker = get_worker()
+    model = getattr(worker, _MODELS_ATTRIBUTE, {}).get(digest)
+    if model is None:
+        raise RuntimeError("the atlas model plugin did not load the model on this worker")
+    return function(model, task)
+
+
+@dataclass
+class Outcome:
+    """What happened to one task: its result, or the error that ended its retries."""
+
+    task: object
+    result: dict | None = None
+    error: str | None = None
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip(": ")
+
+
+class InlineExecutor:
+    """Runs tasks one after another in this process (no Dask): for debugging."""
+
+    dashboard_link = None
+
+    def __init__(self, model):
+        self.model = model
+        self.workers = 1
+        self.device = worker_device()
+
+    def run(self, function: Callable, tasks: Iterable) -> Iterator[Outcome]:
+        for task in tasks:
+            try:
+                yield Outcome(task, result=function(self.model, task))
+            except Exception as error:  # the unit fails, the run goes on
+                yield Outcome(task, error=_one_line(error))
+
+
+class DaskExecutor:
+    """Runs tasks on a Dask cluster, a bounded window of them in flight."""
+
+    def __init__(self, client, model, weights: str | None):
+        self.client = client
+        self.digest = model.digest
+        plugin = ModelPlugin(model.spec, weights, model.digest)
+        try:
+            client.register_plugin(plugin, name=f"atlas-model-{self.digest}")
+        except Exception as error:
+            message = f"the Dask workers could not load {model.spec}: {_one_line(error)}"
+            raise AtlasError(message) from None
+        self.workers = max(1, len(client.scheduler_info().get("workers", {})))
+        self.dashboard_link = _dashboard_link(client)
+        devices = set(client.run(worker_device).values())
+        self.device = "cuda" if devices == {"cuda"} else "cpu"
+
+    def run(self, function: Callable, tasks: Iterable) -> Iterator[Outcome]:
+        from distributed import as_completed
+
+        pending = iter(tasks)
+        in_flight: dict = {}
+        completed = as_completed()
+        window = 2 * self.workers + 2
+
+        def submit_next() -> None:
+            task = next(pending, None)
+            if task is None:
+                return
+            future = self.client.submit(
+                _run_on_worker,
+                function,
+                self.digest,
+                task,
+                key=f"atlas-{task.layer}-{task.key[:16]}",
+                pure=False,
+                retries=RETRIES,
+            )
+            in_flight[future] = task
+            completed.add(future)
+
+        for _ in range(window):
+            submit_next()
+        for future in completed:
+            task = in_flight.pop(future)
+            if future.status == "finished":
+                yield Outcome(task, result=future.result())
+            elif future.status == "cancelled":
+                yield Outcome(task, error="cancelled by the scheduler")
+            else:
+                yield Outcome(task, error=_one_line(future.exception()))
+            future.release()
+            submit_next()
+
+
+def _dashboard_link(client) -> str | None:
+    try:
+        import bokeh  # noqa: F401  (the dashboard needs it)
+    except ImportError:
+        return None
+    return client.dashboard_link
+
+
+def _local_cluster():
+    """One single-threaded worker process per visible GPU, pinned to it; or one worker that
+    uses all CPU cores when there is no GPU."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    try:
+        import bokeh  # noqa: F401
+
+        dashboard = ":0"
+    except ImportError:
+        dashboard = None
+    gpus = visible_gpus()
+    if gpus == 0:
+        return LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=dashboard,
+            silence_logs=logging.ERROR,
+        )
+    try:
+        from dask_cuda import LocalCUDACluster
+
+        return LocalCUDACluster(threads_per_worker=1, dashboard_address=dashboard)
+    except ImportError:
+        pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    workers = {
+        f"gpu-{device.strip()}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "env": {"CUDA_VISIBLE_DEVICES": device.strip()},
+                "silence_logs": logging.ERROR,
+            },
+        }
+        for device in devices
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard}}
+    return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.ERROR)
+
+
+@contextmanager
+def executor(scheduler: str, scheduler_file: str | None, model, weights: str | None) -> Iterator:
+    """An executor for the configured scheduler; clusters it starts are closed afterwards.
+    `weights` is what the user gave (None: the model's default), loaded again on each worker."""
+    if scheduler == "inline" and not scheduler_file:
+        yield InlineExecutor(model)
+        return
+    from distributed import Client
+
+    cluster = None
+    try:
+        if scheduler_file:
+            if not Path(scheduler_file).is_file():
+                raise AtlasError(f"scheduler file {scheduler_file} does not exist")
+            client = Client(scheduler_file=scheduler_file, timeout=CONNECT_TIMEOUT)
+        elif scheduler == "local":
+            cluster = _local_cluster()
+            client = Client(cluster)
+        else:
+            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
+    except AtlasError:
+        raise
+    except (OSError, TimeoutError, ValueError) as error:
+        where = scheduler_file or scheduler
+        raise AtlasError(
+            f"cannot reach the Dask scheduler at {where}: {_one_line(error)}"
+        ) from None
+    try:
+        yield DaskExecutor(client, model, weights)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,135 @@
+"""config -> units and tasks, each with a content key.
+
+A unit's key is the sha256 of everything that decides its images: the weights digest, the layer,
+the unit index, the recipe hash, K, the seed and the engine version. Because every image has its
+own random stream, a unit's images do not depend on which task it shares, so units (not tasks)
+are what the store caches; a task batches units of one layer that still need work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+from atlas.config import AtlasConfig, parse_indices
+from atlas.errors import AtlasError
+from atlas.layers import LOGITS, LayerInfo, select
+from atlas.optim.objectives import Target, channel, logit
+from atlas.optim.recipes import Recipe
+
+# Bump when the engine's images for equal inputs change: every unit is then recomputed.
+ENGINE_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Unit:
+    layer: str
+    index: int
+    key: str
+    label: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.layer}:{self.index}"
+
+    @property
+    def kind(self) -> str:
+        return "logit" if self.layer == LOGITS else "channel"
+
+    def target(self) -> Target:
+        return logit(self.index) if self.layer == LOGITS else channel(self.layer, self.index)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One batch of units of one layer: the unit of work sent to a worker."""
+
+    layer: str
+    units: tuple[Unit, ...]
+    recipe: Recipe
+    samples: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        text = "|".join(unit.key for unit in self.units)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: AtlasConfig
+    spec: str
+    digest: str
+    layers: tuple[LayerInfo, ...]
+    units: tuple[Unit, ...]
+
+    def units_per_layer(self) -> Counter:
+        return Counter(unit.layer for unit in self.units)
+
+
+def unit_key(digest: str, layer: str, index: int, recipe: Recipe, samples: int, seed: int) -> str:
+    fields = [digest, layer, index, recipe.hash, samples, seed, ENGINE_VERSION]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+def default_layer_patterns(model) -> tuple[str, ...]:
+    """The layers an atlas shows when none are chosen: the model's own list, else every
+    top-level module with a feature map."""
+    if model.default_layers:
+        return model.default_layers
+    return tuple(
+        layer.name for layer in model.layers if "." not in layer.name and len(layer.shape) == 3
+    )
+
+
+def make_plan(config: AtlasConfig, model) -> Plan:
+    """Every planned unit, in layer order then index order, with its key."""
+    patterns = config.layers or default_layer_patterns(model)
+    layers = [layer for layer in select(model, patterns) if layer.name != LOGITS]
+    logits = next((layer for layer in model.layers if layer.name == LOGITS), None)
+    units: list[Unit] = []
+
+    def add(layer: str, indices: list[int], labels=None) -> None:
+        for index in indices:
+            key = unit_key(model.digest, layer, index, config.recipe, config.samples, config.seed)
+            units.append(Unit(layer, index, key, labels[index] if labels else None))
+
+    for layer in layers:
+        add(layer.name, parse_indices(config.channels_for(layer.name), layer.channels, "channel"))
+    chosen = list(layers)
+    if logits is not None and config.classes.strip():
+        classes = parse_indices(config.classes, logits.channels, "class", model.labels)
+        add(LOGITS, classes, model.labels)
+        chosen.append(logits)
+    if not units:
+        raise AtlasError("the plan is empty: choose some layers, channels or classes")
+    return Plan(config, model.spec, model.digest, tuple(chosen), tuple(units))
+
+
+def default_batch(layer: LayerInfo, device: str) -> int:
+    """Units per task: on a CPU batching gains little past 8; on a GPU, as many as fit a
+    modest activation budget (issue-level tuning lives in bench/)."""
+    if device == "cpu":
+        return 8
+    elements = 1
+    for size in layer.shape:
+        elements *= size
+    return max(8, min(128, 2 ** int(24 - elements.bit_length())))
+
+
+def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
+    """Batches `units` (those still to do) into tasks of one layer each."""
+    config = plan.config
+    by_layer = {layer.name: layer for layer in plan.layers}
+    tasks = []
+    for layer_name in dict.fromkeys(unit.layer for unit in units):
+        todo = [unit for unit in units if unit.layer == layer_name]
+        size = config.batch or default_batch(by_layer[layer_name], device)
+        size = max(1, size // config.samples) if config.samples > 1 else size
+        for first in range(0, len(todo), size):
+            batch = tuple(todo[first : first + size])
+            tasks.append(Task(layer_name, batch, config.recipe, config.samples, config.seed))
+    return tasks

@@ -1,0 +1,152 @@
+"""`atlas run`: config -> plan -> store (skip what is done) -> execute -> manifest.
+
+The client loads the model once (CPU only, never CUDA) to discover layers and the weights
+digest; workers load it again through the executor's plugin. Every finished task is stored at
+once, so a run killed at any instant loses at most the tasks in flight, and the rerun does only
+what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import torch
+
+import atlas
+from atlas import models
+from atlas.config import AtlasConfig
+from atlas.execute import executor
+from atlas.files import writable_folder
+from atlas.plan import ENGINE_VERSION, Plan, Task, make_plan, make_tasks
+from atlas.store import Store, layer_dirname
+from atlas.work import run_task
+
+MANIFEST_EVERY_SECONDS = 60.0
+
+
+@dataclass
+class RunSummary:
+    planned: int
+    skipped: int
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+    out: str = ""
+
+
+@dataclass
+class Progress:
+    """What a progress display needs after each task."""
+
+    done: int
+    failed: int
+    total: int
+    elapsed: float
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
+    config = plan.config
+    return {
+        "atlas_version": atlas.__version__,
+        "torch_version": torch.__version__,
+        "engine_version": ENGINE_VERSION,
+        "model": {"spec": model.spec, "digest": model.digest, "weights": config.weights},
+        "recipe": {"name": config.recipe.name, "hash": config.recipe.hash},
+        "recipe_settings": dataclasses.asdict(config.recipe),
+        "samples": config.samples,
+        "seed": config.seed,
+        "started": started,
+        "finished": finished,
+        "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
+        "units": [
+            {
+                "id": u.id,
+                "layer": u.layer,
+                "kind": u.kind,
+                "index": u.index,
+                "label": u.label,
+                "key": u.key,
+            }
+            for u in plan.units
+        ],
+    }
+
+
+def failed_record(unit, task: Task, error: str) -> dict:
+    return {
+        "id": unit.id,
+        "layer": unit.layer,
+        "kind": unit.kind,
+        "index": unit.index,
+        "label": unit.label,
+        "key": unit.key,
+        "seed": task.seed,
+        "samples": task.samples,
+        "recipe": task.recipe.name,
+        "recipe_hash": task.recipe.hash,
+        "status": "failed",
+        "error": error,
+    }
+
+
+def load_and_plan(config: AtlasConfig) -> tuple[object, Plan]:
+    model = models.load(config.model, config.weights)
+    return model, make_plan(config, model)
+
+
+def run_atlas(
+    config: AtlasConfig,
+    *,
+    on_start: Callable[[int, int, str | None], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> RunSummary:
+    """Run the atlas described by `config`; returns counts. `on_start(todo, skipped, link)`
+    and `on_progress` feed a progress display."""
+    model, plan = load_and_plan(config)
+    store = Store(writable_folder(config.out))
+    started = now()
+    store.write_plan(plan_record(plan, model, started, None))
+    if config.prune:
+        store.prune()
+    todo = store.pending(plan.units, config.force)
+    summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
+    clock = time.monotonic()
+    last_manifest = clock
+    with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
+        tasks = make_tasks(plan, todo, pool.device)
+        if on_start:
+            on_start(len(todo), summary.skipped, pool.dashboard_link)
+        for outcome in pool.run(run_task, tasks):
+            if outcome.error is not None:
+                for unit in outcome.task.units:
+                    store.save_unit(failed_record(unit, outcome.task, outcome.error), [])
+                summary.failed += len(outcome.task.units)
+                summary.failures.append(f"{outcome.task.layer}: {outcome.error}")
+            else:
+                for unit_outcome in outcome.result["units"]:
+                    record = unit_outcome["record"]
+                    store.save_unit(record, unit_outcome.get("images", []))
+                    if record["status"] == "done":
+                        summary.done += 1
+                    else:
+                        summary.failed += 1
+                        summary.failures.append(f"{record['id']}: {record['error']}")
+            if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
+                store.write_manifest()
+                last_manifest = time.monotonic()
+            if on_progress:
+                elapsed = time.monotonic() - clock
+                on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
+    store.write_plan(plan_record(plan, model, started, now()))
+    store.write_manifest()
+    summary.seconds = time.monotonic() - clock
+    return summary

@@ -1,0 +1,159 @@
+"""Results on disk. The unit JSONs are the truth; plan.json says what the last run planned;
+manifest.json is rebuilt from both, so it can never disagree with them.
+
+    OUT/units/<layer>/<index>.webp        (K > 1: <index>.0.webp ... <index>.<K-1>.webp)
+    OUT/units/<layer>/<index>.json        written last: a unit with a JSON is complete
+    OUT/plan.json                         the last run's model, recipe, layers, unit keys, times
+    OUT/manifest.json                     everything the site needs
+
+Statuses: done (stored with the planned key), failed (stored as failed with the planned key),
+missing (planned, no current result), stale (stored, but not planned or planned with another key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from atlas.files import atomic_write_bytes, atomic_write_json, safe_name
+
+HISTORY_POINTS = 128
+STATUSES = ("done", "failed", "missing", "stale")
+
+
+def layer_dirname(layer: str) -> str:
+    """A folder name for a layer: the name itself when safe, else a sanitized name plus a
+    short hash, so that two layers never share a folder."""
+    safe = safe_name(layer)
+    return safe if safe == layer else f"{safe}-{hashlib.sha256(layer.encode()).hexdigest()[:8]}"
+
+
+def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[float]]:
+    """[[step, value], ...] at most `points` long, always keeping the first and last step."""
+    if not history:
+        return []
+    steps = np.unique(np.linspace(0, len(history) - 1, min(points, len(history))).round())
+    return [[int(step), round(float(history[int(step)]), 5)] for step in steps]
+
+
+class Store:
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.units_dir = self.out / "units"
+
+    def unit_path(self, layer: str, index: int, suffix: str) -> Path:
+        return self.units_dir / layer_dirname(layer) / f"{index}{suffix}"
+
+    def records(self) -> list[dict]:
+        """Every stored unit record; unreadable JSONs (never written by atlas) are skipped."""
+        records = []
+        for path in sorted(self.units_dir.glob("*/*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+        return records
+
+    def index(self) -> dict[tuple[str, int], dict]:
+        return {(r["layer"], r["index"]): r for r in self.records()}
+
+    def pending(self, units, force: bool = False) -> list:
+        """The planned units that have no stored result with their key (all, with force).
+        Failed units are retried."""
+        if force:
+            return list(units)
+        stored = self.index()
+        return [
+            unit
+            for unit in units
+            if (record := stored.get((unit.layer, unit.index))) is None
+            or record.get("key") != unit.key
+            or record.get("status") != "done"
+        ]
+
+    def save_unit(self, record: dict, images: list[bytes]) -> None:
+        """Images first, the JSON last (atomic each), then images of older runs are removed."""
+        layer, index = record["layer"], record["index"]
+        suffixes = [".webp"] if len(images) == 1 else [f".{k}.webp" for k in range(len(images))]
+        names = []
+        for suffix, data in zip(suffixes, images, strict=True):
+            path = self.unit_path(layer, index, suffix)
+            atomic_write_bytes(path, data)
+            names.append(path.relative_to(self.out).as_posix())
+        atomic_write_json(self.unit_path(layer, index, ".json"), {**record, "images": names})
+        keep = {Path(name).name for name in names}
+        for old in self._images_of(layer, index):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+
+    def _images_of(self, layer: str, index: int) -> list[Path]:
+        """<index>.webp and <index>.<k>.webp (the pattern cannot match 31.webp for 3)."""
+        return list(self.unit_path(layer, index, "").parent.glob(f"{index}.*webp"))
+
+    def remove_unit(self, layer: str, index: int) -> None:
+        self.unit_path(layer, index, ".json").unlink(missing_ok=True)
+        for image in self._images_of(layer, index):
+            image.unlink(missing_ok=True)
+
+    def read_plan(self) -> dict | None:
+        path = self.out / "plan.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_plan(self, plan_record: dict) -> None:
+        atomic_write_json(self.out / "plan.json", plan_record)
+
+    def classify(self) -> tuple[list[dict], dict | None]:
+        """Every unit the site should show, with its status: stored records (done, failed,
+        stale) and planned units without a current result (missing)."""
+        plan = self.read_plan()
+        planned = {(u["layer"], u["index"]): u for u in (plan or {}).get("units", [])}
+        stored = self.index()
+        units = []
+        for key, record in stored.items():
+            wanted = planned.get(key)
+            current = wanted is not None and wanted["key"] == record.get("key")
+            status = record.get("status", "done") if current else "stale"
+            units.append({**record, "status": status})
+        for key, unit in planned.items():
+            record = stored.get(key)
+            if record is None or record.get("key") != unit["key"]:
+                units.append({**unit, "status": "missing", "images": []})
+        order = {layer["name"]: i for i, layer in enumerate((plan or {}).get("layers", []))}
+        units.sort(key=lambda u: (order.get(u["layer"], len(order)), u["layer"], u["index"]))
+        return units, plan
+
+    def status(self) -> dict[str, Counter]:
+        """Per layer, how many units are done, failed, missing and stale."""
+        units, _ = self.classify()
+        table: dict[str, Counter] = {}
+        for unit in units:
+            table.setdefault(unit["layer"], Counter())[unit["status"]] += 1
+        return table
+
+    def prune(self) -> int:
+        """Remove units that the last plan does not contain; returns how many."""
+        plan = self.read_plan() or {"units": []}
+        planned = {(u["layer"], u["index"]) for u in plan["units"]}
+        removed = 0
+        for key in self.index():
+            if key not in planned:
+                self.remove_unit(*key)
+                removed += 1
+        return removed
+
+    def write_manifest(self) -> dict:
+        """Rebuild manifest.json from plan.json and the unit JSONs."""
+        units, plan = self.classify()
+        plan = plan or {}
+        counts = Counter(unit["status"] for unit in units)
+        manifest = {
+            **{k: v for k, v in plan.items() if k != "units"},
+            "counts": {status: counts.get(status, 0) for status in STATUSES},
+            "units": units,
+        }
+        atomic_write_json(self.out / "manifest.json", manifest)
+        return manifest

@@ -1,0 +1,71 @@
+"""One task on one device: the engine runs, images are encoded, results become small dicts.
+
+This is the code a worker runs; it knows the engine but not Dask, and returns plain data
+(numbers and WebP bytes), never tensors, so results travel cheaply to the client that stores
+them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from atlas.files import encode_image
+from atlas.optim import visualize
+from atlas.plan import Task
+from atlas.store import downsample
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{torch.get_num_threads()} threads"
+
+
+def run_task(model, task: Task, device: str | None = None) -> dict:
+    """Optimize every unit of `task` (K images each) in one batch. A unit whose objective
+    became NaN or infinite is returned as failed; the others are fine."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    targets = [unit.target() for unit in task.units for _ in range(task.samples)]
+    started = time.perf_counter()
+    results = visualize(model, targets, task.recipe, seed=task.seed, device=device)
+    seconds = time.perf_counter() - started
+    per_unit = seconds / len(task.units)
+    outcomes = []
+    for position, unit in enumerate(task.units):
+        samples = results[position * task.samples : (position + 1) * task.samples]
+        main = samples[0]
+        record = {
+            "id": unit.id,
+            "layer": unit.layer,
+            "kind": unit.kind,
+            "index": unit.index,
+            "label": unit.label,
+            "key": unit.key,
+            "seconds": round(per_unit, 3),
+            "steps": len(main.history),
+            "device": describe_device(device),
+            "seed": task.seed,
+            "image_seeds": [r.seed for r in samples],
+            "samples": task.samples,
+            "recipe": task.recipe.name,
+            "recipe_hash": task.recipe.hash,
+        }
+        values = [main.objective_start, main.objective_final, main.objective_best]
+        if not all(math.isfinite(v) for r in samples for v in r.history):
+            outcomes.append(
+                {"record": {**record, "status": "failed", "error": "objective became NaN"}}
+            )
+            continue
+        record.update(
+            status="done",
+            objective_start=values[0],
+            objective_final=values[1],
+            objective_best=values[2],
+            best_step=main.best_step,
+            history=downsample(main.history),
+        )
+        outcomes.append({"record": record, "images": [encode_image(r.image) for r in samples]})
+    return {"units": outcomes, "seconds": seconds}

@@ -1,0 +1,42 @@
+"""Tiny models for fast tests. Importable as the model spec `tinymodels:tiny` by Dask worker
+processes started with tests/ on their PYTHONPATH."""
+
+import torch
+from torch import nn
+
+from atlas.models import InputNormalization, LoadedModel
+
+
+class TinyNet(nn.Module):
+    """conv1 -> relu1 -> conv2 -> relu2 -> conv3 -> pool -> fc: 10 classes."""
+
+    def __init__(self, in_channels: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv2d(12, 16, 3, stride=2, padding=1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        return self.fc(self.pool(self.conv3(x)))
+
+
+def tiny_model(in_channels: int = 3, size: int = 32) -> LoadedModel:
+    return LoadedModel(
+        spec="tiny",
+        module=TinyNet(in_channels),
+        normalize=InputNormalization((2.0,) * in_channels, (-1.0,) * in_channels),
+        input_size=(size, size),
+        input_channels=in_channels,
+        labels=tuple(f"class{i}" for i in range(10)),
+    )
+
+
+def tiny() -> LoadedModel:
+    """The factory behind the spec `tinymodels:tiny`."""
+    return tiny_model()
