@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -193,6 +194,125 @@ def visualize_command(
             f"{', '.join(unit['images'])}"
         )
     click.echo(f"{len(summary['units'])} units in {summary['seconds']:.1f} s; wrote {out_path}")
+
+
+def run_options(function: Callable) -> Callable:
+    """The options shared by `atlas run` and `atlas plan`; None means 'not given'."""
+    options = [
+        click.argument("model", required=False),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="atlas.toml; flags override it.",
+        ),
+        click.option("--weights", help="State-dict file (or torchvision weights name)."),
+        click.option(
+            "--layers",
+            multiple=True,
+            metavar="GLOB",
+            help="Layer names or globs (repeat); default: the model's main layers.",
+        ),
+        click.option("--channels", help="Channels per layer: all, 0-63, 3,5,9 (default all)."),
+        click.option("--classes", help="Class logits: all, ranges, lists, labels ('' for none)."),
+        click.option(
+            "--recipe",
+            type=click.Choice(sorted(PRESETS)),
+            help=f"Recipe preset (default {DEFAULT_RECIPE}).",
+        ),
+        click.option("--steps", type=click.IntRange(min=1)),
+        click.option("--size", type=click.IntRange(min=8), help="Optimized image size in px."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True)),
+        click.option("--samples", type=click.IntRange(min=1), help="Diverse images per unit."),
+        click.option("--seed", type=click.IntRange(min=0)),
+        click.option("--batch", type=click.IntRange(min=0), help="Units per task (0: auto)."),
+        click.option("--scheduler", help="local (default), inline, or tcp://host:port."),
+        click.option(
+            "--scheduler-file",
+            type=click.Path(dir_okay=False),
+            help="A Dask scheduler file (dask-jobqueue, `dask scheduler`).",
+        ),
+        click.option("--out", help="Output folder."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def build_config(config_file, recipe, steps, size, lr, samples, **flags):
+    from atlas import config
+    from atlas.optim.recipes import DEFAULT_DIVERSITY
+
+    overrides = {"steps": steps, "size": size, "lr": lr}
+    built = config.build(
+        config_file,
+        recipe=recipe,
+        recipe_overrides={k: v for k, v in overrides.items() if v is not None},
+        samples=samples,
+        **flags,
+    )
+    if built.samples > 1 and built.recipe.diversity == 0:
+        built = dataclasses.replace(built, recipe=built.recipe.replace(diversity=DEFAULT_DIVERSITY))
+    return built
+
+
+@cli.command("run")
+@run_options
+@click.option("--force", is_flag=True, help="Rerun every unit, stored or not.")
+@click.option("--prune", is_flag=True, help="Delete stored units that are no longer planned.")
+def run_command(force: bool, prune: bool, **options) -> None:
+    """Visualize every planned unit of MODEL on Dask and store the results in OUT."""
+    from atlas.progress import RunProgress
+    from atlas.runner import run_atlas
+
+    config = dataclasses.replace(build_config(**options), force=force, prune=prune)
+    progress = RunProgress()
+    summary = run_atlas(config, on_start=progress.start, on_progress=progress.update)
+    progress.finish()
+    click.echo(
+        f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
+        f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
+    )
+    for failure in summary.failures[:10]:
+        click.echo(f"failed: {failure}", err=True)
+    if summary.failed:
+        sys.exit(1)
+
+
+@cli.command("plan")
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="Time a few steps per layer when no earlier run has timings.",
+)
+def plan_command(as_json: bool, calibrate: bool, **options) -> None:
+    """Show what `atlas run` would do: units and tasks per layer and an estimated time."""
+    from atlas.planview import plan_summary, plan_table
+
+    summary = plan_summary(build_config(**options), calibrate=calibrate)
+    click.echo(json.dumps(summary, indent=2) if as_json else plan_table(summary))
+
+
+@cli.command("status")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_command(out: str, as_json: bool) -> None:
+    """Done / failed / missing / stale units per layer of the atlas in OUT."""
+    from atlas.store import STATUSES, Store
+
+    table = Store(out).status()
+    if not table:
+        raise AtlasError(f"{out} holds no atlas results (no units/ folder or plan.json)")
+    if as_json:
+        click.echo(json.dumps({layer: dict(counts) for layer, counts in table.items()}, indent=2))
+        return
+    width = max(len(layer) for layer in table)
+    click.echo(f"{'layer':<{width}}  " + "  ".join(f"{s:>7}" for s in STATUSES))
+    for layer, counts in table.items():
+        click.echo(f"{layer:<{width}}  " + "  ".join(f"{counts[s]:>7}" for s in STATUSES))
 
 
 def main() -> None:

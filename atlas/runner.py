@@ -121,6 +121,13 @@ def run_atlas(
     summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
     clock = time.monotonic()
     last_manifest = clock
+    if not todo:  # an unchanged nightly rerun: no cluster, no work
+        if on_start:
+            on_start(0, summary.skipped, None)
+        store.write_plan(plan_record(plan, model, started, now()))
+        store.write_manifest()
+        summary.seconds = time.monotonic() - clock
+        return summary
     with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
         tasks = make_tasks(plan, todo, pool.device)
         if on_start:

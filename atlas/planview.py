@@ -1,0 +1,87 @@
+"""`atlas plan`: what a run would do, per layer, with an estimated time."""
+
+from __future__ import annotations
+
+from atlas.estimate import estimate
+from atlas.execute import visible_gpus
+from atlas.plan import make_tasks
+from atlas.runner import load_and_plan
+from atlas.store import Store
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def plan_summary(config, *, calibrate: bool) -> dict:
+    """Units, tasks, units still to do and estimated seconds per layer, as plain data."""
+    model, plan = load_and_plan(config)
+    store = Store(config.out)
+    todo = store.pending(plan.units, config.force)
+    device = "cuda" if visible_gpus() else "cpu"
+    all_tasks = make_tasks(plan, list(plan.units), device)
+    todo_tasks = make_tasks(plan, todo, device)
+    estimates = {
+        e.layer: e
+        for e in estimate(plan, model, store.records(), calibrate=calibrate and bool(todo))
+    }
+    layers = []
+    for layer, units in plan.units_per_layer().items():
+        left = sum(1 for unit in todo if unit.layer == layer)
+        per_unit = estimates[layer].seconds_per_unit
+        layers.append(
+            {
+                "layer": layer,
+                "units": units,
+                "tasks": sum(1 for task in all_tasks if task.layer == layer),
+                "todo": left,
+                "todo_tasks": sum(1 for task in todo_tasks if task.layer == layer),
+                "seconds_per_unit": per_unit,
+                "estimated_seconds": None if per_unit is None else per_unit * left,
+                "estimate_from": estimates[layer].source if left else "nothing to do",
+            }
+        )
+    known = [row["estimated_seconds"] for row in layers if row["todo"]]
+    recipe = config.recipe
+    return {
+        "model": model.spec,
+        "digest": model.digest,
+        "recipe": recipe.name,
+        "steps": sum(stage.steps for stage in recipe.stages()),
+        "size": recipe.size,
+        "samples": config.samples,
+        "seed": config.seed,
+        "device": device,
+        "units": len(plan.units),
+        "todo": len(todo),
+        "tasks": len(todo_tasks),
+        "estimated_seconds": None if None in known else sum(known),
+        "layers": layers,
+    }
+
+
+def plan_table(summary: dict) -> str:
+    width = max(len(row["layer"]) for row in summary["layers"] + [{"layer": "layer"}])
+    lines = [
+        f"{summary['model']} (weights {summary['digest']}), recipe {summary['recipe']} "
+        f"({summary['steps']} steps, {summary['size']} px), K={summary['samples']}, "
+        f"seed {summary['seed']}",
+        f"{'layer':<{width}}  {'units':>6} {'tasks':>6} {'to do':>6} {'s/unit':>8} {'time':>8}",
+    ]
+    for row in summary["layers"]:
+        per_unit = "-" if row["seconds_per_unit"] is None else f"{row['seconds_per_unit']:.2f}"
+        lines.append(
+            f"{row['layer']:<{width}}  {row['units']:>6} {row['tasks']:>6} {row['todo']:>6} "
+            f"{per_unit:>8} {_duration(row['estimated_seconds']) if row['todo'] else '-':>8}"
+        )
+    sources = sorted({row["estimate_from"] for row in summary["layers"] if row["todo"]})
+    lines.append(
+        f"{summary['todo']} of {summary['units']} units to do in {summary['tasks']} tasks; "
+        f"estimated {_duration(summary['estimated_seconds'])} on one {summary['device']} worker"
+        + (f" (from {', '.join(sources)})" if sources else "")
+    )
+    return "\n".join(lines)
