@@ -88,6 +88,13 @@ def parse_indices(spec: str, count: int, what: str, names: tuple[str, ...] | Non
     return sorted(indices)
 
 
+def _as_spec(value):
+    """TOML lists and bare numbers of channels or classes, as the string form ('3,5,9')."""
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _read_toml(path: str | Path) -> dict:
     try:
         with open(path, "rb") as handle:
@@ -117,8 +124,14 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
     recipe_table = values.pop("recipe", {})
     if isinstance(recipe_table, str):
         recipe_table = {"name": recipe_table}
+    per_layer = values.pop("channels_per_layer", {})
+    if not isinstance(recipe_table, dict) or not isinstance(per_layer, dict):
+        raise AtlasError(
+            "[recipe] and [channels_per_layer] must be tables (recipe may also be a preset name)"
+        )
     recipe_flags = flags.pop("recipe_overrides", {}) or {}
-    recipe_name = flags.pop("recipe", None) or recipe_table.pop("name", DEFAULT)
+    table_name = recipe_table.pop("name", DEFAULT)
+    recipe_name = flags.pop("recipe", None) or table_name
     try:
         recipe = get(recipe_name, **{**recipe_table, **recipe_flags})
     except TypeError as error:
@@ -130,13 +143,13 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         raise AtlasError("no model given: pass MODEL or set `model` in atlas.toml")
     if not values.get("out"):
         raise AtlasError("no output folder given: pass --out or set `out` in atlas.toml")
-    per_layer = values.pop("channels_per_layer", {})
     if isinstance(values.get("layers"), str):
         values["layers"] = [values["layers"]]
     for key in ("channels", "classes"):  # TOML lists and bare numbers read as specs too
-        if isinstance(values.get(key), list | int):
-            items = values[key] if isinstance(values[key], list) else [values[key]]
-            values[key] = ",".join(str(item) for item in items)
+        values[key] = _as_spec(values[key]) if key in values else values.get(key)
+        if values[key] is None:
+            del values[key]
+    per_layer = {layer: _as_spec(spec) for layer, spec in per_layer.items()}
     config = AtlasConfig(
         recipe=recipe,
         channels_per_layer=tuple(sorted((str(k), str(v)) for k, v in per_layer.items())),
@@ -144,7 +157,8 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
     )
     for key, kind in _TYPES.items():
         value = getattr(config, key)
-        if value is not None and not isinstance(value, kind):
+        wrong_type = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+        if value is not None and wrong_type:
             raise AtlasError(f"{key} must be {kind.__name__ if kind is not tuple else 'a list'}")
     checks = [
         (config.samples >= 1, "samples must be at least 1"),

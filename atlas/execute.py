@@ -53,14 +53,15 @@ def worker_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_model_here(spec: str, weights: str | None, digest: str):
-    """Load the model in this process and check it is the one the client planned with."""
+def load_model_here(spec: str, weights: str | None, digest: str, threads: int | None = None):
+    """Load the model in this process and check it is the one the client planned with.
+    `threads` sets torch's CPU threads (None: keep the worker's OMP_NUM_THREADS setting)."""
     import torch
 
     from atlas import models
 
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, _cpu_count()))
+    if threads:
+        torch.set_num_threads(threads)
     model = models.load(spec, weights)
     if model.digest != digest:
         raise RuntimeError(
@@ -73,12 +74,13 @@ def load_model_here(spec: str, weights: str | None, digest: str):
 class ModelPlugin(WorkerPlugin):
     """Loads the model once per worker process (also on workers that join later)."""
 
-    def __init__(self, spec: str, weights: str | None, digest: str):
-        self.spec, self.weights, self.digest = spec, weights, digest
+    def __init__(self, spec: str, weights: str | None, digest: str, threads: int | None):
+        self.spec, self.weights, self.digest, self.threads = spec, weights, digest, threads
 
     def setup(self, worker) -> None:
         models = getattr(worker, _MODELS_ATTRIBUTE, {})
-        models[self.digest] = load_model_here(self.spec, self.weights, self.digest)
+        loaded = load_model_here(self.spec, self.weights, self.digest, self.threads)
+        models[self.digest] = loaded
         setattr(worker, _MODELS_ATTRIBUTE, models)
 
     def teardown(self, worker) -> None:
@@ -130,10 +132,10 @@ class InlineExecutor:
 class DaskExecutor:
     """Runs tasks on a Dask cluster, a bounded window of them in flight."""
 
-    def __init__(self, client, model, weights: str | None):
+    def __init__(self, client, model, weights: str | None, threads: int | None = None):
         self.client = client
         self.digest = model.digest
-        plugin = ModelPlugin(model.spec, weights, model.digest)
+        plugin = ModelPlugin(model.spec, weights, model.digest, threads)
         try:
             client.register_plugin(plugin, name=f"atlas-model-{self.digest}")
         except Exception as error:
@@ -243,6 +245,7 @@ def executor(scheduler: str, scheduler_file: str | None, model, weights: str | N
     from distributed import Client
 
     cluster = None
+    threads = None  # workers of clusters started elsewhere keep their own thread settings
     try:
         if scheduler_file:
             if not Path(scheduler_file).is_file():
@@ -251,6 +254,7 @@ def executor(scheduler: str, scheduler_file: str | None, model, weights: str | N
         elif scheduler == "local":
             cluster = _local_cluster()
             client = Client(cluster)
+            threads = None if visible_gpus() else _cpu_count()  # one CPU worker, all cores
         else:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT)
     except AtlasError:
@@ -261,7 +265,7 @@ def executor(scheduler: str, scheduler_file: str | None, model, weights: str | N
             f"cannot reach the Dask scheduler at {where}: {_one_line(error)}"
         ) from None
     try:
-        yield DaskExecutor(client, model, weights)
+        yield DaskExecutor(client, model, weights, threads)
     finally:
         client.close()
         if cluster is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -256,6 +258,8 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     """`package.module:factory`: the factory returns an nn.Module (fed 224 px RGB with ImageNet
     normalization) or a LoadedModel for full control over size, channels and labels."""
     module_name, _, attribute = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: factories next to atlas.toml
     try:
         factory: Callable = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:

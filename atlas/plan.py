@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from atlas.config import AtlasConfig, parse_indices
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import LOGITS, LayerInfo, select
 from atlas.optim.objectives import Target, channel, logit
 from atlas.optim.recipes import Recipe
@@ -89,6 +89,11 @@ def make_plan(config: AtlasConfig, model) -> Plan:
     """Every planned unit, in layer order then index order, with its key."""
     patterns = config.layers or default_layer_patterns(model)
     layers = [layer for layer in select(model, patterns) if layer.name != LOGITS]
+    chosen_names = [layer.name for layer in layers]
+    for name, _ in config.channels_per_layer:
+        if name not in chosen_names:
+            hint = did_you_mean(name, chosen_names)
+            raise AtlasError(f"channels_per_layer names {name!r}, which is not planned{hint}")
     logits = next((layer for layer in model.layers if layer.name == LOGITS), None)
     units: list[Unit] = []
 

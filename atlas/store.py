@@ -6,8 +6,9 @@ manifest.json is rebuilt from both, so it can never disagree with them.
     OUT/plan.json                         the last run's model, recipe, layers, unit keys, times
     OUT/manifest.json                     everything the site needs
 
-Statuses: done (stored with the planned key), failed (stored as failed with the planned key),
-missing (planned, no current result), stale (stored, but not planned or planned with another key).
+Statuses, one per unit: done (stored with the planned key), failed (stored as failed with the
+planned key), missing (planned, nothing stored), stale (stored, but not planned any more or
+planned with another key: the old result is shown until the new one replaces it).
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[
     return [[int(step), round(float(history[int(step)]), 5)] for step in steps]
 
 
+def _is_unit_record(value: object) -> bool:
+    """Unit JSONs are dicts with a layer and an index; anything else in units/ is foreign."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("layer"), str)
+        and isinstance(value.get("index"), int)
+    )
+
+
 class Store:
     def __init__(self, out: str | Path):
         self.out = Path(out)
@@ -53,9 +63,11 @@ class Store:
         records = []
         for path in sorted(self.units_dir.glob("*/*.json")):
             try:
-                records.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
+            if _is_unit_record(record):
+                records.append(record)
         return records
 
     def index(self) -> dict[tuple[str, int], dict]:
@@ -119,8 +131,7 @@ class Store:
             status = record.get("status", "done") if current else "stale"
             units.append({**record, "status": status})
         for key, unit in planned.items():
-            record = stored.get(key)
-            if record is None or record.get("key") != unit["key"]:
+            if key not in stored:  # a planned unit with an outdated result shows as stale
                 units.append({**unit, "status": "missing", "images": []})
         order = {layer["name"]: i for i, layer in enumerate((plan or {}).get("layers", []))}
         units.sort(key=lambda u: (order.get(u["layer"], len(order)), u["layer"], u["index"]))

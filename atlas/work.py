@@ -44,7 +44,7 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
             "index": unit.index,
             "label": unit.label,
             "key": unit.key,
-            "seconds": round(per_unit, 3),
+            "seconds": round(per_unit, 6),
             "steps": len(main.history),
             "device": describe_device(device),
             "seed": task.seed,

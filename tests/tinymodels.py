@@ -40,3 +40,21 @@ def tiny_model(in_channels: int = 3, size: int = 32) -> LoadedModel:
 def tiny() -> LoadedModel:
     """The factory behind the spec `tinymodels:tiny`."""
     return tiny_model()
+
+
+class _FailWhenOptimized(nn.Module):
+    """Raises during optimization (gradients on) but not in the dry pass of layer discovery."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("simulated CUDA out of memory")
+        return x
+
+
+def flaky() -> LoadedModel:
+    """The tiny model whose conv2 fails whenever it is optimized: conv1 units still work,
+    because the forward pass stops before conv2 for them."""
+    model = tiny_model()
+    model.module.conv2 = nn.Sequential(model.module.conv2, _FailWhenOptimized())
+    model.spec = "tinymodels:flaky"
+    return model

@@ -1,0 +1,252 @@
+"""Atlas runs on real Dask processes on 127.0.0.1: a scheduler, two workers, kills."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+TESTS = Path(__file__).parent
+DASK = str(Path(sys.executable).parent / "dask")
+# conv1 (8) + conv2 (12) + 10 classes, one unit per task: 30 tasks
+UNITS = 30
+RUN_ARGS = ["--layers", "conv1", "--layers", "conv2", "--classes", "all", "--size", "32"]
+
+
+def environment() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # two workers share two cores
+    return env
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*args], env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """`dask scheduler` and two nanny-less `dask worker` processes on 127.0.0.1."""
+    scheduler_file = tmp_path / "scheduler.json"
+    processes = [
+        start(
+            DASK,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+        )
+    ]
+    wait_for(scheduler_file.exists, 30, "the scheduler file")
+    for name in ("w1", "w2"):
+        processes.append(
+            start(
+                DASK,
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--name",
+                name,
+                "--host",
+                "127.0.0.1",
+            )
+        )
+
+    def workers() -> int:
+        from distributed import Client
+
+        with Client(scheduler_file=str(scheduler_file), timeout="10s") as client:
+            return len(client.scheduler_info()["workers"])
+
+    wait_for(lambda: workers() == 2, 60, "two workers")
+    yield {"file": scheduler_file, "workers": processes[1:]}
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
+def atlas(*args: str) -> subprocess.Popen:
+    return start(sys.executable, "-m", "atlas", *args)
+
+
+def stored(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("units/*/*.json"))]
+
+
+def check_complete(out: Path, count: int) -> None:
+    records = stored(out)
+    assert len(records) == count
+    assert {r["status"] for r in records} == {"done"}
+    for record in records:
+        (image,) = record["images"]
+        with Image.open(out / image) as picture:
+            assert picture.size == (32, 32) and picture.format == "WEBP"
+    assert not list(out.rglob("*.tmp")), "half-written files left behind"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["done"] == count and len(manifest["units"]) == count
+
+
+def test_a_worker_killed_mid_run_has_its_task_rerun_elsewhere(cluster, tmp_path):
+    out = tmp_path / "atlas"
+    run = atlas(
+        "run",
+        "tinymodels:tiny",
+        *RUN_ARGS,
+        "--steps",
+        "300",
+        "--batch",
+        "1",
+        "--scheduler-file",
+        str(cluster["file"]),
+        "--out",
+        str(out),
+    )
+    wait_for(lambda: len(stored(out)) >= 3, 120, "the first units")
+    victim = cluster["workers"][0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output
+    assert f"{UNITS} done, 0 failed" in output or "0 failed" in output, output
+    check_complete(out, UNITS)
+
+
+def test_a_killed_client_leaves_whole_units_and_the_rerun_does_only_the_rest(cluster, tmp_path):
+    out = tmp_path / "atlas"
+    args = [
+        "run",
+        "tinymodels:tiny",
+        *RUN_ARGS,
+        "--steps",
+        "300",
+        "--batch",
+        "1",
+        "--scheduler-file",
+        str(cluster["file"]),
+        "--out",
+        str(out),
+    ]
+    first = atlas(*args)
+    wait_for(lambda: len(stored(out)) >= 4, 120, "the first units")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("units/*/*.json")}
+    assert 4 <= len(before) < UNITS
+    assert not list(out.rglob("*.tmp"))
+    rerun = atlas(*args)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert f"{UNITS - len(before)} done, 0 failed, {len(before)} already stored" in output, output
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
+    check_complete(out, UNITS)
+
+
+def test_failing_units_are_stored_as_failed_and_the_rest_completes(cluster, tmp_path):
+    out = tmp_path / "atlas"
+    run = atlas(
+        "run",
+        "tinymodels:flaky",
+        "--layers",
+        "conv1",
+        "--layers",
+        "conv2",
+        "--channels",
+        "0-1",
+        "--classes",
+        "",
+        "--steps",
+        "3",
+        "--size",
+        "32",
+        "--batch",
+        "2",
+        "--scheduler-file",
+        str(cluster["file"]),
+        "--out",
+        str(out),
+    )
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 1, output
+    assert "2 done, 2 failed" in output
+    records = {r["id"]: r for r in stored(out)}
+    assert records["conv1:0"]["status"] == records["conv1:1"]["status"] == "done"
+    assert records["conv2:0"]["status"] == "failed"
+    assert "simulated CUDA out of memory" in records["conv2:0"]["error"]
+
+
+def test_the_default_local_cluster_runs_an_atlas(tmp_path):
+    out = tmp_path / "atlas"
+    run = atlas(
+        "run",
+        "tinymodels:tiny",
+        "--layers",
+        "conv2",
+        "--channels",
+        "0-3",
+        "--classes",
+        "0-1",
+        "--steps",
+        "3",
+        "--size",
+        "32",
+        "--out",
+        str(out),
+    )
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, output
+    assert "6 done, 0 failed" in output
+    check_complete(out, 6)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--scheduler", "tcp://127.0.0.1:9"],
+            "cannot reach the Dask scheduler at tcp://127.0.0.1:9",
+        ),
+        (["--scheduler-file", "/nonexistent/scheduler.json"], "scheduler file /nonexistent"),
+    ],
+)
+def test_unreachable_schedulers_are_clear_errors(tmp_path, flags, message):
+    run = atlas(
+        "run",
+        "tinymodels:tiny",
+        "--layers",
+        "conv1",
+        "--classes",
+        "",
+        "--steps",
+        "2",
+        *flags,
+        "--out",
+        str(tmp_path / "out"),
+    )
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 2, output
+    assert output.strip().splitlines()[-1].startswith("error: " + message[:0]), output
+    assert message in output and "Traceback" not in output

@@ -1,0 +1,783 @@
+"""The store (unit JSONs, images, plan.json, manifest.json) and `atlas run / plan / status`
+end to end, in-process on the tiny model with the inline scheduler."""
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from tinymodels import tiny_model
+
+import atlas.files
+import atlas.work
+from atlas import planview, runner
+from atlas.cli import cli
+from atlas.config import AtlasConfig
+from atlas.files import atomic_write_bytes
+from atlas.optim.recipes import get
+from atlas.plan import make_plan
+from atlas.runner import plan_record
+from atlas.store import HISTORY_POINTS, STATUSES, Store, downsample, layer_dirname
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    loaded = tiny_model()
+    assert loaded.layers
+    return loaded
+
+
+def make_store_plan(model, channels="0-3", classes="0-1", steps=3):
+    config = AtlasConfig(
+        model="tinymodels:tiny",
+        out="unused",
+        layers=("conv2",),
+        channels=channels,
+        classes=classes,
+        recipe=get("fourier", steps=steps, size=32),
+    )
+    return make_plan(config, model)
+
+
+def record_for(unit, status="done", key=None, **extra) -> dict:
+    record = {
+        "id": unit.id,
+        "layer": unit.layer,
+        "kind": unit.kind,
+        "index": unit.index,
+        "label": unit.label,
+        "key": key or unit.key,
+        "status": status,
+        **extra,
+    }
+    if status == "failed":
+        record.setdefault("error", "objective became NaN")
+    return record
+
+
+def raw_record(layer, index, key="old", status="done") -> dict:
+    return {"id": f"{layer}:{index}", "layer": layer, "index": index, "key": key, "status": status}
+
+
+def unit_of(plan, layer, index):
+    return next(u for u in plan.units if (u.layer, u.index) == (layer, index))
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "out")
+
+
+@pytest.fixture
+def mixed(model, store):
+    """A store holding every status: planned conv2 0-3 and logits 0-1; stored conv2 0 done,
+    conv2 1 failed, conv2 2 with an old key, conv2 9 and conv3 0 not planned, logits 0 done."""
+    plan = make_store_plan(model)
+    store.write_plan(plan_record(plan, model, "2024-01-01T00:00:00+00:00", None))
+    store.save_unit(record_for(unit_of(plan, "conv2", 0)), [b"conv2-0"])
+    store.save_unit(record_for(unit_of(plan, "conv2", 1), "failed"), [])
+    store.save_unit(record_for(unit_of(plan, "conv2", 2), key="an-old-key"), [b"old-2"])
+    store.save_unit(raw_record("conv2", 9), [b"nine-a", b"nine-b"])
+    store.save_unit(raw_record("conv3", 0), [b"conv3-0"])
+    store.save_unit(record_for(unit_of(plan, "logits", 0)), [b"logit-0"])
+    return plan
+
+
+# --- save_unit --------------------------------------------------------------------------------
+
+
+SUFFIXES = ("0.webp", "1.webp", "json")
+
+
+def test_save_unit_with_one_image(store):
+    record = raw_record("conv2", 3, key="k1")
+    store.save_unit({**record, "objective_best": 1.5}, [b"first image"])
+    folder = store.out / "units" / "conv2"
+    assert files_under(folder) == ["3.json", "3.webp"]
+    assert (folder / "3.webp").read_bytes() == b"first image"
+    stored = read_json(folder / "3.json")
+    assert stored == {**record, "objective_best": 1.5, "images": ["units/conv2/3.webp"]}
+    assert (store.out / stored["images"][0]).read_bytes() == b"first image"  # relative to OUT
+    assert store.records() == [stored]
+    assert store.index() == {("conv2", 3): stored}
+
+
+def test_save_unit_with_k_images_and_order_of_writes(store, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+
+    def recording_replace(source, destination):
+        replaced.append(Path(destination).name)
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atlas.files.os, "replace", recording_replace)
+    store.save_unit(raw_record("logits", 7), [b"a", b"b", b"c"])
+    assert replaced == ["7.0.webp", "7.1.webp", "7.2.webp", "7.json"]  # the JSON last
+    stored = read_json(store.out / "units/logits/7.json")
+    assert stored["images"] == [f"units/logits/7.{k}.webp" for k in range(3)]
+    assert [(store.out / name).read_bytes() for name in stored["images"]] == [b"a", b"b", b"c"]
+
+
+def test_files_are_world_readable(store, tmp_path):
+    old_umask = os.umask(0o077)  # even under a strict umask
+    try:
+        store.save_unit(raw_record("conv2", 1), [b"x", b"y"])
+        store.write_plan({"units": [], "layers": []})
+        store.write_manifest()
+    finally:
+        os.umask(old_umask)
+    paths = [p for p in store.out.rglob("*") if p.is_file()]
+    assert len(paths) == 5  # 2 images, unit JSON, plan.json, manifest.json
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_resaving_with_fewer_samples_removes_old_images(store):
+    neighbours = [raw_record("conv2", 31), raw_record("conv2", 13), raw_record("conv2", 30)]
+    for neighbour in neighbours:  # 31 and 13 share digits with 3; 30 starts like 3
+        store.save_unit(neighbour, [b"n0", b"n1"])
+    store.save_unit(raw_record("conv2", 3), [b"0", b"1", b"2"])
+    folder = store.out / "units" / "conv2"
+    assert {"3.0.webp", "3.1.webp", "3.2.webp"} <= set(files_under(folder))
+
+    store.save_unit(raw_record("conv2", 3, key="k2"), [b"0", b"1"])
+    mine = [name for name in files_under(folder) if name.startswith("3.")]
+    assert mine == ["3.0.webp", "3.1.webp", "3.json"]
+
+    store.save_unit(raw_record("conv2", 3, key="k3"), [b"only"])
+    mine = [name for name in files_under(folder) if name.startswith("3.")]
+    assert mine == ["3.json", "3.webp"]
+    assert read_json(folder / "3.json")["images"] == ["units/conv2/3.webp"]
+
+    store.save_unit({**raw_record("conv2", 3, key="k4", status="failed"), "error": "x"}, [])
+    mine = [name for name in files_under(folder) if name.startswith("3.")]
+    assert mine == ["3.json"]
+    assert read_json(folder / "3.json")["images"] == []
+
+    others = [n for n in files_under(folder) if not n.startswith("3.")]
+    assert others == sorted(f"{i}.{suffix}" for i in (13, 30, 31) for suffix in SUFFIXES)
+    assert (folder / "31.0.webp").read_bytes() == b"n0"
+
+
+def test_remove_unit(store):
+    store.save_unit(raw_record("conv2", 1), [b"a", b"b"])
+    store.save_unit(raw_record("conv2", 10), [b"c"])
+    store.remove_unit("conv2", 1)
+    assert files_under(store.out / "units") == ["conv2/10.json", "conv2/10.webp"]
+
+
+# --- atomicity --------------------------------------------------------------------------------
+
+
+def fail_replace_for(monkeypatch, suffix):
+    real_replace = os.replace
+
+    def failing_replace(source, destination):
+        if str(destination).endswith(suffix):
+            raise OSError(28, "No space left on device (simulated)")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atlas.files.os, "replace", failing_replace)
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_crash_writing_the_json_keeps_the_previous_json(store, monkeypatch):
+    store.save_unit({**raw_record("conv2", 3, key="v1"), "objective_best": 1.0}, [b"v1"])
+    json_path = store.out / "units/conv2/3.json"
+    previous = json_path.read_bytes()
+    fail_replace_for(monkeypatch, ".json")
+    with pytest.raises(OSError, match="simulated"):
+        store.save_unit({**raw_record("conv2", 3, key="v2"), "objective_best": 2.0}, [b"v2"])
+    assert json_path.read_bytes() == previous
+    assert store.index()[("conv2", 3)]["key"] == "v1"
+    assert no_temporaries(store.out)
+
+
+def test_crash_writing_an_image_keeps_the_previous_unit(store, monkeypatch):
+    store.save_unit(raw_record("conv2", 3, key="v1"), [b"v1-a", b"v1-b"])
+    folder = store.out / "units/conv2"
+    before = {name: (folder / name).read_bytes() for name in files_under(folder)}
+    fail_replace_for(monkeypatch, "3.1.webp")
+    with pytest.raises(OSError, match="simulated"):
+        store.save_unit(raw_record("conv2", 3, key="v2"), [b"v2-a", b"v2-b", b"v2-c"])
+    after = {name: (folder / name).read_bytes() for name in files_under(folder)}
+    assert after["3.json"] == before["3.json"]
+    assert after["3.1.webp"] == b"v1-b"  # the image being written when it crashed
+    assert "3.2.webp" not in after  # nothing after the crash was written
+    assert no_temporaries(store.out)
+
+
+def test_crash_in_the_middle_of_a_file_write(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    atomic_write_bytes(path, b"complete old content")
+
+    def crash(_fd):
+        raise OSError(5, "I/O error (simulated)")
+
+    monkeypatch.setattr(atlas.files.os, "fsync", crash)  # after the bytes went to the temp file
+    with pytest.raises(OSError, match="simulated"):
+        atomic_write_bytes(path, b"new content that never lands")
+    assert path.read_bytes() == b"complete old content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+def test_interrupt_during_a_write_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "data.bin"
+
+    def interrupt(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atlas.files.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_bytes(path, b"x")
+    assert list(path.parent.iterdir()) == []
+
+
+def test_stray_temporaries_and_corrupt_json_are_ignored(model, store, mixed):
+    expected = store.status()
+    manifest = store.write_manifest()
+    folder = store.out / "units" / "conv2"
+    (folder / ".0.json.abc123.tmp").write_text('{"layer": "conv2", "ind')  # killed mid-write
+    (folder / ".5.webp.xyz.tmp").write_bytes(b"\x00" * 10)
+    (folder / "12.json").write_text('{"layer": "conv2", "index": 12, "key": "k"')  # truncated
+    (folder / "13.json").write_bytes(b"\xff\xfe not utf-8")
+    assert len(store.records()) == 6
+    assert store.status() == expected
+    assert store.write_manifest() == manifest
+    assert [u.id for u in store.pending(mixed.units)] == [
+        "conv2:1",
+        "conv2:2",
+        "conv2:3",
+        "logits:1",
+    ]
+    # a corrupt JSON of a planned unit makes it missing (and pending), not a crash
+    (folder / "0.json").write_text("{")
+    assert store.status()["conv2"]["missing"] == expected["conv2"]["missing"] + 1
+    assert "conv2:0" in [u.id for u in store.pending(mixed.units)]
+
+
+@pytest.mark.parametrize("content", ['{"note": "left by a user"}', "[1, 2]", "null"])
+def test_foreign_json_in_units_is_ignored(store, mixed, content):
+    expected = store.status()
+    (store.out / "units" / "conv2" / "notes.json").write_text(content)
+    assert store.status() == expected
+    store.write_manifest()
+
+
+# --- pending ----------------------------------------------------------------------------------
+
+
+def test_pending(model, store):
+    plan = make_store_plan(model)
+    assert store.pending(plan.units) == list(plan.units)  # nothing stored yet
+    store.save_unit(record_for(unit_of(plan, "conv2", 0)), [b"x"])
+    store.save_unit(record_for(unit_of(plan, "conv2", 1), key="another key"), [b"x"])
+    store.save_unit(record_for(unit_of(plan, "conv2", 2), "failed"), [])
+    store.save_unit(record_for(unit_of(plan, "logits", 1)), [b"x"])
+    assert [u.id for u in store.pending(plan.units)] == [
+        "conv2:1",  # stored with another key
+        "conv2:2",  # failed: retried
+        "conv2:3",  # missing
+        "logits:0",  # missing
+    ]
+    assert store.pending(plan.units, force=True) == list(plan.units)
+    # a record of the same layer and index with the planned key is done, nothing else matters
+    assert store.pending([unit_of(plan, "conv2", 0), unit_of(plan, "logits", 1)]) == []
+
+
+def test_pending_follows_a_recipe_change(model, store):
+    plan = make_store_plan(model, steps=3)
+    for unit in plan.units:
+        store.save_unit(record_for(unit), [b"x"])
+    assert store.pending(plan.units) == []
+    changed = make_store_plan(model, steps=4)
+    assert store.pending(changed.units) == list(changed.units)
+    wider = make_store_plan(model, channels="0-5")
+    assert [u.id for u in store.pending(wider.units)] == ["conv2:4", "conv2:5"]
+
+
+# --- classify, status, manifest, prune --------------------------------------------------------
+
+
+def test_status_per_layer(store, mixed):
+    assert store.status() == {
+        "conv2": {"done": 1, "failed": 1, "missing": 1, "stale": 2},
+        "logits": {"done": 1, "missing": 1},
+        "conv3": {"stale": 1},
+    }
+
+
+def test_classify_order_and_fields(store, mixed):
+    units, plan = store.classify()
+    assert plan == store.read_plan()
+    listed = [(u["layer"], u["index"], u["status"]) for u in units]
+    assert listed == [
+        ("conv2", 0, "done"),
+        ("conv2", 1, "failed"),
+        ("conv2", 2, "stale"),  # stored with an old key: listed once, shown until replaced
+        ("conv2", 3, "missing"),
+        ("conv2", 9, "stale"),
+        ("logits", 0, "done"),
+        ("logits", 1, "missing"),
+        ("conv3", 0, "stale"),  # a layer the plan does not have comes last
+    ]
+    by_status = {(u["layer"], u["index"], u["status"]): u for u in units}
+    assert by_status[("conv2", 0, "done")]["images"] == ["units/conv2/0.webp"]
+    assert by_status[("conv2", 1, "failed")]["error"] == "objective became NaN"
+    assert by_status[("conv2", 3, "missing")]["images"] == []
+    assert by_status[("logits", 1, "missing")]["label"] == "class1"
+    nine = by_status[("conv2", 9, "stale")]["images"]
+    assert nine == ["units/conv2/9.0.webp", "units/conv2/9.1.webp"]
+
+
+def test_status_without_a_plan(store):
+    store.save_unit(raw_record("conv2", 0), [b"x"])
+    assert store.status() == {"conv2": {"stale": 1}}
+    assert Store(store.out / "nothing").status() == {}
+
+
+def test_manifest_is_rebuilt_from_the_unit_jsons(store, mixed):
+    manifest = store.write_manifest()
+    path = store.out / "manifest.json"
+    assert read_json(path) == manifest
+    assert manifest["counts"] == {"done": 2, "failed": 1, "missing": 2, "stale": 3}
+    assert list(manifest["counts"]) == list(STATUSES)
+    assert manifest["model"]["digest"] == mixed.digest
+    assert [layer["name"] for layer in manifest["layers"]] == ["conv2", "logits"]
+    assert len(manifest["units"]) == 8
+    assert len({(u["layer"], u["index"]) for u in manifest["units"]}) == 8  # no duplicates
+    assert "key" in manifest["units"][0]
+
+    content = path.read_bytes()
+    path.unlink()
+    store.write_manifest()
+    assert path.read_bytes() == content  # the same file again
+
+    unit_json = store.out / "units" / "conv2" / "0.json"
+    edited = {**read_json(unit_json), "status": "failed", "error": "edited by hand"}
+    unit_json.write_text(json.dumps(edited))
+    rebuilt = store.write_manifest()
+    assert rebuilt["counts"] == {"done": 1, "failed": 2, "missing": 2, "stale": 3}
+    entry = next(u for u in rebuilt["units"] if (u["layer"], u["index"]) == ("conv2", 0))
+    assert (entry["status"], entry["error"]) == ("failed", "edited by hand")
+    assert read_json(path) == rebuilt
+
+    unit_json.unlink()
+    assert store.write_manifest()["counts"]["missing"] == 3
+
+
+def test_prune_removes_exactly_the_unplanned_units(store, mixed):
+    before = set(files_under(store.out / "units"))
+    assert store.prune() == 2
+    after = set(files_under(store.out / "units"))
+    assert before - after == {
+        "conv2/9.json",
+        "conv2/9.0.webp",
+        "conv2/9.1.webp",
+        "conv3/0.json",
+        "conv3/0.webp",
+    }
+    assert store.status() == {
+        "conv2": {"done": 1, "failed": 1, "missing": 1, "stale": 1},  # 2 is planned: kept
+        "logits": {"done": 1, "missing": 1},
+    }
+    assert store.prune() == 0
+
+
+def test_prune_without_a_plan_removes_everything(store):
+    store.save_unit(raw_record("conv2", 0), [b"x"])
+    assert store.prune() == 1
+    assert files_under(store.out / "units") == []
+
+
+# --- layer folders ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["conv2", "blocks.8", "features.0.conv-1_x", "logits", "A9"])
+def test_safe_layer_names_are_kept(name):
+    assert layer_dirname(name) == name
+
+
+UNSAFE = [
+    "../evil",
+    "a/b",
+    "a:b",
+    "a b",
+    "..",
+    ".",
+    "",
+    "/etc/passwd",
+    "a\\b",
+    ".hidden",
+    "x" * 300,
+]
+
+
+def test_unsafe_layer_names_stay_inside_units_and_never_collide(store):
+    names = [*UNSAFE, "a_b", "evil", "_", "etc_passwd", "hidden", "x" * 150]
+    folders = [layer_dirname(name) for name in names]
+    assert len(set(folders)) == len(names)
+    units = store.units_dir.resolve()
+    for name, folder in zip(names, folders, strict=True):
+        assert "/" not in folder and "\\" not in folder and folder not in ("", ".", "..")
+        assert not folder.startswith(".")
+        assert len(folder) <= 200
+        assert store.unit_path(name, 0, ".json").resolve().parent.parent == units
+    assert layer_dirname("a:b") != layer_dirname("a_b") == "a_b"
+    assert layer_dirname("a/b").startswith("a_b-")
+
+
+def test_unsafe_layer_names_round_trip_through_the_store(store, tmp_path):
+    for index, name in enumerate(UNSAFE):
+        store.save_unit(raw_record(name, index), [b"image"])
+    assert sorted(tmp_path.iterdir()) == [store.out]  # nothing escaped OUT
+    assert {(r["layer"], r["index"]) for r in store.records()} == {
+        (name, index) for index, name in enumerate(UNSAFE)
+    }
+    for record in store.records():
+        image = (store.out / record["images"][0]).resolve()
+        assert image.is_relative_to(store.units_dir.resolve())
+
+
+# --- downsample -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 127, 128, 129, 130, 500, 4096])
+def test_downsample_keeps_ends_and_at_most_128_points(length):
+    history = [0.5 * step + 0.123456789 for step in range(length)]
+    points = downsample(history)
+    assert HISTORY_POINTS == 128
+    assert 0 < len(points) <= 128
+    assert points[0] == [0, round(history[0], 5)]
+    assert points[-1] == [length - 1, round(history[-1], 5)]
+    steps = [step for step, _ in points]
+    assert steps == sorted(set(steps))
+    assert all(value == round(history[step], 5) for step, value in points)
+    if length <= 128:
+        assert steps == list(range(length))
+    else:
+        assert len(points) >= 100  # still a useful curve
+
+
+def test_downsample_edge_cases():
+    assert downsample([]) == []
+    assert downsample([1.0, 2.0, 3.0], points=2) == [[0, 1.0], [2, 3.0]]
+
+
+# --- atlas run / plan / status, end to end -----------------------------------------------------
+
+
+def make_runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+RUN = ["tinymodels:tiny", "--layers", "conv2", "--steps", "3", "--size", "32"]
+
+
+@pytest.fixture
+def optimized(monkeypatch):
+    """Counts the units the engine optimizes (as layer:index) and the steps it is asked for."""
+    calls = []
+    real_visualize = atlas.work.visualize
+
+    def counting(model, targets, recipe, **kwargs):
+        calls.append(([f"{t.layer}:{t.index}" for t in targets], recipe.steps))
+        return real_visualize(model, targets, recipe, **kwargs)
+
+    monkeypatch.setattr(atlas.work, "visualize", counting)
+    return calls
+
+
+def units_in(calls) -> list[str]:
+    return sorted(unit for targets, _ in calls for unit in targets)
+
+
+@pytest.fixture
+def atlas_cli(tmp_path):
+    runner_ = make_runner()
+    out = tmp_path / "out"
+
+    def invoke(command, *args):
+        full = [command, *RUN, *args, "--out", out]
+        if command == "run":
+            full += ["--scheduler", "inline"]
+        result = runner_.invoke(cli, [str(arg) for arg in full])
+        assert "Traceback" not in result.output, result.output
+        return result
+
+    invoke.out = out
+    return invoke
+
+
+def snapshot(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        name: ((out / "units" / name).read_bytes(), (out / "units" / name).stat().st_mtime_ns)
+        for name in files_under(out / "units")
+    }
+
+
+def test_run_stores_every_unit_and_an_unchanged_rerun_does_nothing(atlas_cli, optimized):
+    result = atlas_cli("run", "--channels", "0-3", "--classes", "0-1")
+    assert result.exit_code == 0, result.output
+    assert "6 done, 0 failed, 0 already stored of 6 units" in result.stdout
+    out = atlas_cli.out
+    assert units_in(optimized) == sorted(
+        ["conv2:0", "conv2:1", "conv2:2", "conv2:3", "logits:0", "logits:1"]
+    )
+    assert {steps for _, steps in optimized} == {3}
+    assert files_under(out / "units") == sorted(
+        [f"conv2/{i}.{s}" for i in range(4) for s in ("json", "webp")]
+        + [f"logits/{i}.{s}" for i in range(2) for s in ("json", "webp")]
+    )
+    record = read_json(out / "units/conv2/2.json")
+    assert record["status"] == "done"
+    assert record["steps"] == 3
+    assert record["images"] == ["units/conv2/2.webp"]
+    assert (out / "units/conv2/2.webp").read_bytes()[8:12] == b"WEBP"
+    assert len(record["history"]) == 3
+    assert read_json(out / "units/logits/1.json")["label"] == "class1"
+    manifest = read_json(out / "manifest.json")
+    assert manifest["counts"] == {"done": 6, "failed": 0, "missing": 0, "stale": 0}
+    plan = read_json(out / "plan.json")
+    assert plan["finished"] is not None
+    assert {u["id"]: u["key"] for u in plan["units"]} == {
+        u["id"]: u["key"] for u in manifest["units"]
+    }
+
+    before = snapshot(out)
+    optimized.clear()
+    again = atlas_cli("run", "--channels", "0-3", "--classes", "0-1")
+    assert again.exit_code == 0, again.output
+    assert "0 done, 0 failed, 6 already stored of 6 units" in again.stdout
+    assert optimized == []  # not one optimization step
+    assert snapshot(out) == before  # every unit file byte-identical, mtime unchanged
+    assert read_json(out / "manifest.json")["counts"]["done"] == 6
+
+
+def test_unchanged_rerun_starts_no_executor(atlas_cli, monkeypatch):
+    assert atlas_cli("run", "--channels", "0-1", "--classes", "").exit_code == 0
+
+    def no_executor(*_args, **_kwargs):
+        raise AssertionError("an unchanged rerun must not start an executor")
+
+    monkeypatch.setattr(runner, "executor", no_executor)
+    result = atlas_cli("run", "--channels", "0-1", "--classes", "")
+    assert result.exit_code == 0, result.output
+    assert "2 already stored of 2 units" in result.stdout
+
+
+def test_changed_steps_rerun_every_unit(atlas_cli, optimized):
+    assert atlas_cli("run", "--channels", "0-2", "--classes", "0").exit_code == 0
+    keys = {r["id"]: r["key"] for r in Store(atlas_cli.out).records()}
+    optimized.clear()
+    result = atlas_cli("run", "--channels", "0-2", "--classes", "0", "--steps", "4")
+    assert result.exit_code == 0, result.output
+    assert "4 done, 0 failed, 0 already stored of 4 units" in result.stdout
+    assert units_in(optimized) == ["conv2:0", "conv2:1", "conv2:2", "logits:0"]
+    assert {steps for _, steps in optimized} == {4}
+    records = Store(atlas_cli.out).records()
+    assert all(r["steps"] == 4 and r["key"] != keys[r["id"]] for r in records)
+    assert len(records) == 4
+
+
+def test_more_channels_rerun_only_the_new_units(atlas_cli, optimized):
+    assert atlas_cli("run", "--channels", "0-3", "--classes", "0-1").exit_code == 0
+    before = snapshot(atlas_cli.out)
+    optimized.clear()
+    result = atlas_cli("run", "--channels", "0-5", "--classes", "0-1")
+    assert result.exit_code == 0, result.output
+    assert "2 done, 0 failed, 6 already stored of 8 units" in result.stdout
+    assert units_in(optimized) == ["conv2:4", "conv2:5"]
+    after = snapshot(atlas_cli.out)
+    assert {name: after[name] for name in before} == before  # the old units untouched
+    assert sorted(set(after) - set(before)) == [
+        "conv2/4.json",
+        "conv2/4.webp",
+        "conv2/5.json",
+        "conv2/5.webp",
+    ]
+
+
+def test_narrowing_leaves_stale_units_and_prune_deletes_them(atlas_cli, optimized):
+    assert atlas_cli("run", "--channels", "0-5", "--classes", "0").exit_code == 0
+    optimized.clear()
+    narrowed = atlas_cli("run", "--channels", "0-3", "--classes", "0")
+    assert narrowed.exit_code == 0, narrowed.output
+    assert optimized == []
+    assert read_json(atlas_cli.out / "manifest.json")["counts"]["stale"] == 2
+    assert (atlas_cli.out / "units/conv2/5.json").exists()
+
+    pruned = atlas_cli("run", "--channels", "0-3", "--classes", "0", "--prune")
+    assert pruned.exit_code == 0, pruned.output
+    assert optimized == []
+    assert files_under(atlas_cli.out / "units") == sorted(
+        [f"conv2/{i}.{s}" for i in range(4) for s in ("json", "webp")]
+        + ["logits/0.json", "logits/0.webp"]
+    )
+    assert read_json(atlas_cli.out / "manifest.json")["counts"] == {
+        "done": 5,
+        "failed": 0,
+        "missing": 0,
+        "stale": 0,
+    }
+
+
+def test_status_command(atlas_cli):
+    assert atlas_cli("run", "--channels", "0-3", "--classes", "0-1").exit_code == 0
+    assert atlas_cli("run", "--channels", "0-1", "--classes", "0-2", "--steps", "1").exit_code == 0
+    # now: conv2 0-1 done with 1 step, conv2 2-3 stale; logits 0-2 done
+    runner_ = make_runner()
+    out = str(atlas_cli.out)
+    as_json = runner_.invoke(cli, ["status", out, "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == {
+        "conv2": {"done": 2, "stale": 2},
+        "logits": {"done": 3},
+    }
+    table = runner_.invoke(cli, ["status", out])
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["layer", *STATUSES]
+    assert lines[1].split() == ["conv2", "2", "0", "0", "2"]
+    assert lines[2].split() == ["logits", "3", "0", "0", "0"]
+    assert len(lines) == 3
+
+
+def test_status_of_a_folder_without_an_atlas(tmp_path):
+    result = make_runner().invoke(cli, ["status", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "holds no atlas results" in result.stderr
+
+
+NAN_MODEL = '''
+import torch
+from torch import nn
+from tinymodels import TinyNet
+from atlas.models import InputNormalization, LoadedModel
+
+
+class NanConv(nn.Conv2d):
+    """A conv whose channel 2 is NaN."""
+
+    def forward(self, x):
+        out = super().forward(x).clone()
+        out[:, 2] = float("nan")
+        return out
+
+
+def factory():
+    net = TinyNet()
+    nan = NanConv(8, 12, 3, stride=2, padding=1)
+    nan.load_state_dict(net.conv2.state_dict())
+    net.conv2 = nan
+    return LoadedModel(
+        spec="nan", module=net, normalize=InputNormalization((2.0,) * 3, (-1.0,) * 3),
+        input_size=(32, 32), labels=tuple(f"class{i}" for i in range(10)),
+    )
+'''
+
+
+def test_nan_objective_fails_one_unit_and_the_run_exits_1(tmp_path, monkeypatch):
+    module_name = f"nanmodel_{os.getpid()}_{tmp_path.name}".replace("-", "_")
+    (tmp_path / f"{module_name}.py").write_text(NAN_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    out = tmp_path / "out"
+    args = [f"{module_name}:factory", "--layers", "conv2", "--channels", "0-3", "--classes", ""]
+    args += ["--steps", "3", "--size", "32", "--scheduler", "inline", "--out", str(out)]
+    result = make_runner().invoke(cli, ["run", *args])
+    assert result.exit_code == 1, result.output
+    assert "3 done, 1 failed, 0 already stored of 4 units" in result.stdout
+    assert "failed: conv2:2: objective became NaN" in result.stderr
+    store = Store(out)
+    records = {r["index"]: r for r in store.records()}
+    assert records[2]["status"] == "failed"
+    assert records[2]["error"] == "objective became NaN"
+    assert records[2]["images"] == []
+    assert [records[i]["status"] for i in (0, 1, 3)] == ["done"] * 3
+    assert files_under(out / "units") == sorted(
+        ["conv2/2.json"] + [f"conv2/{i}.{s}" for i in (0, 1, 3) for s in ("json", "webp")]
+    )
+    assert store.status() == {"conv2": {"done": 3, "failed": 1}}
+    assert read_json(out / "manifest.json")["counts"]["failed"] == 1
+
+
+def plan_json(atlas_cli, *args) -> dict:
+    result = atlas_cli("plan", "--channels", "0-3", "--classes", "0-1", "--json", *args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    monkeypatch.setattr(planview, "visible_gpus", lambda: 0)
+
+
+def test_plan_lists_units_tasks_and_todo(atlas_cli, optimized, cpu_only):
+    summary = plan_json(atlas_cli, "--no-calibrate", "--batch", "3")
+    assert optimized == []  # planning optimizes nothing
+    assert not (atlas_cli.out / "units").exists()  # and stores nothing
+    assert (summary["units"], summary["todo"], summary["tasks"]) == (6, 6, 3)
+    assert (summary["steps"], summary["size"], summary["device"]) == (3, 32, "cpu")
+    rows = {row["layer"]: row for row in summary["layers"]}
+    assert list(rows) == ["conv2", "logits"]
+    assert {k: rows["conv2"][k] for k in ("units", "tasks", "todo", "todo_tasks")} == {
+        "units": 4,
+        "tasks": 2,
+        "todo": 4,
+        "todo_tasks": 2,
+    }
+    assert {k: rows["logits"][k] for k in ("units", "tasks", "todo", "todo_tasks")} == {
+        "units": 2,
+        "tasks": 1,
+        "todo": 2,
+        "todo_tasks": 1,
+    }
+    assert rows["conv2"]["estimate_from"] == "unknown"
+    assert summary["estimated_seconds"] is None
+
+    assert atlas_cli("run", "--channels", "0-3", "--classes", "0-1").exit_code == 0
+    after = plan_json(atlas_cli, "--no-calibrate", "--batch", "3")
+    assert (after["units"], after["todo"], after["tasks"]) == (6, 0, 0)
+    assert [row["todo"] for row in after["layers"]] == [0, 0]
+    assert [row["tasks"] for row in after["layers"]] == [2, 1]
+    assert {row["estimate_from"] for row in after["layers"]} == {"nothing to do"}
+    assert after["estimated_seconds"] == 0
+
+    wider = atlas_cli("plan", "--channels", "0-5", "--classes", "0-1", "--json", "--no-calibrate")
+    rows = {row["layer"]: row for row in json.loads(wider.stdout)["layers"]}
+    assert (rows["conv2"]["todo"], rows["logits"]["todo"]) == (2, 0)
+    assert rows["conv2"]["estimate_from"] == "earlier runs"  # timings of the stored units
+    assert rows["conv2"]["estimated_seconds"] >= 0
+
+
+def test_plan_with_calibration_gives_a_positive_estimate(atlas_cli, cpu_only):
+    summary = plan_json(atlas_cli)
+    assert summary["todo"] == 6
+    assert summary["estimated_seconds"] > 0
+    for row in summary["layers"]:
+        assert row["estimate_from"] == "calibration"
+        assert row["seconds_per_unit"] > 0
+        assert row["estimated_seconds"] == pytest.approx(row["seconds_per_unit"] * row["todo"])
+    table = atlas_cli("plan", "--channels", "0-3", "--classes", "0-1", "--no-calibrate")
+    assert table.exit_code == 0, table.output
+    assert "6 of 6 units to do in 2 tasks" in table.stdout
