@@ -24,6 +24,7 @@ from atlas.errors import AtlasError
 
 RETRIES = 2  # a task that raises is tried this many more times before its units fail
 CONNECT_TIMEOUT = "10s"
+WORKER_WAIT = "10m"  # batch queues can take a while to start the first worker
 _MODELS_ATTRIBUTE = "_atlas_models"
 
 
@@ -131,6 +132,10 @@ class DaskExecutor:
         self.client = client
         self.digest = model.digest
         plugin = ModelPlugin(model.spec, weights, model.digest)
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT)
+        except TimeoutError:
+            raise AtlasError(f"no Dask worker joined the scheduler within {WORKER_WAIT}") from None
         try:
             client.register_plugin(plugin, name=f"atlas-model-{self.digest}")
         except Exception as error:
