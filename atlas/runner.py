@@ -120,40 +120,41 @@ def run_atlas(
     todo = store.pending(plan.units, config.force)
     summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
     clock = time.monotonic()
-    last_manifest = clock
-    if not todo:  # an unchanged nightly rerun: no cluster, no work
-        if on_start:
-            on_start(0, summary.skipped, None)
-        store.write_plan(plan_record(plan, model, started, now()))
-        store.write_manifest()
-        summary.seconds = time.monotonic() - clock
-        return summary
-    with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
-        tasks = make_tasks(plan, todo, pool.device)
-        if on_start:
-            on_start(len(todo), summary.skipped, pool.dashboard_link)
-        for outcome in pool.run(run_task, tasks):
-            if outcome.error is not None:
-                for unit in outcome.task.units:
-                    store.save_unit(failed_record(unit, outcome.task, outcome.error), [])
-                summary.failed += len(outcome.task.units)
-                summary.failures.append(f"{outcome.task.layer}: {outcome.error}")
-            else:
-                for unit_outcome in outcome.result["units"]:
-                    record = unit_outcome["record"]
-                    store.save_unit(record, unit_outcome.get("images", []))
-                    if record["status"] == "done":
-                        summary.done += 1
-                    else:
-                        summary.failed += 1
-                        summary.failures.append(f"{record['id']}: {record['error']}")
-            if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
-                store.write_manifest()
-                last_manifest = time.monotonic()
-            if on_progress:
-                elapsed = time.monotonic() - clock
-                on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
+    if todo:
+        with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
+            if on_start:
+                on_start(len(todo), summary.skipped, pool.dashboard_link)
+            last_manifest = clock
+            for outcome in pool.run(run_task, make_tasks(plan, todo, pool.device)):
+                _store_outcome(store, outcome, summary)
+                if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
+                    store.write_manifest()
+                    last_manifest = time.monotonic()
+                if on_progress:
+                    elapsed = time.monotonic() - clock
+                    on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
+    elif on_start:  # an unchanged nightly rerun: no cluster, no work
+        on_start(0, summary.skipped, None)
     store.write_plan(plan_record(plan, model, started, now()))
     store.write_manifest()
     summary.seconds = time.monotonic() - clock
     return summary
+
+
+def _store_outcome(store: Store, outcome, summary: RunSummary) -> None:
+    """Write one finished task's units (or, for a task that failed for good, each of its
+    units as failed) and count them."""
+    if outcome.error is not None:
+        for unit in outcome.task.units:
+            store.save_unit(failed_record(unit, outcome.task, outcome.error), [])
+        summary.failed += len(outcome.task.units)
+        summary.failures.append(f"{outcome.task.layer}: {outcome.error}")
+        return
+    for unit_outcome in outcome.result["units"]:
+        record = unit_outcome["record"]
+        store.save_unit(record, unit_outcome.get("images", []))
+        if record["status"] == "done":
+            summary.done += 1
+        else:
+            summary.failed += 1
+            summary.failures.append(f"{record['id']}: {record['error']}")
