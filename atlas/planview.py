@@ -5,16 +5,9 @@ from __future__ import annotations
 from atlas.estimate import estimate
 from atlas.execute import visible_gpus
 from atlas.plan import make_tasks
+from atlas.progress import format_duration
 from atlas.runner import load_and_plan
 from atlas.store import Store
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def plan_summary(config, *, calibrate: bool) -> dict:
@@ -76,12 +69,13 @@ def plan_table(summary: dict) -> str:
         per_unit = "-" if row["seconds_per_unit"] is None else f"{row['seconds_per_unit']:.2f}"
         lines.append(
             f"{row['layer']:<{width}}  {row['units']:>6} {row['tasks']:>6} {row['todo']:>6} "
-            f"{per_unit:>8} {_duration(row['estimated_seconds']) if row['todo'] else '-':>8}"
+            f"{per_unit:>8} {format_duration(row['estimated_seconds']) if row['todo'] else '-':>8}"
         )
     sources = sorted({row["estimate_from"] for row in summary["layers"] if row["todo"]})
+    estimated = format_duration(summary["estimated_seconds"])
     lines.append(
         f"{summary['todo']} of {summary['units']} units to do in {summary['tasks']} tasks; "
-        f"estimated {_duration(summary['estimated_seconds'])} on one {summary['device']} worker"
+        f"estimated {estimated} on one {summary['device']} worker"
         + (f" (from {', '.join(sources)})" if sources else "")
     )
     return "\n".join(lines)

@@ -10,7 +10,10 @@ import click
 LOG_EVERY_SECONDS = 10.0
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    """'4m07s', '2h05m', or '?' for an unknown duration."""
+    if seconds is None:
+        return "?"
     minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
@@ -39,7 +42,7 @@ class RunProgress:
         rate = finished / progress.elapsed if progress.elapsed > 0 else 0.0
         eta = (self.total - finished) / rate if rate > 0 else 0.0
         line = (
-            f"{finished}/{self.total} units  {rate:.2f} units/s  ETA {_duration(eta)}  "
+            f"{finished}/{self.total} units  {rate:.2f} units/s  ETA {format_duration(eta)}  "
             f"{progress.failed} failed"
         )
         if self.live:

@@ -23,7 +23,7 @@ from atlas.execute import executor
 from atlas.files import writable_folder
 from atlas.plan import ENGINE_VERSION, Plan, Task, make_plan, make_tasks
 from atlas.store import Store, layer_dirname
-from atlas.work import run_task
+from atlas.work import run_task, unit_record
 
 MANIFEST_EVERY_SECONDS = 60.0
 
@@ -82,20 +82,7 @@ def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
 
 
 def failed_record(unit, task: Task, error: str) -> dict:
-    return {
-        "id": unit.id,
-        "layer": unit.layer,
-        "kind": unit.kind,
-        "index": unit.index,
-        "label": unit.label,
-        "key": unit.key,
-        "seed": task.seed,
-        "samples": task.samples,
-        "recipe": task.recipe.name,
-        "recipe_hash": task.recipe.hash,
-        "status": "failed",
-        "error": error,
-    }
+    return {**unit_record(unit, task), "status": "failed", "error": error}
 
 
 def load_and_plan(config: AtlasConfig) -> tuple[object, Plan]:

@@ -24,6 +24,22 @@ def describe_device(device: torch.device) -> str:
     return f"cpu:{torch.get_num_threads()} threads"
 
 
+def unit_record(unit, task: Task) -> dict:
+    """The fields every stored unit has, done or failed."""
+    return {
+        "id": unit.id,
+        "layer": unit.layer,
+        "kind": unit.kind,
+        "index": unit.index,
+        "label": unit.label,
+        "key": unit.key,
+        "seed": task.seed,
+        "samples": task.samples,
+        "recipe": task.recipe.name,
+        "recipe_hash": task.recipe.hash,
+    }
+
+
 def run_task(model, task: Task, device: str | None = None) -> dict:
     """Optimize every unit of `task` (K images each) in one batch. A unit whose objective
     became NaN or infinite is returned as failed; the others are fine."""
@@ -38,20 +54,11 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
         samples = results[position * task.samples : (position + 1) * task.samples]
         main = samples[0]
         record = {
-            "id": unit.id,
-            "layer": unit.layer,
-            "kind": unit.kind,
-            "index": unit.index,
-            "label": unit.label,
-            "key": unit.key,
+            **unit_record(unit, task),
             "seconds": round(per_unit, 6),
             "steps": len(main.history),
             "device": describe_device(device),
-            "seed": task.seed,
             "image_seeds": [r.seed for r in samples],
-            "samples": task.samples,
-            "recipe": task.recipe.name,
-            "recipe_hash": task.recipe.hash,
         }
         values = [main.objective_start, main.objective_final, main.objective_best]
         if not all(math.isfinite(v) for r in samples for v in r.history):
