@@ -59,7 +59,14 @@ class AtlasConfig:
         return dict(self.channels_per_layer).get(layer, self.channels)
 
 
-def parse_indices(spec: str, count: int, what: str, names: tuple[str, ...] | None = None):
+def parse_indices(
+    spec: str,
+    count: int,
+    what: str,
+    names: tuple[str, ...] | None = None,
+    *,
+    owner: str | None = None,
+):
     """'all', '0-63', '3,5,9', label names (when `names` is given), or '' -> sorted indices.
     Out-of-range numbers and unknown names raise AtlasError."""
     spec = spec.strip()
@@ -82,7 +89,8 @@ def parse_indices(spec: str, count: int, what: str, names: tuple[str, ...] | Non
             raise AtlasError(f"{what}s must be 'all', ranges like 0-63 or lists like 3,5,9")
         if last >= count:
             raise AtlasError(
-                f"{what} {last} is out of range: there are {count} ({what} 0-{count - 1})"
+                f"{what} {last} is out of range: "
+                f"{f'{owner} has' if owner else 'there are'} {count} ({what} 0-{count - 1})"
             )
         indices.update(range(first, last + 1))
     return sorted(indices)

@@ -103,10 +103,13 @@ def make_plan(config: AtlasConfig, model) -> Plan:
             units.append(Unit(layer, index, key, labels[index] if labels else None))
 
     for layer in layers:
-        add(layer.name, parse_indices(config.channels_for(layer.name), layer.channels, "channel"))
+        spec = config.channels_for(layer.name)
+        add(layer.name, parse_indices(spec, layer.channels, "channel", owner=layer.name))
     chosen = list(layers)
     if logits is not None and config.classes.strip():
-        classes = parse_indices(config.classes, logits.channels, "class", model.labels)
+        classes = parse_indices(
+            config.classes, logits.channels, "class", model.labels, owner=model.spec
+        )
         add(LOGITS, classes, model.labels)
         chosen.append(logits)
     if not units:

@@ -385,9 +385,9 @@ def test_unknown_layer_and_unmatched_glob(model):
 
 
 def test_out_of_range_channel_and_class(model):
-    with pytest.raises(AtlasError, match="channel 12 is out of range: there are 12"):
+    with pytest.raises(AtlasError, match="channel 12 is out of range: conv2 has 12"):
         make_plan(plan_config(layers=("conv2",), channels="0-12"), model)
-    with pytest.raises(AtlasError, match="class 10 is out of range: there are 10"):
+    with pytest.raises(AtlasError, match="class 10 is out of range: tiny has 10"):
         make_plan(plan_config(layers=("conv2",), classes="10"), model)
     with pytest.raises(AtlasError, match="no class named 'hen'"):
         make_plan(plan_config(layers=("conv2",), classes="hen"), model)
