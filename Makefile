@@ -22,6 +22,7 @@ demo: $(VENV)/.installed
 		--channels 0-7 --classes hen,pelican,espresso,castle,goldfish,monarch,volcano,lemon \
 		--steps 128 --out $(DEMO_OUT)
 	$(BIN)/atlas status $(DEMO_OUT)
+	@echo "Open the atlas: $(DEMO_OUT)/site/index.html"
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

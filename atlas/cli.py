@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 
 import click
@@ -273,6 +274,7 @@ def run_command(force: bool, prune: bool, **options) -> None:
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
     )
+    click.echo(f"atlas: {summary.site}")
     for failure in summary.failures[:10]:
         click.echo(f"failed: {failure}", err=True)
     if summary.failed:
@@ -313,6 +315,33 @@ def status_command(out: str, as_json: bool) -> None:
     click.echo(f"{'layer':<{width}}  " + "  ".join(f"{s:>7}" for s in STATUSES))
     for layer, counts in table.items():
         click.echo(f"{layer:<{width}}  " + "  ".join(f"{counts[s]:>7}" for s in STATUSES))
+
+
+@cli.command("render")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+def render_command(out: str) -> None:
+    """Render the static atlas OUT/site/ from OUT/manifest.json."""
+    from atlas.site import render
+
+    started = time.monotonic()
+    index = render(out)
+    click.echo(f"rendered in {time.monotonic() - started:.1f} s: {index}")
+
+
+@cli.command("serve")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="0 picks a free port.",
+)
+def serve_command(out: str, port: int) -> None:
+    """Serve OUT/site/ on 127.0.0.1 for a preview."""
+    from atlas.serve import serve
+
+    serve(out, port, on_ready=lambda url: click.echo(f"serving {url} (Ctrl-C to stop)"))
 
 
 def main() -> None:

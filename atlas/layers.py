@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from atlas.errors import AtlasError, did_you_mean
-
-LOGITS = "logits"  # the name of the model's output, listed as a layer
+from atlas.names import LOGITS
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from atlas.config import AtlasConfig
 from atlas.execute import executor
 from atlas.files import writable_folder
 from atlas.plan import ENGINE_VERSION, Plan, Task, make_plan, make_tasks
+from atlas.site import render
 from atlas.store import Store, layer_dirname
 from atlas.work import run_task, unit_record
 
@@ -37,6 +38,7 @@ class RunSummary:
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
     out: str = ""
+    site: str = ""  # the atlas's index.html
 
 
 @dataclass
@@ -124,6 +126,7 @@ def run_atlas(
         on_start(0, summary.skipped, None)
     store.write_plan(plan_record(plan, model, started, now()))
     store.write_manifest()
+    summary.site = str(render(store.out))
     summary.seconds = time.monotonic() - clock
     return summary
 

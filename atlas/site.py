@@ -1,0 +1,274 @@
+"""The static atlas: OUT/manifest.json and the unit images -> OUT/site/.
+
+Pages: index.html (the model and its layers), <layer>/index.html (a grid of every unit),
+<layer>/<index>.html (one unit). Everything is relative links to files (no fetch, no network),
+so the site works from file:// and from any static host. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from PIL import Image
+
+from atlas.errors import AtlasError
+from atlas.files import atomic_write_bytes
+from atlas.names import LOGITS
+from atlas.store import layer_dirname
+
+THUMB_SIZE = 128  # px; larger unit images get a downscaled WebP thumbnail
+PREVIEWS_PER_LAYER = 6
+CURVE_WIDTH, CURVE_HEIGHT = 480, 160
+
+
+def _package_dir(name: str) -> Path:
+    return Path(str(resources.files("atlas") / name))
+
+
+def environment() -> Environment:
+    """Jinja2 with autoescape on and StrictUndefined: a typo in a template is an error."""
+    env = Environment(
+        loader=FileSystemLoader(_package_dir("templates")),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["number"] = lambda v: "-" if v is None else f"{v:.3f}"
+    env.filters["seconds"] = lambda v: "-" if v is None else f"{v:.2f} s"
+    return env
+
+
+@dataclass
+class UnitView:
+    """One unit as the pages show it."""
+
+    record: dict
+    layer_dir: str
+    images: list[str]  # relative to the layer folder
+    thumb: str | None
+    size: tuple[int, int] = (0, 0)  # of the images, for width and height attributes
+    thumb_size: tuple[int, int] = (0, 0)
+
+    @property
+    def index(self) -> int:
+        return self.record["index"]
+
+    @property
+    def status(self) -> str:
+        return self.record["status"]
+
+    @property
+    def title(self) -> str:
+        label = self.record.get("label")
+        return f"{self.record['id']} ({label})" if label else self.record["id"]
+
+    @property
+    def alt(self) -> str:
+        kind = "class" if self.record.get("kind") == "logit" else "channel"
+        what = f"{kind} {self.index}"
+        if self.record.get("label"):
+            what += f" ({self.record['label']})"
+        return f"Feature visualization of {self.record['layer']} {what}"
+
+    @property
+    def page(self) -> str:
+        return f"{self.index}.html"
+
+
+def curve_points(history: list, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) -> str:
+    """SVG polyline points for [[step, value], ...], scaled into the box."""
+    if len(history) < 2:
+        return ""
+    steps = [point[0] for point in history]
+    values = [point[1] for point in history]
+    low, high = min(values), max(values)
+    span_x = (steps[-1] - steps[0]) or 1
+    span_y = (high - low) or 1
+    return " ".join(
+        f"{(s - steps[0]) / span_x * width:.1f},{height - (v - low) / span_y * height:.1f}"
+        for s, v in zip(steps, values, strict=True)
+    )
+
+
+def _value_range(history: list) -> tuple[float | None, float | None]:
+    values = [point[1] for point in history]
+    return (min(values), max(values)) if values else (None, None)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a page only when it changed (a nightly rerender touches few files)."""
+    data = text.encode()
+    if path.is_file() and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data, durable=False)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(source, temporary)
+    except OSError:
+        shutil.copy2(source, temporary)
+    os.replace(temporary, target)
+
+
+def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
+    """A WebP of at most THUMB_SIZE px (the image itself when it is that small already);
+    returns its size. Existing thumbnails newer than their image are kept."""
+    with Image.open(source) as image:
+        if max(image.size) <= THUMB_SIZE:
+            _link_or_copy(source, target)
+            return image.size
+        if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+            with Image.open(target) as thumb:
+                return thumb.size
+        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        temporary = target.with_name(f".{target.name}.tmp")
+        image.save(temporary, format="WEBP", quality=85)
+        os.replace(temporary, target)
+        return image.size
+
+
+def _unit_view(out: Path, site: Path, record: dict) -> UnitView:
+    """Link the unit's images into the site (so that it can be published alone), make its
+    thumbnail, and describe it for the pages; paths are relative to the layer folder."""
+    layer_dir = layer_dirname(record["layer"])
+    view = UnitView(record, layer_dir, [], None)
+    for image in record.get("images", []):
+        source = out / image
+        if not source.is_file():
+            continue
+        name = Path(image).name
+        _link_or_copy(source, site / layer_dir / "img" / name)
+        view.images.append(f"img/{name}")
+    if view.images:
+        first = site / layer_dir / view.images[0]
+        with Image.open(first) as image:
+            view.size = image.size
+        thumb = first.with_name(f"{first.name.split('.')[0]}.thumb.webp")
+        view.thumb_size = _thumbnail(first, thumb)
+        view.thumb = f"img/{thumb.name}"
+    return view
+
+
+def site_info(manifest: dict, units: list[dict]) -> dict:
+    """The facts every page shows, with defaults for manifests of interrupted runs."""
+    model = manifest.get("model") or {}
+    recipe = manifest.get("recipe") or {}
+    settings = manifest.get("recipe_settings") or {}
+    devices = sorted({u["device"] for u in units if u.get("device")})
+    return {
+        "spec": model.get("spec", "unknown model"),
+        "digest": model.get("digest", "?"),
+        "weights": model.get("weights") or "default",
+        "recipe": recipe.get("name", "?"),
+        "recipe_hash": recipe.get("hash", "?"),
+        "steps": settings.get("steps", "?"),
+        "size": settings.get("size", "?"),
+        "samples": manifest.get("samples", 1),
+        "seed": manifest.get("seed", 0),
+        "started": manifest.get("started", "?"),
+        "finished": manifest.get("finished"),
+        "devices": ", ".join(devices) or "?",
+        "atlas_version": manifest.get("atlas_version", "?"),
+        "torch_version": manifest.get("torch_version", "?"),
+    }
+
+
+def load_manifest(out: Path) -> dict:
+    path = out / "manifest.json"
+    if not path.is_file():
+        raise AtlasError(f"{out} has no manifest.json: run `atlas run ... --out {out}` first")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise AtlasError(f"{path} is not valid JSON: {error}") from None
+
+
+def render(out: str | Path) -> Path:
+    """Render OUT/site/ from OUT/manifest.json; returns the path of index.html."""
+    out = Path(out)
+    manifest = load_manifest(out)
+    site = out / "site"
+    env = environment()
+    records = manifest.get("units", [])
+    layers = [dict(layer) for layer in manifest.get("layers", [])]
+    units_by_layer: dict[str, list[UnitView]] = {layer["name"]: [] for layer in layers}
+    for record in records:
+        if record["layer"] not in units_by_layer:  # a layer no longer planned: its units are stale
+            units_by_layer[record["layer"]] = []
+            layers.append({"name": record["layer"], "type": "not planned", "shape": []})
+        units_by_layer[record["layer"]].append(_unit_view(out, site, record))
+    for layer in layers:
+        layer["dir"] = layer_dirname(layer["name"])
+        layer["units"] = len(units_by_layer[layer["name"]])
+    counts_by_layer = {
+        name: Counter(unit.status for unit in units) for name, units in units_by_layer.items()
+    }
+    common = {"info": site_info(manifest, records), "counts": manifest.get("counts", {})}
+
+    _copy_static(site)
+    unit_page = env.get_template("unit.html")
+    layer_page = env.get_template("layer.html")
+    search = []
+    for layer in layers:
+        units = units_by_layer[layer["name"]]
+        folder = site / layer["dir"]
+        _write_text(
+            folder / "index.html",
+            layer_page.render(
+                **common,
+                root="../",
+                layer=layer,
+                units=units,
+                is_logits=layer["name"] == LOGITS,
+                layer_counts=counts_by_layer[layer["name"]],
+            ),
+        )
+        for position, unit in enumerate(units):
+            page = unit_page.render(
+                **common,
+                root="../",
+                layer=layer,
+                unit=unit,
+                curve=curve_points(unit.record.get("history", [])),
+                curve_range=_value_range(unit.record.get("history", [])),
+                curve_size=(CURVE_WIDTH, CURVE_HEIGHT),
+                previous=units[position - 1] if position > 0 else None,
+                next=units[position + 1] if position + 1 < len(units) else None,
+            )
+            _write_text(folder / unit.page, page)
+            label = unit.record.get("label") or ""
+            search.append([unit.record["id"], label, f"{layer['dir']}/{unit.page}"])
+    previews = {
+        name: [unit for unit in units if unit.thumb][:PREVIEWS_PER_LAYER]
+        for name, units in units_by_layer.items()
+    }
+    index = site / "index.html"
+    _write_text(
+        index,
+        env.get_template("index.html").render(
+            **common, root="", layers=layers, previews=previews, status_by_layer=counts_by_layer
+        ),
+    )
+    # The search index as a classic script: pages opened from file:// cannot fetch() JSON.
+    _write_text(site / "search-index.js", f"window.ATLAS_SEARCH = {json.dumps(search)};\n")
+    return index
+
+
+def _copy_static(site: Path) -> None:
+    for asset in _package_dir("static").iterdir():
+        if asset.is_file():
+            _write_text(site / "static" / asset.name, asset.read_text())
