@@ -1,0 +1,161 @@
+"""Page building: escaping, safe paths, statuses, thumbnails, incremental rendering."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from synthetic import make_atlas
+
+from atlas.cli import cli
+from atlas.site import curve_points, render
+
+HOSTILE_LABEL = "<script>alert('label')</script>"
+HOSTILE_LAYER = '<b onmouseover="x">../../evil'
+
+
+@pytest.fixture(scope="module")
+def atlas_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("atlas")
+    make_atlas(
+        out,
+        {"conv2": 12, HOSTILE_LAYER: 3, "a:b": 2, "a_b": 2, "logits": 10},
+        labels={1: HOSTILE_LABEL, 8: "hen"},
+        stale={"conv2": [2]},
+        missing={"conv2": [3]},
+        samples=2,
+    )
+    render(out)
+    return out
+
+
+def pages(out: Path) -> list[Path]:
+    return sorted((out / "site").rglob("*.html"))
+
+
+def test_hostile_labels_and_layer_names_are_escaped(atlas_out):
+    for page in pages(atlas_out):
+        text = page.read_text()
+        assert "<script>alert" not in text, page
+        assert '<b onmouseover="x">' not in text, page
+    logits = (atlas_out / "site" / "logits" / "1.html").read_text()
+    assert "&lt;script&gt;alert(&#39;label&#39;)&lt;/script&gt;" in logits
+
+
+def test_layer_folders_are_sanitized_and_never_clash(atlas_out):
+    site = (atlas_out / "site").resolve()
+    folders = [p for p in site.iterdir() if p.is_dir() and p.name != "static"]
+    assert len(folders) == 5  # conv2, hostile, a:b, a_b, logits
+    for page in pages(atlas_out):
+        assert site in page.resolve().parents
+    assert not (atlas_out / "evil").exists() and not (atlas_out.parent / "evil").exists()
+
+
+def test_failed_stale_and_missing_units_are_shown_as_such(atlas_out):
+    grid = (atlas_out / "site" / "conv2" / "index.html").read_text()
+    assert 'class="cell failed" id="c7"' in " ".join(grid.split())
+    assert 'class="cell stale" id="c2"' in " ".join(grid.split())
+    assert 'class="cell missing" id="c3"' in " ".join(grid.split())
+    assert grid.count('<span class="badge failed">failed</span>') == 1
+    failed = (atlas_out / "site" / "conv2" / "7.html").read_text()
+    assert "Failed: objective became NaN" in failed
+    assert (
+        "Stale: this result is from an earlier plan"
+        in (atlas_out / "site" / "conv2" / "2.html").read_text()
+    )
+    assert (
+        "Missing: planned, not computed yet."
+        in (atlas_out / "site" / "conv2" / "3.html").read_text()
+    )
+    index = (atlas_out / "site" / "index.html").read_text()
+    assert "failed" in index and "stale" in index and "missing" in index
+
+
+def test_every_image_has_alt_text_and_a_size(atlas_out):
+    for page in pages(atlas_out):
+        for tag in page.read_text().split("<img")[1:]:
+            tag = tag.split(">")[0]
+            assert 'alt="Feature visualization of ' in tag, page
+            assert 'width="' in tag and 'height="' in tag and 'width="0"' not in tag, page
+
+
+def test_unit_pages_show_variants_curve_and_neighbours(atlas_out):
+    page = (atlas_out / "site" / "conv2" / "1.html").read_text()
+    assert page.count('src="img/1.0.webp"') == 2  # the main image and the first variant
+    assert 'src="img/1.1.webp"' in page and "2 diverse images" in page
+    assert "<polyline" in page
+    assert 'data-previous="0.html"' in page and 'data-next="2.html"' in page
+    assert 'href="index.html#c1"' in page
+
+
+def test_logits_grid_shows_labels_and_the_search_index_lists_every_unit(atlas_out):
+    grid = (atlas_out / "site" / "logits" / "index.html").read_text()
+    assert "Class logits" in grid and "8 hen" in " ".join(grid.split())
+    search = (atlas_out / "site" / "search-index.js").read_text()
+    assert search.startswith("window.ATLAS_SEARCH = [")
+    assert '["logits:8", "hen", "logits/8.html"]' in search
+
+
+def test_curve_points_fill_the_box():
+    points = curve_points([[0, 1.0], [5, 3.0], [10, 2.0]], width=100, height=50)
+    assert points == "0.0,50.0 50.0,0.0 100.0,25.0"
+    assert curve_points([[0, 1.0]]) == ""
+
+
+def test_large_images_get_thumbnails_and_small_ones_are_their_own(tmp_path):
+    make_atlas(tmp_path, {"conv2": 2}, image_size=300)
+    render(tmp_path)
+    with Image.open(tmp_path / "site" / "conv2" / "img" / "0.thumb.webp") as thumb:
+        assert max(thumb.size) == 128
+    grid = (tmp_path / "site" / "conv2" / "index.html").read_text()
+    assert 'width="128" height="128"' in grid
+    assert 'width="300" height="300"' in (tmp_path / "site" / "conv2" / "0.html").read_text()
+
+
+def test_rendering_again_rewrites_nothing(atlas_out):
+    before = {p: p.stat().st_mtime_ns for p in (atlas_out / "site").rglob("*") if p.is_file()}
+    render(atlas_out)
+    after = {p: p.stat().st_mtime_ns for p in (atlas_out / "site").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_the_site_never_imports_torch(atlas_out):
+    code = (
+        "import sys; from atlas.site import render; "
+        f"render({str(atlas_out)!r}); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_render_command_and_its_errors(atlas_out, tmp_path):
+    result = CliRunner().invoke(cli, ["render", str(atlas_out)])
+    assert result.exit_code == 0 and "site/index.html" in result.output
+    result = CliRunner().invoke(cli, ["render", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "has no manifest.json" in result.stderr
+
+
+def test_a_non_editable_wheel_carries_templates_and_assets(tmp_path):
+    root = Path(__file__).parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--quiet",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("atlas-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("base.html", "_macros.html", "index.html", "layer.html", "unit.html"):
+        assert f"atlas/templates/{needed}" in names
+    assert {"atlas/static/atlas.css", "atlas/static/atlas.js"} <= names
