@@ -40,13 +40,33 @@ def unit_record(unit, task: Task) -> dict:
     }
 
 
+def visualize_splitting(model, targets: list, task: Task, device: torch.device) -> list:
+    """visualize() the batch; on a CUDA out-of-memory error, free memory and do each half
+    separately (K images of one unit stay together). Results are the same either way, because
+    every image has its own random stream."""
+    try:
+        return visualize(model, targets, task.recipe, seed=task.seed, device=device)
+    except torch.OutOfMemoryError:
+        units = len(targets) // task.samples
+        if units <= 1:
+            raise
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = (units // 2) * task.samples
+    return visualize_splitting(model, targets[:half], task, device) + visualize_splitting(
+        model, targets[half:], task, device
+    )
+
+
 def run_task(model, task: Task, device: str | None = None) -> dict:
     """Optimize every unit of `task` (K images each) in one batch. A unit whose objective
     became NaN or infinite is returned as failed; the others are fine."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the same shapes run hundreds of times
     targets = [unit.target() for unit in task.units for _ in range(task.samples)]
     started = time.perf_counter()
-    results = visualize(model, targets, task.recipe, seed=task.seed, device=device)
+    results = visualize_splitting(model, targets, task, device)
     seconds = time.perf_counter() - started
     per_unit = seconds / len(task.units)
     outcomes = []
