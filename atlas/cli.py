@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import click
 
-from atlas import models as model_registry
 from atlas.errors import AtlasError
 from atlas.optim.recipes import DEFAULT as DEFAULT_RECIPE
 from atlas.optim.recipes import PRESETS
@@ -72,6 +71,8 @@ def cli() -> None:
 @cli.command("models")
 def models_command() -> None:
     """List the built-in model specs and where their weights come from."""
+    from atlas import models as model_registry
+
     rows = model_registry.describe_builtins()
     width = max(len(row["name"]) for row in rows)
     for row in rows:
@@ -91,6 +92,7 @@ def models_command() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], as_json: bool):
     """List the visualizable layers of MODEL with their output shapes."""
+    from atlas import models as model_registry
     from atlas.layers import select
 
     loaded = model_registry.load(model, weights)
@@ -159,6 +161,7 @@ def visualize_command(
     """Visualize a few TARGETS of MODEL: blocks.8:3 (channel), blocks.8:3@3,3 (neuron),
     blocks.8:3@centre, blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or
     logits:hen (class)."""
+    from atlas import models as model_registry
     from atlas import quick
     from atlas.files import writable_folder
     from atlas.optim import get

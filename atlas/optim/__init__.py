@@ -1,33 +1,30 @@
-"""The feature-visualization engine: objectives, parameterizations, transforms, recipes."""
+"""The feature-visualization engine: objectives, parameterizations, transforms, recipes.
 
-from atlas.optim.objectives import (
-    Diversity,
-    Objective,
-    Target,
-    channel,
-    diversity,
-    logit,
-    neuron,
-    region,
-    whole_layer,
-)
-from atlas.optim.recipes import PRESETS, Octave, Recipe, get
-from atlas.optim.render import UnitResult, visualize
+Names are imported on first use, so that `atlas.optim.recipes` (and the CLI's option
+parsing) does not pay for importing torch."""
 
-__all__ = [
-    "PRESETS",
-    "Diversity",
-    "Objective",
-    "Octave",
-    "Recipe",
-    "Target",
-    "UnitResult",
-    "channel",
-    "diversity",
-    "get",
-    "logit",
-    "neuron",
-    "region",
-    "visualize",
-    "whole_layer",
-]
+from importlib import import_module
+
+_HOMES = {
+    "objectives": [
+        "Diversity",
+        "Objective",
+        "Target",
+        "channel",
+        "diversity",
+        "logit",
+        "neuron",
+        "region",
+        "whole_layer",
+    ],
+    "recipes": ["PRESETS", "Octave", "Recipe", "get"],
+    "render": ["UnitResult", "visualize"],
+}
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'atlas.optim' has no attribute {name!r}")
+    return getattr(import_module(f"atlas.optim.{_WHERE[name]}"), name)
