@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from PIL import Image
 
 from atlas.errors import AtlasError
@@ -28,14 +28,10 @@ PREVIEWS_PER_LAYER = 6
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 
 
-def _package_dir(name: str) -> Path:
-    return Path(str(resources.files("atlas") / name))
-
-
 def environment() -> Environment:
     """Jinja2 with autoescape on and StrictUndefined: a typo in a template is an error."""
     env = Environment(
-        loader=FileSystemLoader(_package_dir("templates")),
+        loader=PackageLoader("atlas", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
         undefined=StrictUndefined,
         trim_blocks=True,
@@ -269,6 +265,6 @@ def render(out: str | Path) -> Path:
 
 
 def _copy_static(site: Path) -> None:
-    for asset in _package_dir("static").iterdir():
+    for asset in resources.files("atlas").joinpath("static").iterdir():
         if asset.is_file():
             _write_text(site / "static" / asset.name, asset.read_text())
