@@ -44,7 +44,7 @@ HOSTILE = "<img src=x onerror=alert(1)>"
 QUOTED = "say \"cheese\" & 'smile'"
 LABELS = {0: "tench", 1: "goldfish", 3: HOSTILE, 4: QUOTED, 6: "great white shark"}
 SANITIZED = "a:b"  # a layer whose folder name is sanitized (a_b-<hash>)
-LAYERS = {"conv2": 40, SANITIZED: 3, "logits": 10}
+LAYERS = {"conv2": 24, SANITIZED: 3, "logits": 10}
 # Every 8th unit (index 7, 15, ...) is failed (synthetic.STATUS_CYCLE).
 FAILED, STALE, MISSING, DONE = 7, 2, 4, 0
 MODEL = "synthetic<model>"  # the spec: in every <title>, so escaping is checked there too
@@ -152,8 +152,6 @@ class Tab:
     def _console(self, message) -> None:
         if message.type != "error":
             return
-        if message.location.get("url") == self.site.root + "favicon.ico":
-            return  # Chromium asks every http host for one; the site has none (see the report)
         self.errors.append(f"console error: {message.text} ({message.location})")
 
     def _failed(self, request) -> None:
@@ -190,7 +188,7 @@ class Tab:
 
 @pytest.fixture
 def tab(browser, site):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context = browser.new_context(viewport={"width": 1280, "height": 640})
     context.set_default_timeout(5000)
     recorder = Tab(context.new_page(), site)
     yield recorder
@@ -202,47 +200,48 @@ def tab(browser, site):
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-IMAGE_FACTS = """imgs => imgs.map(img => {
-  const box = img.getBoundingClientRect();
-  return {src: img.getAttribute("src"), alt: img.getAttribute("alt"),
-          width: img.getAttribute("width"), height: img.getAttribute("height"),
-          complete: img.complete, naturalWidth: img.naturalWidth,
-          naturalHeight: img.naturalHeight,
-          inView: box.width > 0 && box.bottom > 0 && box.top < window.innerHeight};
-})"""
+# One round trip per page: wait for the images in view (or, with scroll, for every image,
+# scrolled into view so that lazy ones load) to load or fail, then describe every image.
+IMAGE_FACTS = """async (scroll) => {
+  const images = Array.from(document.images);
+  const inView = img => {
+    const box = img.getBoundingClientRect();
+    return box.width > 0 && box.bottom > 0 && box.top < window.innerHeight;
+  };
+  const settled = img => img.complete ? Promise.resolve() : new Promise(done => {
+    img.addEventListener("load", done, {once: true});
+    img.addEventListener("error", done, {once: true});
+  });
+  if (scroll) {
+    for (const img of images) { img.scrollIntoView(); await settled(img); }
+    window.scrollTo(0, 0);
+  } else {
+    await Promise.all(images.filter(inView).map(settled));
+  }
+  return images.map(img => ({
+    src: img.getAttribute("src"), alt: img.getAttribute("alt"),
+    width: img.getAttribute("width"), height: img.getAttribute("height"),
+    naturalWidth: img.naturalWidth, naturalHeight: img.naturalHeight,
+    checked: scroll || inView(img)}));
+}"""
 
 
 def check_images(page, *, scroll: bool = False) -> int:
     """Every <img> has a non-empty alt and numeric width and height; the images in view (all of
     them with scroll=True) load, at the size that width and height announce. Returns how many
     images were checked as loaded."""
-    images = page.eval_on_selector_all("img", IMAGE_FACTS)
+    images = page.evaluate(IMAGE_FACTS, scroll)
     for image in images:
         assert image["alt"] and image["alt"].strip(), f"{page.url}: img without alt: {image}"
         for side in ("width", "height"):
             value = image[side]
             assert value and value.isdigit() and int(value) > 0, f"{page.url}: {side}: {image}"
-    if scroll:
-        for handle in page.query_selector_all("img"):
-            handle.scroll_into_view_if_needed()
-            page.wait_for_function("img => img.complete", arg=handle)
-        page.evaluate("window.scrollTo(0, 0)")
-        images = page.eval_on_selector_all("img", IMAGE_FACTS)
-    else:
-        page.wait_for_function(
-            """() => Array.from(document.images).every(img => {
-                 const box = img.getBoundingClientRect();
-                 const inView = box.width > 0 && box.bottom > 0 && box.top < window.innerHeight;
-                 return !inView || img.complete;
-               })"""
-        )
-        images = [image for image in page.eval_on_selector_all("img", IMAGE_FACTS)]
-        images = [image for image in images if image["inView"]]
-    for image in images:
+    loaded = [image for image in images if image["checked"]]
+    for image in loaded:
         assert image["naturalWidth"] > 0, f"{page.url}: image did not load: {image}"
         size = (image["naturalWidth"], image["naturalHeight"])
         assert size == (int(image["width"]), int(image["height"])), f"{page.url}: {image}"
-    return len(images)
+    return len(loaded)
 
 
 def visible_cells(page) -> list[str]:
@@ -355,16 +354,12 @@ def test_logits_filter_by_label(tab):
     tab.assert_clean()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="atlas.js apply(): a number matches as a substring of data-q, which holds the unit id "
-    "'conv2:N', so '2' on the conv2 page matches every unit",
-)
 def test_layer_filter_by_channel_number_ignores_the_layer_name(tab):
     page = tab.goto("conv2/index.html")
     page.locator("#filter").fill("2")
-    expect(page.locator("#c2")).to_be_visible()
-    expect(page.locator("#c5")).to_be_hidden(timeout=1000)
+    expect(page.locator("#matches")).not_to_be_empty()
+    shown = visible_cells(page)
+    assert "c2" in shown and "c5" not in shown, shown
     tab.assert_clean()
 
 
@@ -422,7 +417,7 @@ def test_slash_focuses_the_filter_and_the_search_box(tab):
 
 
 def test_unit_back_link_goes_to_its_cell_in_the_layer_grid(tab):
-    unit = 35  # far enough down the grid that the page has to scroll to it
+    unit = 22  # far enough down the grid that the page has to scroll to it
     page = tab.goto(f"conv2/{unit}.html")
     page.locator("nav.pager a", has_text="all of conv2").click()
     expect(page).to_have_url(tab.site.url(f"conv2/index.html#c{unit}"))
@@ -453,7 +448,7 @@ def test_failed_stale_and_missing_units_are_visibly_marked(tab):
     expect(page.locator(f"#c{FAILED}")).to_have_css("border-top-color", "rgb(255, 107, 107)")
     expect(page.locator(f"#c{DONE}")).not_to_have_css("border-top-color", "rgb(255, 107, 107)")
     expect(page.locator(f"#c{STALE} img")).to_have_css("opacity", "0.55")
-    expect(page.locator(".meta .count.failed")).to_have_text("5 failed")
+    expect(page.locator(".meta .count.failed")).to_have_text("3 failed")
 
     for index, selector, text in [
         (FAILED, "p.error", "Failed: objective became NaN"),
@@ -474,7 +469,9 @@ def test_hostile_label_is_shown_as_text_and_never_runs(tab):
     expect(page.locator("#c4 img")).to_have_attribute(
         "alt", f"Feature visualization of logits class 4 ({QUOTED})"
     )
-    assert page.evaluate("Array.from(document.images).filter(i => i.src.endsWith('/x')).length") == 0
+    assert (
+        page.evaluate("Array.from(document.images).filter(i => i.src.endsWith('/x')).length") == 0
+    )
 
     page = tab.goto("logits/index.html", "q=" + quote(HOSTILE))  # through the deep link too
     expect(page.locator("#filter")).to_have_value(HOSTILE)
@@ -518,7 +515,7 @@ def test_every_page_kind_images_load_and_screenshots(tab):
 
 
 def test_every_page_has_no_errors_and_well_formed_images(tab, atlas_out):
-    """Visit every page of the site (57): no JS errors, alt, width and height everywhere, the
+    """Visit every page of the site (41): no JS errors, alt, width and height everywhere, the
     images in view load."""
     site = atlas_out / "site"
     pages = sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html"))
@@ -566,7 +563,7 @@ def test_links_resolve_to_files_inside_the_site(atlas_out):
         where = page.relative_to(site)
         for tag, attribute, value in parser.links:
             link = urlsplit(value)
-            if link.scheme == "javascript":
+            if link.scheme in ("javascript", "data"):  # inline: nothing is fetched
                 continue
             if link.scheme or link.netloc or value.startswith("/"):
                 problems.append(f"{where}: absolute {tag} {attribute}={value!r}")
@@ -584,9 +581,8 @@ def test_links_resolve_to_files_inside_the_site(atlas_out):
                 if not target.is_file():
                     problems.append(f"{where}: {value!r} does not exist")
                     continue
-            if link.fragment and target.suffix == ".html":
-                if link.fragment not in _parse(target).ids:
-                    problems.append(f"{where}: {value!r}: no id {link.fragment!r} there")
+            if link.fragment and link.fragment not in _parse(target).ids:
+                problems.append(f"{where}: {value!r}: no id {link.fragment!r} there")
             checked += 1
     assert not problems, "\n".join(problems)
     assert checked > 10 * len(pages)  # css, js, home, pager, images...
@@ -600,14 +596,9 @@ def test_links_resolve_to_files_inside_the_site(atlas_out):
     for unit_id, _label, href in entries:
         assert not urlsplit(href).scheme and not href.startswith("/"), href
         assert (site / href).is_file(), f"{unit_id}: {href}"
-    assert [HOSTILE] == [label for _id, label, _href in entries if "onerror" in label]
+    assert [label for _id, label, _href in entries if "onerror" in label] == [HOSTILE]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="index.html: the preview cells of every layer use id=c<index> (_macros.html cell), "
-    "so the index page repeats c0..c5 once per layer",
-)
 def test_ids_are_unique_on_every_page(atlas_out):
     for page in sorted((atlas_out / "site").rglob("*.html")):
         ids = _parse(page).ids

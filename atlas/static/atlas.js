@@ -15,10 +15,10 @@
       var shown = 0;
       cells.forEach(function (cell) {
         var haystack = normalize(cell.getAttribute("data-q"));
-        var index = cell.id.slice(1);
+        var index = cell.getAttribute("data-index");
         var hit = words.every(function (word) {
-          return /^\d+$/.test(word) ? index === word || haystack.indexOf(word) >= 0
-                                    : haystack.indexOf(word) >= 0;
+          // a number is a channel or class index, never a digit of the layer's name
+          return /^\d+$/.test(word) ? index === word : haystack.indexOf(word) >= 0;
         });
         cell.hidden = !hit;
         if (hit) { shown += 1; }
@@ -72,7 +72,8 @@
       if (box) { event.preventDefault(); box.focus(); }
       return;
     }
-    if (typing || event.altKey || event.ctrlKey || event.metaKey) { return; }
+    if (typing || document.activeElement.isContentEditable) { return; }
+    if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) { return; }
     var target = event.key === "ArrowLeft" ? document.body.getAttribute("data-previous")
                : event.key === "ArrowRight" ? document.body.getAttribute("data-next") : null;
     if (target) { window.location.href = target; }
