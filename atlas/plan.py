@@ -118,10 +118,11 @@ def make_plan(config: AtlasConfig, model) -> Plan:
 
 
 def default_batch(layer: LayerInfo, device: str) -> int:
-    """Units per task: on a CPU batching gains little past 8; on a GPU, as many as fit a
-    modest activation budget (issue-level tuning lives in bench/)."""
+    """Units per task: on a CPU small batches are fastest (bench/speed.py: batch 1 and 4
+    about 1.25x faster per unit than 8 on Lite0); on a GPU, as many as fit a modest
+    activation budget (a task that runs out of memory splits itself)."""
     if device == "cpu":
-        return 8
+        return 4
     elements = 1
     for size in layer.shape:
         elements *= size

@@ -506,7 +506,7 @@ def test_tasks_batch_per_layer_with_explicit_batch(model):
 
 def test_automatic_batch_on_cpu_and_cuda(model):
     plan = make_plan(plan_config(layers=("conv3",), classes=""), model)
-    assert [len(t.units) for t in make_tasks(plan, list(plan.units), "cpu")] == [8, 8]
+    assert [len(t.units) for t in make_tasks(plan, list(plan.units), "cpu")] == [4, 4, 4, 4]
     assert [len(t.units) for t in make_tasks(plan, list(plan.units), "cuda")] == [16]
 
 
@@ -516,7 +516,7 @@ def test_automatic_batch_on_cpu_and_cuda(model):
         (6, 2, [3, 3, 3, 3]),  # 6 images per task: 3 units of 2 images
         (6, 4, [1] * 12),  # 6 // 4 = 1
         (6, 12, [1] * 12),  # never 0
-        (0, 3, [2] * 6),  # cpu default 8 // 3
+        (0, 3, [1] * 12),  # cpu default 4 // 3
         (5, 1, [5, 5, 2]),
     ],
 )

@@ -2,7 +2,7 @@
 
 Every image has its own random stream, seeded from (seed, its objective, its repeat number), so
 a unit's image does not depend on which other units share its batch: a batch of N targets gives
-what N single runs give. On CUDA the model runs under bf16 autocast in channels_last, and the
+what N single runs give. The model runs in channels_last; on CUDA also under bf16 autocast, and the
 loop never waits for the GPU: objective history and best images stay on the device until the end.
 """
 
@@ -165,10 +165,9 @@ def visualize(
     device = _resolve_device(device)
     seed_everything(seed)
     on_cuda = device.type == "cuda"
-    module = model.module.to(device)
+    # channels_last helps on both: 1.2x per step on a 2-core CPU (bench/speed.py)
+    module = model.module.to(device, memory_format=torch.channels_last)
     normalize = model.normalize.to(device)
-    if on_cuda:
-        module = module.to(memory_format=torch.channels_last)
 
     batch, channels = len(objectives), model.input_channels
     generators = _image_generators(seed, requested)
@@ -217,8 +216,7 @@ def visualize(
                     group["lr"] = _lerp(stage.lr, progress)
                 images = param()
                 view = normalize(transforms.apply(images, draws[step], recipe, model.input_size))
-                if on_cuda:
-                    view = view.contiguous(memory_format=torch.channels_last)
+                view = view.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                     output = run_forward(module, view)
                 if output is not None:
