@@ -3,13 +3,14 @@ folder when there are any, else from a short calibration on this machine."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
 from atlas.optim import visualize
 from atlas.plan import Plan
 
-CALIBRATION_STEPS = 3  # the first is a warm-up and is not timed
+CALIBRATION_STEPS = 6  # the first is a warm-up; the median of the other step times is used
 CALIBRATION_BATCH = 4
 
 
@@ -35,7 +36,8 @@ def _calibrate(model, plan: Plan, layer: str, device: str) -> float:
     visualize(
         model, targets, recipe, device=device, on_step=lambda *_: stamps.append(time.perf_counter())
     )
-    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    intervals = sorted(b - a for a, b in itertools.pairwise(stamps))
+    per_step = intervals[len(intervals) // 2]  # robust to other load on shared machines
     steps = sum(stage.steps for stage in plan.config.recipe.stages())
     return per_step * steps / len(units)
 
