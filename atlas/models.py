@@ -112,21 +112,30 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_weights(module: nn.Module, path: str | Path, spec: str) -> None:
+    """Load a state-dict file into `module`, or say in one sentence why it does not fit.
+    Keys and shapes are compared before loading: torch raises on a shape mismatch even with
+    strict=False."""
     state = load_state_dict_file(path)
-    result = module.load_state_dict(state, strict=False)
-    shape_errors = [
-        k
-        for k, v in state.items()
-        if k in module.state_dict() and module.state_dict()[k].shape != v.shape
+    expected = {name: tensor.shape for name, tensor in module.state_dict().items()}
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    reshaped = [
+        f"{name} {tuple(tensor.shape)} vs {tuple(expected[name])}"
+        for name, tensor in state.items()
+        if name in expected and tensor.shape != expected[name]
     ]
-    if result.missing_keys or result.unexpected_keys or shape_errors:
-        problems = []
-        if result.missing_keys:
-            problems.append(f"{len(result.missing_keys)} missing ({result.missing_keys[0]}, ...)")
-        if result.unexpected_keys:
-            first = result.unexpected_keys[0]
-            problems.append(f"{len(result.unexpected_keys)} unexpected ({first}, ...)")
+    problems = [
+        f"{len(names)} {what} ({names[0]}, ...)"
+        for what, names in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("reshaped", reshaped),
+        )
+        if names
+    ]
+    if problems:
         raise AtlasError(f"weights file {path} does not fit {spec}: {'; '.join(problems)}")
+    module.load_state_dict(state)
 
 
 # --- EfficientNet-Lite: the bundled default -------------------------------------------------

@@ -117,6 +117,15 @@ def test_lite0_rejects_weights_that_do_not_fit(tmp_path):
         models.load("efficientnet_lite0", str(path))
 
 
+def test_weights_with_other_shapes_are_a_clear_error_not_a_traceback(tmp_path):
+    import torchvision
+
+    path = tmp_path / "ten-classes.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    with pytest.raises(AtlasError, match=r"2 reshaped \(fc.weight \(10, 512\) vs \(1000, 512\)"):
+        models.load("resnet18", str(path))
+
+
 # --- torchvision architectures -----------------------------------------------------------------
 
 
