@@ -16,8 +16,8 @@ shown to the model at 224 px):
 - naive: a plain Adam loop on the pixels of one 224 px image per unit, a forward hook on the
   layer, the full forward pass, no transforms, no batching.
 
-Then, as evidence for CPU speed-ups, atlas on two variants of the model that atlas does not make
-yet (weights in channels_last; BatchNorm folded into the convolutions as well).
+Then, as an ablation, atlas at batch 1 and in one batch with its BatchNorm folding switched off
+(atlas.fold; the engine before it).
 
 The methods run in --rounds interleaved rounds, each run warmed up with two steps before it is
 timed; the table gives the fastest round's wall time, the median step time and, per round, the
@@ -34,8 +34,6 @@ channel count.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import datetime
 import os
 import statistics
@@ -47,13 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from atlas import models
 from atlas.config import parse_indices
 from atlas.layers import LOGITS, resolve
-from atlas.optim import channel, get, logit, visualize
+from atlas.optim import channel, get, logit, render, visualize
 
 FULL_STEPS = 512  # the default recipe's steps, for the projection
 PROJECT_BATCH = 8  # units per task on a CPU (atlas.plan.default_batch)
@@ -196,47 +192,21 @@ def run_naive(model, layer, units, steps, clock, lr=0.05):
     return images
 
 
-# --- atlas engine variants, not in atlas yet: evidence for CPU speed-ups --------------------
+# --- ablation: what atlas's BatchNorm folding (atlas.fold) buys ------------------------------
 
 
-def channels_last(model):
-    """The same model with its weights in channels_last: on a CPU, oneDNN then keeps every
-    activation in NHWC (atlas does this on CUDA only)."""
-    module = copy.deepcopy(model.module).to(memory_format=torch.channels_last)
-    return dataclasses.replace(model, module=module)
+def unfolded(run):
+    """`run` with atlas's BatchNorm folding switched off: the engine as it was before it."""
 
+    def without_folding(*args):
+        saved = render.running_module
+        render.running_module = lambda model, hooked: model.module
+        try:
+            return run(*args)
+        finally:
+            render.running_module = saved
 
-def folded(model):
-    """Lite0 with each BatchNorm folded into the convolution before it (the model is frozen, in
-    eval mode) and symmetric TF 'same' padding moved into the convolution: the same function
-    (logits agree to ~1e-5) with fewer, cheaper ops. Layer names stem, blocks.N, head stay."""
-    module = copy.deepcopy(model.module)
-
-    def conv(same, bn):
-        pad = same.static_padding
-        plain = nn.Conv2d(
-            same.in_channels,
-            same.out_channels,
-            same.kernel_size,
-            same.stride,
-            groups=same.groups,
-            bias=same.bias is not None,
-        ).eval()
-        plain.weight, plain.bias = same.weight, same.bias
-        left, right, top, bottom = getattr(pad, "padding", (0, 0, 0, 0))
-        if (left, top) == (right, bottom):
-            plain.padding = (top, left)
-            return fuse_conv_bn_eval(plain, bn)
-        return nn.Sequential(pad, fuse_conv_bn_eval(plain, bn))
-
-    module.stem[0], module.stem[1] = conv(module.stem[0], module.stem[1]), nn.Identity()
-    module.head[0], module.head[1] = conv(module.head[0], module.head[1]), nn.Identity()
-    for block in module.blocks:
-        if hasattr(block, "_expand_conv"):
-            block._expand_conv, block._bn0 = conv(block._expand_conv, block._bn0), nn.Identity()
-        block._depthwise_conv, block._bn1 = conv(block._depthwise_conv, block._bn1), nn.Identity()
-        block._project_conv, block._bn2 = conv(block._project_conv, block._bn2), nn.Identity()
-    return dataclasses.replace(model, module=module)
+    return without_folding
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -362,7 +332,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved repetitions")
     parser.add_argument("--project-steps", type=int, default=8)
     parser.add_argument("--no-projection", action="store_true")
-    parser.add_argument("--no-variants", action="store_true", help="skip the engine variants")
+    parser.add_argument("--no-variants", action="store_true", help="skip the ablation")
     parser.add_argument("--skip", default="", help="baselines to leave out: lucent,naive")
     args = parser.parse_args()
 
@@ -379,9 +349,9 @@ def main() -> None:
         f"{steps} steps  128 px optimized, 224 px shown  best of {args.rounds} rounds"
     )
 
-    def atlas_method(batch, loaded=model, note=""):
+    def atlas_method(batch, note=""):
         label = "all in one batch" if batch == len(units) else f"batch {batch}"
-        run = lambda us, n, clock: run_atlas(loaded, layer.name, us, n, clock, batch)  # noqa: E731
+        run = lambda us, n, clock: run_atlas(model, layer.name, us, n, clock, batch)  # noqa: E731
         return (f"atlas ({label}{note})", run, min(batch, len(units)), min(batch, len(units)))
 
     batches = sorted({int(b) for b in args.batches.split(",") if b} - {len(units)})
@@ -394,12 +364,9 @@ def main() -> None:
         methods.append(("naive Adam, 224 px pixels, one unit", naive, 1, 1))
     variants = []
     if not args.no_variants:
-        fast = channels_last(folded(model))
-        variants = [
-            atlas_method(1, channels_last(model), ", channels_last"),
-            atlas_method(1, fast, ", BN folded, channels_last"),
-            atlas_method(len(units), fast, ", BN folded, channels_last"),
-        ]
+        for batch in (1, len(units)):
+            name, run, warm, per_step = atlas_method(batch, note=", BatchNorm not folded")
+            variants.append((name, unfolded(run), warm, per_step))
     rows = measure(methods + variants, model, layer.name, units, steps, args.rounds)
     print_table(rows, len(units), steps)
 
@@ -423,8 +390,8 @@ def main() -> None:
     for name, *_ in variants:
         variant = by_name[name]
         print(
-            f"{name} vs atlas as it is (best batch): wall {best['best'] / variant['best']:.2f}x, "
-            f"median step {steady['median_step'] / variant['median_step']:.2f}x"
+            f"atlas (best batch) over {name}: wall {variant['best'] / best['best']:.2f}x, "
+            f"median step {variant['median_step'] / steady['median_step']:.2f}x"
         )
     if not args.no_projection:
         projection(model, args.project_steps)

@@ -1,0 +1,113 @@
+"""Folding BatchNorm into convolutions: same function, faster, never where it changes a layer."""
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlas.fold import conv_bn_pairs, running_module
+from atlas.models import InputNormalization, LoadedModel
+from atlas.optim import channel, get, logit, visualize
+
+QUICK = get("fourier", steps=10, size=32)
+
+
+class SamePadConv(nn.Conv2d):
+    """A TF-"same" convolution as efficientnet-lite builds it: a ZeroPad2d child, no padding."""
+
+    def __init__(self, cin: int, cout: int, pad: tuple[int, int, int, int], **kwargs):
+        super().__init__(cin, cout, 3, **kwargs)
+        self.static_padding = nn.ZeroPad2d(pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.static_padding(x))
+
+
+class BatchNormNet(nn.Module):
+    """conv1 -> bn1 -> relu -> conv2 -> bn2 -> relu -> pool -> fc. With `leak`, conv2's output
+    also feeds the classifier directly, so folding bn2 into conv2 would change the logits."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = SamePadConv(3, 8, (1, 1, 1, 1))
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu1 = nn.ReLU()
+        self.conv2 = SamePadConv(8, 12, (0, 1, 0, 1), stride=2)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.relu2 = nn.ReLU()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(12, 5)
+        self.leak = leak
+        for bn in (self.bn1, self.bn2):  # trained-looking statistics, not the identity
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.2, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+        z = self.relu2(self.bn2(y))
+        return self.fc(self.pool(z + y if self.leak else z))
+
+
+def bn_model(leak: bool = False) -> LoadedModel:
+    return LoadedModel(
+        spec="bn-tiny",
+        module=BatchNormNet(leak),
+        normalize=InputNormalization((2.0,) * 3, (-1.0,) * 3),
+        input_size=(32, 32),
+        labels=tuple(f"class{i}" for i in range(5)),
+    )
+
+
+def kinds(module: nn.Module) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in module.named_modules() if name}
+
+
+def test_pairs_are_found_by_following_tensors():
+    model = bn_model()
+    sample = torch.rand(1, 3, 32, 32)
+    assert conv_bn_pairs(model.module, sample) == [("conv1", "bn1"), ("conv2", "bn2")]
+
+
+def test_the_folded_copy_computes_the_same_function_with_fewer_ops():
+    model = bn_model()
+    folded = running_module(model, ["relu2"])
+    assert folded is not model.module
+    names = kinds(folded)
+    assert "BatchNorm2d" not in names.values()
+    assert names["conv1"] == "Conv2d" and names["conv1"] != kinds(model.module)["conv1"]
+    assert names["conv2"] == "SamePadConv"  # asymmetric "same" padding stays a separate op
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model.module(x), rtol=1e-4, atol=1e-5)
+    assert "BatchNorm2d" in kinds(model.module).values()  # the original is untouched
+    assert running_module(model, ["bn1", "logits"]) is folded  # one copy serves every layer
+
+
+def test_a_hooked_convolution_keeps_its_batchnorm():
+    model = bn_model()
+    copy = running_module(model, ["conv2"])
+    names = kinds(copy)
+    assert names["bn2"] == "BatchNorm2d" and names["bn1"] == "Identity"
+    inside = running_module(model, ["conv1.static_padding"])
+    assert kinds(inside)["conv1.static_padding"] == "ZeroPad2d"
+
+
+def test_a_copy_that_changes_the_function_is_not_used(caplog):
+    model = bn_model(leak=True)
+    with caplog.at_level(logging.WARNING):
+        assert running_module(model, ["logits"]) is model.module
+    assert "folding BatchNorm changed its outputs" in caplog.text
+
+
+def test_visualize_gives_what_the_unfolded_model_gives(monkeypatch):
+    model = bn_model()
+    targets = [channel("relu2", 3), logit(1)]
+    folded = visualize(model, targets, QUICK, seed=2)
+    monkeypatch.setattr("atlas.optim.render.running_module", lambda m, hooked: m.module)
+    plain = visualize(model, targets, QUICK, seed=2)
+    for a, b in zip(folded, plain, strict=True):
+        np.testing.assert_allclose(a.history, b.history, rtol=1e-3, atol=1e-3)
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
