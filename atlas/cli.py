@@ -131,6 +131,13 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
     help="Decorrelate colour with the statistics of this folder of images.",
 )
 @click.option("--negative", is_flag=True, help="Minimize instead of maximize.")
+@click.option(
+    "--timelapse",
+    default=0,
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Also save the optimization as an animated WebP, a frame every N steps.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help=DEVICE_HELP)
 @click.option(
@@ -154,6 +161,7 @@ def visualize_command(
     diversity,
     colour_from,
     negative,
+    timelapse,
     seed,
     device,
     formats,
@@ -189,6 +197,7 @@ def visualize_command(
             device=device,
             formats=formats,
             on_step=on_step,
+            timelapse=timelapse,
         )
     for unit in summary["units"]:
         label = f" ({unit['label']})" if unit["label"] else ""
@@ -230,6 +239,23 @@ def run_options(function: Callable) -> Callable:
         click.option("--samples", type=click.IntRange(min=1), help="Diverse images per unit."),
         click.option("--seed", type=click.IntRange(min=0)),
         click.option("--batch", type=click.IntRange(min=0), help="Units per task (0: auto)."),
+        click.option(
+            "--timelapse",
+            type=click.IntRange(min=0),
+            metavar="N",
+            help="Keep a frame every N steps: an animated WebP per unit (0: off).",
+        ),
+        click.option(
+            "--exemplars",
+            metavar="DIR",
+            help="A folder of images: show each unit's most exciting ones next to it.",
+        ),
+        click.option(
+            "--exemplars-top",
+            type=click.IntRange(min=1),
+            metavar="K",
+            help="Exemplars per unit (default 6).",
+        ),
         click.option("--scheduler", help="local (default), inline, or tcp://host:port."),
         click.option(
             "--scheduler-file",
@@ -277,11 +303,32 @@ def run_command(force: bool, prune: bool, **options) -> None:
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
     )
+    if summary.exemplars is not None:
+        found = summary.exemplars
+        click.echo(
+            f"exemplars: {found.images} images ({found.unreadable} unreadable, skipped) "
+            f"for {found.units} units"
+        )
     click.echo(f"atlas: {summary.site}")
     for failure in summary.failures[:10]:
         click.echo(f"failed: {failure}", err=True)
     if summary.failed:
         sys.exit(1)
+
+
+@cli.command("compare")
+@click.argument("out_a", type=click.Path(file_okay=False))
+@click.argument("out_b", type=click.Path(file_okay=False))
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for the pages."
+)
+@click.option("--device", help=DEVICE_HELP)
+def compare_command(out_a: str, out_b: str, out: str, device: str | None) -> None:
+    """Pair the units of two atlases (models, checkpoints or recipes) and rank them by how much
+    they changed: how well each atlas's image drives the other model's unit."""
+    from atlas.compare import compare, describe
+
+    click.echo(describe(compare(out_a, out_b, out, device)))
 
 
 @cli.command("plan")

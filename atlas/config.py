@@ -10,6 +10,9 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     samples = 1
     seed = 0
     batch = 0                             # units per task; 0 = chosen per layer and device
+    timelapse = 0                         # keep a frame every N steps: an animated WebP per unit
+    exemplars = "photos/"                 # a folder of images: each unit's top ones are shown
+    exemplars_top = 6
     out = "atlas-out"
     scheduler = "local"                   # local | inline | tcp://host:port
     scheduler_file = ""
@@ -50,6 +53,9 @@ class AtlasConfig:
     samples: int = 1
     seed: int = 0
     batch: int = 0
+    timelapse: int = 0
+    exemplars: str | None = None
+    exemplars_top: int = 6
     scheduler: str = "local"
     scheduler_file: str | None = None
     force: bool = False
@@ -115,8 +121,8 @@ def _read_toml(path: str | Path) -> dict:
 
 _TYPES = {
     **dict.fromkeys(("model", "out", "weights", "channels", "classes", "scheduler"), str),
-    **dict.fromkeys(("samples", "seed", "batch"), int),
-    "scheduler_file": str,
+    **dict.fromkeys(("samples", "seed", "batch", "timelapse", "exemplars_top"), int),
+    **dict.fromkeys(("scheduler_file", "exemplars"), str),
     "layers": tuple,
 }
 _KEYS = {f.name for f in dataclasses.fields(AtlasConfig)} - {"force", "prune"}
@@ -172,6 +178,8 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         (config.samples >= 1, "samples must be at least 1"),
         (config.batch >= 0, "batch must be 0 (automatic) or more"),
         (config.seed >= 0, "seed must be 0 or more"),
+        (config.timelapse >= 0, "timelapse must be 0 (off) or a number of steps"),
+        (config.exemplars_top >= 1, "exemplars_top must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

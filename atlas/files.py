@@ -52,6 +52,26 @@ def encode_image(pixels: np.ndarray, fmt: str = "webp", quality: int = 90) -> by
     return buffer.getvalue()
 
 
+def encode_animation(
+    frames: list[np.ndarray], frame_ms: int = 80, hold_ms: int = 1500, quality: int = 80
+) -> bytes:
+    """uint8 [H, W, 3] frames -> a looping animated WebP that holds its last frame. Smaller
+    frames (earlier octaves) are scaled up to the last frame's size."""
+    size = frames[-1].shape[1], frames[-1].shape[0]
+    images = [Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="WEBP",
+        save_all=True,
+        append_images=images[1:],
+        duration=[frame_ms] * (len(images) - 1) + [hold_ms],
+        loop=0,
+        quality=quality,
+    )
+    return buffer.getvalue()
+
+
 def writable_folder(path: str | Path) -> Path:
     """Create `path` if needed and prove it is writable, or raise one clear AtlasError."""
     path = Path(path)

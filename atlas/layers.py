@@ -70,6 +70,16 @@ def run_forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def deepest(model, names: Iterable[str]) -> str | None:
+    """The layer of `names` after which a forward pass can stop (None: `logits` is needed,
+    so the whole model runs)."""
+    names = set(names)
+    if LOGITS in names or not names:
+        return None
+    order = [layer.name for layer in model.layers]
+    return max(names, key=order.index)
+
+
 def discover(model) -> list[LayerInfo]:
     """Every visualizable layer of a LoadedModel in execution order, then `logits`. Modules
     called more than once per pass (shared activations) are left out: their output is

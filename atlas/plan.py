@@ -1,9 +1,10 @@
 """config -> units and tasks, each with a content key.
 
-A unit's key is the sha256 of everything that decides its images: the weights digest, the layer,
-the unit index, the recipe hash, K, the seed and the engine version. Because every image has its
-own random stream, a unit's images do not depend on which task it shares, so units (not tasks)
-are what the store caches; a task batches units of one layer that still need work.
+A unit's key is the sha256 of everything that decides its files: the weights digest, the layer,
+the unit index, the recipe hash, K, the seed, the engine version and the timelapse interval.
+Because every image has its own random stream, a unit's images do not depend on which task it
+shares, so units (not tasks) are what the store caches; a task batches units of one layer
+that still need work.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Task:
     recipe: Recipe
     samples: int
     seed: int
+    timelapse: int = 0  # keep a frame every N steps (0: no animation)
 
     @property
     def key(self) -> str:
@@ -70,8 +72,13 @@ class Plan:
         return Counter(unit.layer for unit in self.units)
 
 
-def unit_key(digest: str, layer: str, index: int, recipe: Recipe, samples: int, seed: int) -> str:
+def unit_key(
+    digest: str, layer: str, index: int, recipe: Recipe, samples: int, seed: int, timelapse: int = 0
+) -> str:
+    """The unit's content key. A timelapse only joins the key when one is kept, so the keys of
+    atlases made before timelapses existed stay valid."""
     fields = [digest, layer, index, recipe.hash, samples, seed, ENGINE_VERSION]
+    fields += [timelapse] if timelapse else []
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -99,7 +106,15 @@ def make_plan(config: AtlasConfig, model) -> Plan:
 
     def add(layer: str, indices: list[int], labels=None) -> None:
         for index in indices:
-            key = unit_key(model.digest, layer, index, config.recipe, config.samples, config.seed)
+            key = unit_key(
+                model.digest,
+                layer,
+                index,
+                config.recipe,
+                config.samples,
+                config.seed,
+                config.timelapse,
+            )
             units.append(Unit(layer, index, key, labels[index] if labels else None))
 
     for layer in layers:
@@ -140,5 +155,14 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
         size = max(1, size // config.samples) if config.samples > 1 else size
         for first in range(0, len(todo), size):
             batch = tuple(todo[first : first + size])
-            tasks.append(Task(layer_name, batch, config.recipe, config.samples, config.seed))
+            tasks.append(
+                Task(
+                    layer_name,
+                    batch,
+                    config.recipe,
+                    config.samples,
+                    config.seed,
+                    config.timelapse,
+                )
+            )
     return tasks

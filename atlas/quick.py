@@ -9,7 +9,13 @@ from pathlib import Path
 import torch
 
 import atlas
-from atlas.files import atomic_write_bytes, atomic_write_json, encode_image, safe_name
+from atlas.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    encode_animation,
+    encode_image,
+    safe_name,
+)
 from atlas.optim import Recipe, Target, visualize
 from atlas.optim.render import UnitResult
 
@@ -47,11 +53,15 @@ def run(
     device: str | None = None,
     formats: Sequence[str] = ("webp",),
     on_step: Callable[[int, int], None] | None = None,
+    timelapse: int = 0,
 ) -> dict:
-    """Visualize `targets` (each `samples` times) in one batch; write images and results.json."""
+    """Visualize `targets` (each `samples` times) in one batch; write images and results.json,
+    and with `timelapse` N an animated WebP per image of a frame every N steps."""
     batch = [target for target in targets for _ in range(samples)]
     started = time.time()
-    results = visualize(model, batch, recipe, seed=seed, device=device, on_step=on_step)
+    results = visualize(
+        model, batch, recipe, seed=seed, device=device, on_step=on_step, timelapse=timelapse
+    )
     seconds = time.time() - started
     records = []
     for first in range(0, len(results), samples):
@@ -62,6 +72,10 @@ def run(
             for fmt in formats:
                 atomic_write_bytes(out / f"{stem}.{fmt}", encode_image(result.image, fmt))
             names_per_sample.append([f"{stem}.{fmt}" for fmt in formats])
+            if result.frames:
+                animation = encode_animation(result.frames)
+                atomic_write_bytes(out / f"{stem}.timelapse.webp", animation)
+                names_per_sample[-1].append(f"{stem}.timelapse.webp")
         record = result_record(group[0], sum(names_per_sample, []), model)
         if samples > 1:
             record["samples"] = [

@@ -20,6 +20,7 @@ import atlas
 from atlas import models
 from atlas.config import AtlasConfig
 from atlas.execute import executor
+from atlas.exemplars import ExemplarPass, ExemplarSummary
 from atlas.files import writable_folder
 from atlas.plan import ENGINE_VERSION, Plan, Task, make_plan, make_tasks
 from atlas.site import render
@@ -39,6 +40,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     out: str = ""
     site: str = ""  # the atlas's index.html
+    exemplars: ExemplarSummary | None = None
 
 
 @dataclass
@@ -66,6 +68,7 @@ def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
         "recipe_settings": dataclasses.asdict(config.recipe),
         "samples": config.samples,
         "seed": config.seed,
+        "timelapse": config.timelapse,
         "started": started,
         "finished": finished,
         "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
@@ -108,8 +111,12 @@ def run_atlas(
         store.prune()
     todo = store.pending(plan.units, config.force)
     summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
+    exemplars = None
+    if config.exemplars:
+        top = config.exemplars_top
+        exemplars = ExemplarPass(model, plan.units, config.exemplars, store.out, top)
     clock = time.monotonic()
-    if todo:
+    if todo or (exemplars and exemplars.needed):
         with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
             if on_start:
                 on_start(len(todo), summary.skipped, pool.dashboard_link)
@@ -122,6 +129,8 @@ def run_atlas(
                 if on_progress:
                     elapsed = time.monotonic() - clock
                     on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
+            if exemplars and exemplars.needed:
+                summary.exemplars = exemplars.run(pool)
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
     store.write_plan(plan_record(plan, model, started, now()))
@@ -142,7 +151,7 @@ def _store_outcome(store: Store, outcome, summary: RunSummary) -> None:
         return
     for unit_outcome in outcome.result["units"]:
         record = unit_outcome["record"]
-        store.save_unit(record, unit_outcome.get("images", []))
+        store.save_unit(record, unit_outcome.get("images", []), unit_outcome.get("files"))
         if record["status"] == "done":
             summary.done += 1
         else:

@@ -8,10 +8,11 @@ so the site works from file:// and from any static host. This module never impor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def environment() -> Environment:
     )
     env.filters["number"] = lambda v: "-" if v is None else f"{v:.3f}"
     env.filters["seconds"] = lambda v: "-" if v is None else f"{v:.2f} s"
+    env.filters["change"] = lambda v: "-" if v is None or math.isnan(v) else f"{v:.2f}"
     return env
 
 
@@ -52,6 +54,17 @@ class UnitView:
     thumb: str | None
     size: tuple[int, int] = (0, 0)  # of the images, for width and height attributes
     thumb_size: tuple[int, int] = (0, 0)
+    timelapse: str | None = None  # the animated WebP of the optimization
+    exemplars: list[dict] = field(default_factory=list)  # src, source, score
+
+    @property
+    def activation_ratio(self) -> float | None:
+        """The unit's activation on its visualization over that on its best exemplar."""
+        activation = self.record.get("activation")
+        best = self.exemplars[0]["score"] if self.exemplars else None
+        if activation is None or best is None or best <= 0:
+            return None
+        return activation / best
 
     @property
     def index(self) -> int:
@@ -99,7 +112,7 @@ def _value_range(history: list) -> tuple[float | None, float | None]:
     return (min(values), max(values)) if values else (None, None)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_if_changed(path: Path, text: str) -> None:
     """Write a page only when it changed (a nightly rerender touches few files)."""
     data = text.encode()
     if path.is_file() and path.read_bytes() == data:
@@ -107,7 +120,7 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, data, durable=False)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +138,7 @@ def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
     returns its size. Existing thumbnails newer than their image are kept."""
     with Image.open(source) as image:
         if max(image.size) <= THUMB_SIZE:
-            _link_or_copy(source, target)
+            link_or_copy(source, target)
             return image.size
         if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
             with Image.open(target) as thumb:
@@ -147,8 +160,17 @@ def _unit_view(out: Path, site: Path, record: dict) -> UnitView:
         if not source.is_file():
             continue
         name = Path(image).name
-        _link_or_copy(source, site / layer_dir / "img" / name)
+        link_or_copy(source, site / layer_dir / "img" / name)
         view.images.append(f"img/{name}")
+    for item in record.get("exemplars", []):
+        source = out / item["image"]
+        if source.is_file():
+            link_or_copy(source, site / layer_dir / "ex" / source.name)
+            view.exemplars.append({**item, "src": f"ex/{source.name}"})
+    timelapse = out / record["timelapse"] if record.get("timelapse") else None
+    if timelapse is not None and timelapse.is_file():
+        link_or_copy(timelapse, site / layer_dir / "img" / timelapse.name)
+        view.timelapse = f"img/{timelapse.name}"
     if view.images:
         first = site / layer_dir / view.images[0]
         with Image.open(first) as image:
@@ -213,16 +235,21 @@ def render(out: str | Path) -> Path:
     counts_by_layer = {
         name: Counter(unit.status for unit in units) for name, units in units_by_layer.items()
     }
-    common = {"info": site_info(manifest, records), "counts": manifest.get("counts", {})}
+    exemplars = manifest.get("exemplars") or {}
+    common = {
+        "info": site_info(manifest, records),
+        "counts": manifest.get("counts", {}),
+        "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
+    }
 
-    _copy_static(site)
+    copy_static(site)
     unit_page = env.get_template("unit.html")
     layer_page = env.get_template("layer.html")
     search = []
     for layer in layers:
         units = units_by_layer[layer["name"]]
         folder = site / layer["dir"]
-        _write_text(
+        write_if_changed(
             folder / "index.html",
             layer_page.render(
                 **common,
@@ -245,7 +272,7 @@ def render(out: str | Path) -> Path:
                 previous=units[position - 1] if position > 0 else None,
                 next=units[position + 1] if position + 1 < len(units) else None,
             )
-            _write_text(folder / unit.page, page)
+            write_if_changed(folder / unit.page, page)
             label = unit.record.get("label") or ""
             search.append([unit.record["id"], label, f"{layer['dir']}/{unit.page}"])
     previews = {
@@ -253,18 +280,18 @@ def render(out: str | Path) -> Path:
         for name, units in units_by_layer.items()
     }
     index = site / "index.html"
-    _write_text(
+    write_if_changed(
         index,
         env.get_template("index.html").render(
             **common, root="", layers=layers, previews=previews, status_by_layer=counts_by_layer
         ),
     )
     # The search index as a classic script: pages opened from file:// cannot fetch() JSON.
-    _write_text(site / "search-index.js", f"window.ATLAS_SEARCH = {json.dumps(search)};\n")
+    write_if_changed(site / "search-index.js", f"window.ATLAS_SEARCH = {json.dumps(search)};\n")
     return index
 
 
-def _copy_static(site: Path) -> None:
+def copy_static(site: Path) -> None:
     for asset in resources.files("atlas").joinpath("static").iterdir():
         if asset.is_file():
-            _write_text(site / "static" / asset.name, asset.read_text())
+            write_if_changed(site / "static" / asset.name, asset.read_text())

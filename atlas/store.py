@@ -2,8 +2,11 @@
 manifest.json is rebuilt from both, so it can never disagree with them.
 
     OUT/units/<layer>/<index>.webp        (K > 1: <index>.0.webp ... <index>.<K-1>.webp)
+    OUT/units/<layer>/<index>.timelapse.webp   the optimization as an animation (--timelapse)
     OUT/units/<layer>/<index>.json        written last: a unit with a JSON is complete
     OUT/plan.json                         the last run's model, recipe, layers, unit keys, times
+    OUT/exemplars/<layer>/<index>.json    a unit's dataset exemplars (--exemplars DIR), written
+    OUT/exemplars/<layer>/<index>.<j>.webp  after its patches; summary.json for the folder
     OUT/manifest.json                     everything the site needs
 
 Statuses, one per unit: done (stored with the planned key), failed (stored as failed with the
@@ -87,17 +90,28 @@ class Store:
             or record.get("status") != "done"
         ]
 
-    def save_unit(self, record: dict, images: list[bytes]) -> None:
-        """Images first, the JSON last (atomic each), then images of older runs are removed."""
+    def save_unit(
+        self, record: dict, images: list[bytes], files: dict[str, bytes] | None = None
+    ) -> None:
+        """Images and named WebP files (`{"timelapse": ...}` -> <index>.timelapse.webp, its
+        path under the record's key of that name) first, the JSON last (atomic each), then
+        files of older runs are removed."""
         layer, index = record["layer"], record["index"]
         suffixes = [".webp"] if len(images) == 1 else [f".{k}.webp" for k in range(len(images))]
-        names = []
-        for suffix, data in zip(suffixes, images, strict=True):
+        record = dict(record)
+
+        def write(suffix: str, data: bytes) -> str:
             path = self.unit_path(layer, index, suffix)
             atomic_write_bytes(path, data)
-            names.append(path.relative_to(self.out).as_posix())
+            return path.relative_to(self.out).as_posix()
+
+        names = [write(suffix, data) for suffix, data in zip(suffixes, images, strict=True)]
+        for name, data in (files or {}).items():
+            record[name] = write(f".{name}.webp", data)
         atomic_write_json(self.unit_path(layer, index, ".json"), {**record, "images": names})
-        keep = {Path(name).name for name in names}
+        keep = {Path(name).name for name in names} | {
+            Path(record[name]).name for name in files or {}
+        }
         for old in self._images_of(layer, index):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -110,6 +124,56 @@ class Store:
         self.unit_path(layer, index, ".json").unlink(missing_ok=True)
         for image in self._images_of(layer, index):
             image.unlink(missing_ok=True)
+
+    # --- dataset exemplars (written by atlas.exemplars, shown by the site) ---
+
+    def exemplar_path(self, layer: str, index: int, suffix: str) -> Path:
+        return self.out / "exemplars" / layer_dirname(layer) / f"{index}{suffix}"
+
+    def exemplars(self) -> dict[tuple[str, int], dict]:
+        """Every stored exemplar record by (layer, index); unreadable ones are skipped."""
+        found = {}
+        for path in sorted((self.out / "exemplars").glob("*/*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if _is_unit_record(record) and isinstance(record.get("items"), list):
+                found[(record["layer"], record["index"])] = record
+        return found
+
+    def save_exemplars(self, record: dict) -> None:
+        """The record (its patches are written already), then patches of older passes that
+        this one no longer lists are removed."""
+        layer, index = record["layer"], record["index"]
+        atomic_write_json(self.exemplar_path(layer, index, ".json"), record)
+        keep = {Path(item["image"]).name for item in record["items"]}
+        for old in self.exemplar_path(layer, index, "").parent.glob(f"{index}.*.webp"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+
+    def exemplar_summary(self) -> dict | None:
+        try:
+            return json.loads((self.out / "exemplars" / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_exemplar_summary(self, summary: dict) -> None:
+        atomic_write_json(self.out / "exemplars" / "summary.json", summary)
+
+    def read_exemplar_progress(self, pass_key: str) -> dict | None:
+        """What an interrupted exemplar pass with this key had merged, if any."""
+        try:
+            saved = json.loads((self.out / "exemplars" / "progress.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return saved if isinstance(saved, dict) and saved.get("pass") == pass_key else None
+
+    def write_exemplar_progress(self, progress: dict) -> None:
+        atomic_write_json(self.out / "exemplars" / "progress.json", progress)
+
+    def clear_exemplar_progress(self) -> None:
+        (self.out / "exemplars" / "progress.json").unlink(missing_ok=True)
 
     def read_plan(self) -> dict | None:
         path = self.out / "plan.json"
@@ -124,6 +188,8 @@ class Store:
         plan = self.read_plan()
         planned = {(u["layer"], u["index"]): u for u in (plan or {}).get("units", [])}
         stored = self.index()
+        digest = ((plan or {}).get("model") or {}).get("digest")
+        exemplars = {k: e for k, e in self.exemplars().items() if e.get("digest") == digest}
         units = []
         for key, record in stored.items():
             wanted = planned.get(key)
@@ -133,6 +199,9 @@ class Store:
         for key, unit in planned.items():
             if key not in stored:  # a planned unit with an outdated result shows as stale
                 units.append({**unit, "status": "missing", "images": []})
+        for unit in units:  # exemplars of the current weights, whatever the unit's status
+            if (found := exemplars.get((unit["layer"], unit["index"]))) is not None:
+                unit["exemplars"] = found["items"]
         order = {layer["name"]: i for i, layer in enumerate((plan or {}).get("layers", []))}
         units.sort(key=lambda u: (order.get(u["layer"], len(order)), u["layer"], u["index"]))
         return units, plan
@@ -164,6 +233,7 @@ class Store:
         manifest = {
             **{k: v for k, v in plan.items() if k != "units"},
             "counts": {status: counts.get(status, 0) for status in STATUSES},
+            "exemplars": self.exemplar_summary(),
             "units": units,
         }
         atomic_write_json(self.out / "manifest.json", manifest)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from atlas.files import encode_image
+from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
 from atlas.plan import Task
 from atlas.store import downsample
@@ -45,7 +45,9 @@ def visualize_splitting(model, targets: list, task: Task, device: torch.device) 
     separately (K images of one unit stay together). Results are the same either way, because
     every image has its own random stream."""
     try:
-        return visualize(model, targets, task.recipe, seed=task.seed, device=device)
+        return visualize(
+            model, targets, task.recipe, seed=task.seed, device=device, timelapse=task.timelapse
+        )
     except torch.OutOfMemoryError:
         units = len(targets) // task.samples
         if units <= 1:
@@ -92,7 +94,12 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
             objective_final=values[1],
             objective_best=values[2],
             best_step=main.best_step,
+            activation=main.activation,
             history=downsample(main.history),
         )
-        outcomes.append({"record": record, "images": [encode_image(r.image) for r in samples]})
+        outcome = {"record": record, "images": [encode_image(r.image) for r in samples]}
+        if main.frames:
+            outcome["files"] = {"timelapse": encode_animation(main.frames)}
+            record["frames_every"] = task.timelapse
+        outcomes.append(outcome)
     return {"units": outcomes, "seconds": seconds}

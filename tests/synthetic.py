@@ -113,3 +113,31 @@ def make_atlas(
     )
     store.write_manifest()
     return store
+
+
+def make_image_folder(folder: Path, count: int = 40) -> list[str]:
+    """`count` varied photos-to-be (noise, stripes, blobs; PNG and JPEG, several sizes, one in
+    a subfolder), a corrupt JPEG and a text file; returns the readable images' names."""
+    rng = np.random.default_rng(0)
+    names = []
+    for number in range(count):
+        height, width = int(rng.integers(24, 80)), int(rng.integers(24, 80))
+        y, x = np.mgrid[0:height, 0:width]
+        kind = number % 3
+        if kind == 0:
+            pixels = rng.random((height, width, 3)) * 255
+        elif kind == 1:
+            period = rng.uniform(3, 20)
+            stripes = 127.5 + 127.5 * np.sin(2 * np.pi * (x + y * rng.uniform(-1, 1)) / period)
+            pixels = stripes[..., None] * rng.random(3)
+        else:
+            blob = np.exp(-((y - height / 2) ** 2 + (x - width / 2) ** 2) / (width * 2.0))
+            pixels = 255 * blob[..., None] * rng.random(3)
+        suffix = ".png" if number % 2 else ".jpg"
+        name = f"{'sub/' if number == 7 else ''}img{number:03d}{suffix}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / name)
+        names.append(name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
+    (folder / "notes.txt").write_text("not an image")
+    return sorted(names)

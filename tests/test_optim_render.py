@@ -63,10 +63,11 @@ def test_the_forward_pass_stops_after_the_deepest_needed_layer(tiny):
         getattr(tiny.module, name).register_forward_pre_hook(count)
     visualize(tiny, [channel("conv2", 1), channel("conv1", 0)], QUICK)
     assert calls == {"conv3": 0, "fc": 0}
+    passes = QUICK.steps + 1  # every step, then the best images once without transforms
     visualize(tiny, [channel("conv3", 1)], QUICK)
-    assert calls == {"conv3": QUICK.steps, "fc": 0}
+    assert calls == {"conv3": passes, "fc": 0}
     visualize(tiny, [logit(0)], QUICK)
-    assert calls["fc"] == QUICK.steps
+    assert calls["fc"] == passes
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -141,3 +142,13 @@ def test_cuda_path_with_bf16_autocast_matches_the_cpu_result_closely(tiny):
     for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
         assert gpu.objective_best > gpu.objective_start
         assert abs(gpu.objective_best - cpu.objective_best) < 0.2 * abs(cpu.objective_best) + 0.1
+
+
+def test_the_activation_is_measured_on_the_image_as_stored(tiny):
+    from atlas.quality import clean_activations
+
+    results = visualize(tiny, [channel("conv2", 1), logit(3)], QUICK, seed=5)
+    images = [result.image for result in results]
+    expected = clean_activations(tiny, [result.objective for result in results], images)
+    assert [r.activation for r in results] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert results[0].activation != pytest.approx(results[0].objective_best, rel=1e-3)

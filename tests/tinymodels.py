@@ -1,6 +1,8 @@
 """Tiny models for fast tests. Importable as the model spec `tinymodels:tiny` by Dask worker
 processes started with tests/ on their PYTHONPATH."""
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -58,3 +60,13 @@ def flaky() -> LoadedModel:
     model.module.conv2 = nn.Sequential(model.module.conv2, _FailWhenOptimized())
     model.spec = "tinymodels:flaky"
     return model
+
+
+def tiny_retrained() -> LoadedModel:
+    """The tiny model as a later checkpoint in which only conv2's channel 3 changed (its
+    filter negated): the one unit of conv2 whose visualization should change."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.module.conv2.weight[3].neg_()
+        model.module.conv2.bias[3].neg_()
+    return dataclasses.replace(model, spec="tinymodels:tiny_retrained", digest="")

@@ -12,14 +12,14 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from atlas.errors import AtlasError
 from atlas.fold import running_module
-from atlas.layers import capture, resolve, run_forward
+from atlas.layers import capture, deepest, resolve, run_forward
 from atlas.optim import transforms
 from atlas.optim.objectives import LOGITS, BatchObjective, Objective, Target, as_objective
 from atlas.optim.objectives import diversity as diversity_term
@@ -40,6 +40,8 @@ class UnitResult:
     best_step: int
     history: list[float]
     seed: int
+    activation: float = float("nan")  # the objective on `image` as stored, without transforms
+    frames: list[np.ndarray] = field(default_factory=list)  # uint8, when a timelapse was kept
 
     @property
     def target(self) -> Target | None:
@@ -92,10 +94,7 @@ def _needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], s
     names = set().union(*(o.layers for o in objectives))
     for name in names:
         resolve(model, name)
-    if LOGITS in names:
-        return sorted(names - {LOGITS}), None
-    order = [layer.name for layer in model.layers]
-    return sorted(names), max(names, key=order.index)
+    return sorted(names - {LOGITS}), deepest(model, names)
 
 
 def _check_indices(model, objectives: Sequence[Objective]) -> None:
@@ -137,11 +136,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+def _as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in [0, 1] -> uint8 [B, H, W, 3] on the same device."""
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return list(pixels.cpu().numpy())
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    return list(_as_uint8(images).cpu().numpy())
 
 
 def visualize(
@@ -152,11 +155,14 @@ def visualize(
     seed: int = 0,
     device: str | torch.device | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    timelapse: int = 0,
 ) -> list[UnitResult]:
     """Optimize one image per target in one batch; return the results in the same order.
 
     `model` is a LoadedModel. Repeating a target K times with `recipe.diversity > 0` gives K
-    diverse images of it. `on_step(done, total)` is called after every step."""
+    diverse images of it. `on_step(done, total)` is called after every step. With `timelapse`
+    N > 0, the image is also kept as uint8 (on the device) at step 0, every N steps and the
+    last step, in each result's `frames`."""
     if not targets:
         return []
     requested = [as_objective(t) for t in targets]
@@ -197,6 +203,7 @@ def visualize(
 
     batch_objective = BatchObjective(objectives)
     history = torch.zeros(total, batch, device=device)
+    frames: list[torch.Tensor] = []
     step = 0
     with capture(module, hooked, stop_after) as acts:
         for stage_number, stage in enumerate(stages):
@@ -216,6 +223,8 @@ def visualize(
                 for group in optimizer.param_groups:
                     group["lr"] = _lerp(stage.lr, progress)
                 images = param()
+                if timelapse and (step % timelapse == 0 or step == total - 1):
+                    frames.append(_as_uint8(images.detach()))
                 view = normalize(transforms.apply(images, draws[step], recipe, model.input_size))
                 view = view.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
@@ -240,9 +249,31 @@ def visualize(
                 step += 1
                 if on_step is not None:
                     on_step(step, total)
+        with torch.no_grad():  # the requested objectives on the images as stored and shown
+            shown = normalize(_shown(best_image, model.input_size))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
+                output = run_forward(module, shown.contiguous(memory_format=torch.channels_last))
+            if output is not None:
+                acts[LOGITS] = output
+            clean = BatchObjective(requested)(acts).float()
 
     final_start = total - stages[-1].steps
-    return _results(requested, history, best_image, final_start, generators)
+    results = _results(requested, history, best_image, final_start, generators)
+    for result, value in zip(results, clean.tolist(), strict=True):
+        result.activation = value
+    for frame in frames:  # copied to the host at the end, not inside the loop
+        for result, image in zip(results, frame.cpu().numpy(), strict=True):
+            result.frames.append(image)
+    return results
+
+
+def _shown(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The images as stored (8 bits per channel) and as a reader's model would see them:
+    resized to its input with antialiasing, no random transforms."""
+    stored = (images.clamp(0, 1) * 255).round() / 255
+    return torch.nn.functional.interpolate(
+        stored, size=size, mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def _image_generators(seed: int, objectives: Sequence[Objective]) -> list[torch.Generator]:

@@ -1,0 +1,265 @@
+"""`atlas compare OUT_A OUT_B --out DIR`: two atlases side by side, the most changed units first.
+
+Two models, two checkpoints of one model, or two recipes: units are matched by layer and index.
+A unit's change score asks how well each atlas's picture drives the other side's unit, against
+that side's own picture, both measured from the unit's response to a plain grey image (so that
+units whose activations are negative, before a ReLU, score too):
+
+    cross A = (A's unit on B's image - on grey) / (A's unit on A's image - on grey)
+    cross B = (B's unit on A's image - on grey) / (B's unit on B's image - on grey)
+    change  = 1 - mean(clip(cross A, 0, 1), clip(cross B, 0, 1))
+
+0 means each picture excites the other side's unit as much as its own (nothing changed for
+this unit); 1 means no more than grey does. A side whose own picture does not beat grey has no
+cross ratio. Activations are measured cleanly (quality.clean_activations:
+the stored image, resized, no transforms). The pages are a small static site in DIR.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from atlas import models
+from atlas.errors import AtlasError
+from atlas.files import atomic_write_json, writable_folder
+from atlas.layers import LOGITS, resolve
+from atlas.optim.objectives import channel, logit
+from atlas.quality import clean_activations
+from atlas.site import copy_static, environment, link_or_copy, site_info, write_if_changed
+from atlas.store import Store, layer_dirname
+
+GRID_PREVIEW = 12  # most changed pairs on the index page
+
+
+@dataclass
+class Side:
+    """One atlas: its folder, manifest facts, done units by (layer, index), and its model."""
+
+    name: str  # "A" or "B"
+    out: Path
+    info: dict
+    units: dict[tuple[str, int], dict]
+    model: object = None
+
+    def image(self, key: tuple[str, int]) -> np.ndarray:
+        with Image.open(self.out / self.units[key]["images"][0]) as image:
+            return np.array(image.convert("RGB"))
+
+
+def read_side(name: str, out: str | Path) -> Side:
+    out = Path(out)
+    store = Store(out)
+    plan = store.read_plan()
+    if plan is None:
+        raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
+    units, _ = store.classify()
+    done = {
+        (u["layer"], u["index"]): u
+        for u in units
+        if u["status"] == "done" and u.get("images") and (out / u["images"][0]).is_file()
+    }
+    return Side(name, out, {**site_info(plan, units), "out": str(out)}, done)
+
+
+def load_model(side: Side, plan: dict, loaded: dict):
+    """The model that made the atlas, loaded once per weights digest; its weights must still
+    be the ones the atlas was made with."""
+    model_facts = plan.get("model") or {}
+    digest = model_facts.get("digest")
+    if digest in loaded:
+        return loaded[digest]
+    model = models.load(model_facts.get("spec", "?"), model_facts.get("weights"))
+    if model.digest != digest:
+        raise AtlasError(
+            f"atlas {side.name} ({side.out}) was made with weights {digest}, but "
+            f"{model.spec} now loads weights {model.digest}: the weights file changed"
+        )
+    loaded[digest] = model
+    return model
+
+
+def fits(model, layer: str, index: int) -> bool:
+    try:
+        return index < resolve(model, layer).channels
+    except AtlasError:
+        return False
+
+
+def target_of(layer: str, index: int):
+    return logit(index) if layer == LOGITS else channel(layer, index)
+
+
+def _cross(value: float, own: float, grey: float) -> float:
+    gain = own - grey
+    if not gain > 0 or not math.isfinite(value):
+        return math.nan
+    return min(max((value - grey) / gain, 0.0), 1.0)
+
+
+def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.device) -> list:
+    """Per matched unit: the four clean activations, both cross ratios and the change."""
+    for side in (a, b):
+        side.model.module.to(device)
+    targets = [target_of(*key) for key in keys]
+    images_a = [a.image(key) for key in keys]
+    images_b = [b.image(key) for key in keys]
+    greys = [np.full_like(image, 128) for image in images_a]
+    a_on_a = clean_activations(a.model, targets, images_a)
+    a_on_b = clean_activations(a.model, targets, images_b)
+    a_on_grey = clean_activations(a.model, targets, greys)
+    b_on_b = clean_activations(b.model, targets, images_b)
+    b_on_a = clean_activations(b.model, targets, images_a)
+    b_on_grey = clean_activations(b.model, targets, greys)
+    rows = []
+    for i, (layer, index) in enumerate(keys):
+        crosses = [
+            _cross(a_on_b[i], a_on_a[i], a_on_grey[i]),
+            _cross(b_on_a[i], b_on_b[i], b_on_grey[i]),
+        ]
+        known = [c for c in crosses if not math.isnan(c)]
+        rows.append(
+            {
+                "layer": layer,
+                "index": index,
+                "id": f"{layer}:{index}",
+                "label": a.units[(layer, index)].get("label"),
+                "a_on_a": a_on_a[i],
+                "a_on_b": a_on_b[i],
+                "a_on_grey": a_on_grey[i],
+                "b_on_b": b_on_b[i],
+                "b_on_a": b_on_a[i],
+                "b_on_grey": b_on_grey[i],
+                "cross_a": crosses[0],
+                "cross_b": crosses[1],
+                "change": 1 - sum(known) / len(known) if known else math.nan,
+            }
+        )
+    return rows
+
+
+def _by_change(row: dict) -> tuple:
+    change = row["change"]
+    return (math.isnan(change), -change if not math.isnan(change) else 0, row["index"])
+
+
+@dataclass
+class CompareSummary:
+    matched: int
+    only_a: int
+    only_b: int
+    layers: list[dict]
+    most_changed: list[dict]
+    index: Path
+
+
+def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str | None = None):
+    """Score every unit both atlases have done, write DIR/compare.json and the pages."""
+    a, b = read_side("A", out_a), read_side("B", out_b)
+    if Path(out_a).resolve() == Path(out_b).resolve():
+        raise AtlasError("compare needs two different atlas folders")
+    dest = writable_folder(dest)
+    loaded: dict = {}
+    for side in (a, b):
+        side.model = load_model(side, Store(side.out).read_plan(), loaded)
+    shared = sorted(set(a.units) & set(b.units), key=lambda k: (k[0] == LOGITS, k))
+    keys = [k for k in shared if fits(a.model, *k) and fits(b.model, *k)]
+    if not keys:
+        raise AtlasError(f"{a.out} and {b.out} have no finished unit in common to compare")
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = score_pairs(a, b, keys, torch_device)
+    layer_order = list(dict.fromkeys(row["layer"] for row in rows))
+    layers = []
+    for layer in layer_order:
+        ranked = sorted((r for r in rows if r["layer"] == layer), key=_by_change)
+        changes = [r["change"] for r in ranked if not math.isnan(r["change"])]
+        layers.append(
+            {
+                "name": layer,
+                "dir": layer_dirname(layer),
+                "units": ranked,
+                "mean_change": sum(changes) / len(changes) if changes else math.nan,
+                "max_change": max(changes, default=math.nan),
+            }
+        )
+    summary = CompareSummary(
+        matched=len(rows),
+        only_a=len(set(a.units) - set(keys)),
+        only_b=len(set(b.units) - set(keys)),
+        layers=layers,
+        most_changed=sorted(rows, key=_by_change)[:GRID_PREVIEW],
+        index=dest / "index.html",
+    )
+    atomic_write_json(
+        dest / "compare.json",
+        {
+            "a": a.info,
+            "b": b.info,
+            "matched": summary.matched,
+            "only_a": summary.only_a,
+            "only_b": summary.only_b,
+            "layers": layers,
+        },
+    )
+    _render(a, b, summary, dest)
+    return summary
+
+
+def _render(a: Side, b: Side, summary: CompareSummary, dest: Path) -> None:
+    env = environment()
+    for layer in summary.layers:
+        for row in layer["units"]:
+            key = (row["layer"], row["index"])
+            for side in (a, b):
+                source = side.out / side.units[key]["images"][0]
+                name = f"{row['index']}.{side.name.lower()}{source.suffix}"
+                link_or_copy(source, dest / layer["dir"] / "img" / name)
+                row[f"image_{side.name.lower()}"] = f"img/{name}"
+    common = {
+        "a": a.info,
+        "b": b.info,
+        "info": {**a.info, "spec": f"{a.info['spec']} vs {b.info['spec']}"},
+        "summary": summary,
+    }
+    copy_static(dest)
+    page = env.get_template("compare_unit.html")
+    for layer in summary.layers:
+        units = layer["units"]
+        write_if_changed(
+            dest / layer["dir"] / "index.html",
+            env.get_template("compare_layer.html").render(**common, root="../", layer=layer),
+        )
+        for rank, row in enumerate(units):
+            html = page.render(
+                **common,
+                root="../",
+                layer=layer,
+                row=row,
+                rank=rank + 1,
+                previous=units[rank - 1] if rank > 0 else None,
+                next=units[rank + 1] if rank + 1 < len(units) else None,
+            )
+            write_if_changed(dest / layer["dir"] / f"{row['index']}.html", html)
+    write_if_changed(
+        dest / "index.html", env.get_template("compare_index.html").render(**common, root="")
+    )
+
+
+def describe(summary: CompareSummary) -> str:
+    """The lines `atlas compare` prints."""
+    top = ", ".join(
+        f"{row['id']} ({row['change']:.2f})"
+        for row in summary.most_changed[:5]
+        if not math.isnan(row["change"])
+    )
+    return (
+        f"compared {summary.matched} units in {len(summary.layers)} layers "
+        f"({summary.only_a} only in A, {summary.only_b} only in B)\n"
+        f"most changed: {top or '-'}\n"
+        f"compare: {summary.index}"
+    )

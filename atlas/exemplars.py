@@ -1,0 +1,375 @@
+"""Dataset exemplars: for every planned unit, the images of a folder that excite it most.
+
+One pass over the images collects every unit's top k at once. The client reads files in
+chunks (the executor keeps only a few chunks in flight, so memory stays bounded however large
+the folder) and sends their bytes, so remote workers need no access to the folder; a worker
+decodes them, runs the model once per chunk with every needed layer hooked, and returns each
+unit's best images of the chunk. A channel's score is its mean over the map (the objective its
+visualization maximizes, so the two compare); the patch shown is centred on its strongest
+position and as large as the layer's effective receptive field. Files that do not decode are
+skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from atlas.errors import AtlasError
+from atlas.files import atomic_write_bytes, encode_image
+from atlas.fold import running_module
+from atlas.layers import LOGITS, capture, deepest, resolve, run_forward
+from atlas.store import Store
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CHUNK_IMAGES = 32  # images per task on a CPU worker; four times as many on a GPU
+PATCH_PX = 112  # stored exemplar size
+EXEMPLAR_VERSION = "1"
+SAVE_EVERY_SECONDS = 60.0  # how often an unfinished pass saves what it has merged
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursively), sorted, so that ids are stable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AtlasError(f"exemplar folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise AtlasError(f"exemplar folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def fingerprint(folder: Path, files: list[Path]) -> str:
+    """Changes when a file is added, removed, resized or touched."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def exemplar_key(digest: str, layer: str, index: int, folder_print: str, top: int) -> str:
+    fields = [digest, layer, index, folder_print, top, EXEMPLAR_VERSION]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
+
+
+def square_crop(image: Image.Image) -> tuple[int, int, int]:
+    """(left, top, side) of the centred square an image is cropped to before resizing."""
+    side = min(image.size)
+    return (image.width - side) // 2, (image.height - side) // 2, side
+
+
+def fit(image: Image.Image, size: int, channels: int) -> Image.Image:
+    """The centred square of `image`, resized to size x size, in the model's colour mode."""
+    image = image.convert("L" if channels == 1 else "RGB")
+    left, top, side = square_crop(image)
+    return image.resize(
+        (size, size), Image.Resampling.BILINEAR, (left, top, left + side, top + side)
+    )
+
+
+# --- the worker's side -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExemplarTask:
+    """A chunk of images (their bytes; ids are positions in the sorted folder listing) and,
+    per layer, the unit indices whose best images are wanted."""
+
+    first: int
+    blobs: tuple[bytes, ...]
+    units: tuple[tuple[str, tuple[int, ...]], ...]
+    top: int
+    layer: str = "exemplars"  # what the executor names the task by
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(f"{self.first}|{len(self.blobs)}|{self.units}".encode()).hexdigest()
+
+
+def decode(blobs: Iterable[bytes], size: int, channels: int) -> tuple[torch.Tensor, list[int]]:
+    """The decodable images as [N, C, size, size] in [0, 1], and their positions in `blobs`."""
+    pixels, kept = [], []
+    for position, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as image:
+                image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a reduced scale
+                array = np.asarray(fit(image, size, channels), dtype=np.uint8)
+        except DECODE_ERRORS:
+            continue
+        pixels.append(array.reshape(size, size, channels))
+        kept.append(position)
+    if not pixels:
+        return torch.zeros(0, channels, size, size), kept
+    stacked = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
+    return stacked.float() / 255, kept
+
+
+def exemplar_task(model, task: ExemplarTask, device: str | None = None) -> dict:
+    """One chunk: per layer, the best `top` images of the chunk for each unit, as arrays
+    [k, units] of scores, image ids and the strongest position (row, column) in the map."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = model.input_size[0]
+    images, kept = decode(task.blobs, size, model.input_channels)
+    unreadable = sorted(set(range(len(task.blobs))) - set(kept))
+    result = {"first": task.first, "unreadable": unreadable, "layers": {}}
+    if not kept:
+        return result
+    names = [layer for layer, _ in task.units]
+    hooked = [name for name in names if name != LOGITS]
+    module = running_module(model, hooked).to(device)
+    ids = torch.tensor(kept, device=device) + task.first
+    with torch.no_grad(), capture(module, hooked, deepest(model, names)) as acts:
+        output = run_forward(module, model.normalize.to(device)(images.to(device)))
+        if output is not None:
+            acts[LOGITS] = output
+        for layer, indices in task.units:
+            result["layers"][layer] = _best_of_chunk(acts[layer], list(indices), ids, task.top)
+    return result
+
+
+def _best_of_chunk(act: torch.Tensor, indices: list[int], ids: torch.Tensor, top: int) -> dict:
+    act = act.float()[:, indices]
+    if act.dim() == 4:
+        flat = act.flatten(2)
+        scores, peak = flat.mean(2), flat.argmax(2)
+        rows, cols = peak // act.shape[3], peak % act.shape[3]
+    else:
+        scores = act
+        rows = cols = torch.zeros_like(act, dtype=torch.long)
+    values, order = scores.topk(min(top, scores.shape[0]), dim=0)
+    return {
+        "scores": values.cpu().numpy(),
+        "ids": ids[order].cpu().numpy(),
+        "rows": rows.gather(0, order).cpu().numpy(),
+        "cols": cols.gather(0, order).cpu().numpy(),
+    }
+
+
+# --- the client's side -----------------------------------------------------------------------
+
+
+class TopK:
+    """Each unit's best `top` (score, image id, row, column) so far, merged chunk by chunk;
+    ties go to the lower image id, so the result does not depend on the order chunks finish."""
+
+    FIELDS = ("scores", "ids", "rows", "cols")
+
+    def __init__(self, top: int):
+        self.top = top
+        self.best: dict[str, dict[str, np.ndarray]] = {}
+
+    def merge(self, layers: dict[str, dict]) -> None:
+        for layer, found in layers.items():
+            old = self.best.get(layer)
+            both = {f: np.concatenate([old[f], found[f]]) for f in self.FIELDS} if old else found
+            order = np.lexsort((both["ids"], -both["scores"]), axis=0)[: self.top]
+            self.best[layer] = {f: np.take_along_axis(both[f], order, 0) for f in self.FIELDS}
+
+    def as_json(self) -> dict:
+        return {
+            layer: {f: v.tolist() for f, v in best.items()} for layer, best in self.best.items()
+        }
+
+    @classmethod
+    def from_json(cls, top: int, saved: dict) -> TopK:
+        merged = cls(top)
+        merged.best = {
+            layer: {f: np.asarray(v) for f, v in best.items()} for layer, best in saved.items()
+        }
+        return merged
+
+
+def receptive_halfwidth(model, layer: str) -> float:
+    """Half the width, in input pixels, of the region that moves a unit in the middle of the
+    layer's map (where the input gradient exceeds 2% of its peak): the effective receptive
+    field, measured once per layer on a grey image."""
+    info = resolve(model, layer)
+    size = model.input_size[0]
+    if len(info.shape) != 3:
+        return size / 2
+    module = model.module
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    image = torch.full((1, model.input_channels, *model.input_size), 0.5, device=device)
+    image.requires_grad_(True)
+    with capture(module, [layer], layer) as acts:
+        run_forward(module, model.normalize.to(device)(image))
+    height, width = info.shape[1:]
+    acts[layer][0, :, height // 2, width // 2].sum().backward()
+    strength = image.grad[0].abs().sum(0)
+    rows, cols = torch.nonzero(strength > 0.02 * strength.max(), as_tuple=True)
+    if rows.numel() == 0:
+        return size / 2
+    centre_y, centre_x = (height // 2 + 0.5) * size / height, (width // 2 + 0.5) * size / width
+    reach = max(
+        (rows.float() + 0.5 - centre_y).abs().max().item(),
+        (cols.float() + 0.5 - centre_x).abs().max().item(),
+    )
+    return float(min(max(reach, size / 16), size / 2))
+
+
+def patch_box(
+    row: int, col: int, map_size: tuple[int, int], halfwidth: float, size: int
+) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in model-input pixels of the square patch around a map
+    position, shifted to stay inside the image."""
+    height, width = map_size
+    side = min(2 * halfwidth, size)
+    centre_y, centre_x = (row + 0.5) * size / height, (col + 0.5) * size / width
+    left = min(max(centre_x - side / 2, 0), size - side)
+    top = min(max(centre_y - side / 2, 0), size - side)
+    return left, top, left + side, top + side
+
+
+def cut_patch(path: Path, box: tuple[float, ...], size: int, channels: int) -> np.ndarray:
+    """The patch `box` (model-input pixels) of the image at `path`, cut from the original at
+    its full resolution and resized to PATCH_PX."""
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        left, top, side = square_crop(image)
+        scale = side / size
+        source = tuple(
+            edge * scale + offset for edge, offset in zip(box, (left, top, left, top), strict=True)
+        )
+        patch = image.resize((PATCH_PX, PATCH_PX), Image.Resampling.BICUBIC, source)
+    return np.asarray(patch.convert("RGB"))
+
+
+def read_chunks(
+    files: list[Path], units: dict[str, list[int]], top: int, chunk: int, skip: set[int]
+) -> Iterator[ExemplarTask]:
+    """Tasks of `chunk` files each, reading the bytes only when the executor asks for the next
+    task. Files that cannot be read become empty blobs (counted as unreadable)."""
+    spec = tuple((layer, tuple(indices)) for layer, indices in units.items())
+    for first in range(0, len(files), chunk):
+        if first in skip:
+            continue
+        blobs = []
+        for path in files[first : first + chunk]:
+            try:
+                blobs.append(path.read_bytes())
+            except OSError:
+                blobs.append(b"")
+        yield ExemplarTask(first, tuple(blobs), spec, top)
+
+
+@dataclass
+class ExemplarSummary:
+    images: int
+    unreadable: int
+    units: int  # units whose exemplars were collected in this run
+
+
+class ExemplarPass:
+    """The exemplar work of one run: which units lack current exemplars of the folder, then
+    (on an executor) the pass over the images and the stored results."""
+
+    def __init__(self, model, plan_units, folder: str | Path, out: Path, top: int):
+        self.model, self.top = model, top
+        self.folder = Path(folder)
+        self.files = list_images(self.folder)
+        self.store = Store(out)
+        folder_print = fingerprint(self.folder, self.files)
+        stored = self.store.exemplars()
+        self.keys: dict[tuple[str, int], str] = {}
+        for unit in plan_units:
+            key = exemplar_key(model.digest, unit.layer, unit.index, folder_print, top)
+            if stored.get((unit.layer, unit.index), {}).get("key") != key:
+                self.keys[(unit.layer, unit.index)] = key
+        self.units: dict[str, list[int]] = {}
+        for layer, index in self.keys:
+            self.units.setdefault(layer, []).append(index)
+        text = json.dumps([folder_print, top, sorted(self.units.items())])
+        self.pass_key = hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.keys)
+
+    def run(self, pool) -> ExemplarSummary:
+        """Every chunk not done by an earlier, interrupted run of this same pass; progress is
+        saved every SAVE_EVERY_SECONDS so that a killed run resumes where it was."""
+        saved = self.store.read_exemplar_progress(self.pass_key)
+        merged = TopK.from_json(self.top, saved["best"] if saved else {})
+        done = set(saved["done"] if saved else [])
+        unreadable = set(saved["unreadable"] if saved else [])
+        chunk = saved["chunk"] if saved else CHUNK_IMAGES * (1 if pool.device == "cpu" else 4)
+        saved_at = time.monotonic()
+        tasks = read_chunks(self.files, self.units, self.top, chunk, done)
+        for outcome in pool.run(exemplar_task, tasks):
+            if outcome.error is not None:
+                first = outcome.task.first
+                images = f"images {first}-{first + len(outcome.task.blobs) - 1}"
+                raise AtlasError(f"exemplars of {images} failed: {outcome.error}")
+            result = outcome.result
+            merged.merge(result["layers"])
+            done.add(result["first"])
+            unreadable.update(result["first"] + p for p in result["unreadable"])
+            if time.monotonic() - saved_at >= SAVE_EVERY_SECONDS:
+                self.store.write_exemplar_progress(
+                    {
+                        "pass": self.pass_key,
+                        "chunk": chunk,
+                        "best": merged.as_json(),
+                        "done": sorted(done),
+                        "unreadable": sorted(unreadable),
+                    }
+                )
+                saved_at = time.monotonic()
+        self._write(merged, sorted(unreadable))
+        self.store.clear_exemplar_progress()
+        return ExemplarSummary(len(self.files), len(unreadable), len(self.keys))
+
+    def _write(self, merged: TopK, unreadable: list[int]) -> None:
+        """Patches first, each unit's JSON last, then the folder summary."""
+        model, size = self.model, self.model.input_size[0]
+        for layer, indices in self.units.items():
+            best = merged.best.get(layer)
+            shape = resolve(model, layer).shape
+            map_size = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
+            reach = receptive_halfwidth(model, layer)
+            for column, index in enumerate(indices):
+                items = []
+                for rank in range(0 if best is None else best["scores"].shape[0]):
+                    image_id = int(best["ids"][rank, column])
+                    row, col = int(best["rows"][rank, column]), int(best["cols"][rank, column])
+                    box = patch_box(row, col, map_size, reach, size)
+                    patch = cut_patch(self.files[image_id], box, size, model.input_channels)
+                    path = self.store.exemplar_path(layer, index, f".{rank}.webp")
+                    atomic_write_bytes(path, encode_image(patch, quality=85))
+                    items.append(
+                        {
+                            "image": path.relative_to(self.store.out).as_posix(),
+                            "source": self.files[image_id].relative_to(self.folder).as_posix(),
+                            "score": round(float(best["scores"][rank, column]), 5),
+                            "box": [round(edge, 1) for edge in box],
+                        }
+                    )
+                self.store.save_exemplars(
+                    {
+                        "layer": layer,
+                        "index": index,
+                        "key": self.keys[(layer, index)],
+                        "digest": model.digest,
+                        "items": items,
+                    }
+                )
+        self.store.write_exemplar_summary(
+            {
+                "folder": str(self.folder),
+                "images": len(self.files),
+                "unreadable": [
+                    self.files[i].relative_to(self.folder).as_posix() for i in unreadable
+                ],
+            }
+        )

@@ -1,0 +1,73 @@
+"""atlas compare: two atlases side by side, the most changed units first."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from atlas.cli import cli
+
+RUN = ["--layers", "conv2", "--channels", "0-5", "--classes", "", "--steps", "4", "--size", "32"]
+
+
+def invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def atlases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atlases")
+    for name, spec in [("a", "tinymodels:tiny"), ("b", "tinymodels:tiny_retrained")]:
+        result = invoke("run", spec, *RUN, "--scheduler", "inline", "--out", root / name)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_the_deliberately_changed_unit_is_found_first(atlases):
+    result = invoke("compare", atlases / "a", atlases / "b", "--out", atlases / "cmp")
+    assert result.exit_code == 0, result.output
+    assert "compared 6 units in 1 layers (0 only in A, 0 only in B)" in result.output
+    assert "most changed: conv2:3 (" in result.output
+    report = json.loads((atlases / "cmp/compare.json").read_text())
+    (layer,) = report["layers"]
+    ranked = [unit["id"] for unit in layer["units"]]
+    assert ranked[0] == "conv2:3"
+    changes = {unit["id"]: unit["change"] for unit in layer["units"]}
+    assert changes["conv2:3"] > 0.5
+    assert all(changes[f"conv2:{i}"] < 0.01 for i in (0, 1, 2, 4, 5))  # same filters, same images
+    assert report["a"]["spec"] == "tinymodels:tiny"
+    assert report["b"]["spec"] == "tinymodels:tiny_retrained"
+
+    grid = (atlases / "cmp/conv2/index.html").read_text()
+    assert grid.index('id="c3"') < min(grid.index(f'id="c{i}"') for i in (0, 1, 2, 4, 5))
+    page = (atlases / "cmp/conv2/3.html").read_text()
+    assert 'src="img/3.a.webp"' in page and 'src="img/3.b.webp"' in page
+    assert "rank 1 of 6" in page
+    index = (atlases / "cmp/index.html").read_text()
+    assert 'href="conv2/3.html"' in index
+    assert (atlases / "cmp/conv2/img/3.b.webp").is_file()
+
+
+def test_two_recipes_of_one_model(atlases, tmp_path):
+    other = tmp_path / "plain"
+    run = invoke(
+        "run", "tinymodels:tiny", *RUN, "--recipe", "plain", "--scheduler", "inline", "--out", other
+    )
+    assert run.exit_code == 0, run.output
+    result = invoke("compare", atlases / "a", other, "--out", tmp_path / "cmp")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cmp/compare.json").read_text())
+    assert report["a"]["recipe"] == "fourier" and report["b"]["recipe"] == "plain"
+    assert report["matched"] == 6
+
+
+@pytest.mark.parametrize(
+    "which, message",
+    [("missing", "is not an atlas"), ("same", "two different atlas folders")],
+)
+def test_bad_input_is_one_line(atlases, tmp_path, which, message):
+    b = tmp_path / "nothing" if which == "missing" else atlases / "a"
+    result = invoke("compare", atlases / "a", b, "--out", tmp_path / "cmp")
+    assert result.exit_code == 2 and message in result.output
