@@ -15,12 +15,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-# A small real atlas of the bundled model: 3 layers x 8 channels + 8 class logits, a few
-# minutes on a 2-core CPU. Rerunning it does only what is missing.
+# A small real atlas of the bundled model: 3 layers x 8 channels + 8 class logits, each with
+# a timelapse of its optimization; a few minutes on a 2-core CPU. Rerunning it does only what
+# is missing.
 demo: $(VENV)/.installed
 	$(BIN)/atlas run efficientnet_lite0 --layers blocks.3 --layers blocks.8 --layers blocks.13 \
 		--channels 0-7 --classes hen,pelican,espresso,castle,goldfish,monarch,volcano,lemon \
-		--steps 128 --out $(DEMO_OUT)
+		--steps 128 --timelapse 16 --out $(DEMO_OUT)
 	$(BIN)/atlas status $(DEMO_OUT)
 	@echo "Open the atlas: $(DEMO_OUT)/site/index.html"
 
