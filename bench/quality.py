@@ -107,7 +107,7 @@ def render_lucent(model, groups, steps, seed):
         np.random.seed(seed)
         units = [t.index for t in targets]
         for image in run_lucent(model, layer, units, steps, StepClock(), size=SIZE):
-            images.append((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+            images.append((image.cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
         print(f"    {layer}: {len(targets)} units", flush=True)
     return images
 
