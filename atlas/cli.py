@@ -303,7 +303,7 @@ def run_command(force: bool, prune: bool, **options) -> None:
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
     )
-    if summary.exemplars is not None:
+    if summary.exemplars is not None and not summary.exemplars.failures:
         found = summary.exemplars
         click.echo(
             f"exemplars: {found.images} images ({found.unreadable} unreadable, skipped) "
@@ -312,7 +312,7 @@ def run_command(force: bool, prune: bool, **options) -> None:
     click.echo(f"atlas: {summary.site}")
     for failure in summary.failures[:10]:
         click.echo(f"failed: {failure}", err=True)
-    if summary.failed:
+    if summary.failures:
         sys.exit(1)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import tomllib
 
 from atlas.errors import AtlasError, did_you_mean
-from atlas.optim.recipes import DEFAULT, Recipe, get
+from atlas.optim.recipes import DEFAULT, Recipe, check_timelapse, get
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -184,4 +184,5 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
     for ok, message in checks:
         if not ok:
             raise AtlasError(message)
+    check_timelapse(config.recipe, config.timelapse)
     return config

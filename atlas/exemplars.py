@@ -17,7 +17,7 @@ import io
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, encode_image
 from atlas.fold import running_module
-from atlas.layers import LOGITS, capture, deepest, resolve, run_forward
+from atlas.layers import LOGITS, capture, deepest, module_device, resolve, run_forward
 from atlas.store import Store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -63,19 +63,22 @@ def exemplar_key(digest: str, layer: str, index: int, folder_print: str, top: in
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
-def square_crop(image: Image.Image) -> tuple[int, int, int]:
-    """(left, top, side) of the centred square an image is cropped to before resizing."""
-    side = min(image.size)
-    return (image.width - side) // 2, (image.height - side) // 2, side
+def centre_crop(image: Image.Image, input_size: tuple[int, int]) -> tuple[float, ...]:
+    """(left, top, width, height) of the largest centred region of `image` with the aspect
+    ratio of the model's input: what the model is shown, resized."""
+    height, width = input_size
+    scale = min(image.width / width, image.height / height)
+    crop_width, crop_height = width * scale, height * scale
+    return (image.width - crop_width) / 2, (image.height - crop_height) / 2, crop_width, crop_height
 
 
-def fit(image: Image.Image, size: int, channels: int) -> Image.Image:
-    """The centred square of `image`, resized to size x size, in the model's colour mode."""
+def fit(image: Image.Image, input_size: tuple[int, int], channels: int) -> Image.Image:
+    """`image` as the model sees it: its centre region resized to the input size, in the
+    model's colour mode."""
     image = image.convert("L" if channels == 1 else "RGB")
-    left, top, side = square_crop(image)
-    return image.resize(
-        (size, size), Image.Resampling.BILINEAR, (left, top, left + side, top + side)
-    )
+    left, top, width, height = centre_crop(image, input_size)
+    box = (left, top, left + width, top + height)
+    return image.resize((input_size[1], input_size[0]), Image.Resampling.BILINEAR, box)
 
 
 # --- the worker's side -----------------------------------------------------------------------
@@ -97,20 +100,23 @@ class ExemplarTask:
         return hashlib.sha256(f"{self.first}|{len(self.blobs)}|{self.units}".encode()).hexdigest()
 
 
-def decode(blobs: Iterable[bytes], size: int, channels: int) -> tuple[torch.Tensor, list[int]]:
-    """The decodable images as [N, C, size, size] in [0, 1], and their positions in `blobs`."""
+def decode(
+    blobs: Iterable[bytes], input_size: tuple[int, int], channels: int
+) -> tuple[torch.Tensor, list[int]]:
+    """The decodable images as [N, C, H, W] in [0, 1], and their positions in `blobs`."""
+    height, width = input_size
     pixels, kept = [], []
     for position, blob in enumerate(blobs):
         try:
             with Image.open(io.BytesIO(blob)) as image:
-                image.draft("RGB", (2 * size, 2 * size))  # JPEG: decode at a reduced scale
-                array = np.asarray(fit(image, size, channels), dtype=np.uint8)
+                image.draft("RGB", (2 * width, 2 * height))  # JPEG: decode at a reduced scale
+                array = np.asarray(fit(image, input_size, channels), dtype=np.uint8)
         except DECODE_ERRORS:
             continue
-        pixels.append(array.reshape(size, size, channels))
+        pixels.append(array.reshape(height, width, channels))
         kept.append(position)
     if not pixels:
-        return torch.zeros(0, channels, size, size), kept
+        return torch.zeros(0, channels, height, width), kept
     stacked = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2)
     return stacked.float() / 255, kept
 
@@ -119,8 +125,7 @@ def exemplar_task(model, task: ExemplarTask, device: str | None = None) -> dict:
     """One chunk: per layer, the best `top` images of the chunk for each unit, as arrays
     [k, units] of scores, image ids and the strongest position (row, column) in the map."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    size = model.input_size[0]
-    images, kept = decode(task.blobs, size, model.input_channels)
+    images, kept = decode(task.blobs, model.input_size, model.input_channels)
     unreadable = sorted(set(range(len(task.blobs))) - set(kept))
     result = {"first": task.first, "unreadable": unreadable, "layers": {}}
     if not kept:
@@ -195,11 +200,12 @@ def receptive_halfwidth(model, layer: str) -> float:
     layer's map (where the input gradient exceeds 2% of its peak): the effective receptive
     field, measured once per layer on a grey image."""
     info = resolve(model, layer)
-    size = model.input_size[0]
+    size_y, size_x = model.input_size
+    largest, smallest = min(model.input_size) / 2, min(model.input_size) / 16
     if len(info.shape) != 3:
-        return size / 2
+        return largest
     module = model.module
-    device = next(iter(module.parameters()), torch.empty(0)).device
+    device = module_device(module)
     image = torch.full((1, model.input_channels, *model.input_size), 0.5, device=device)
     image.requires_grad_(True)
     with capture(module, [layer], layer) as acts:
@@ -209,38 +215,40 @@ def receptive_halfwidth(model, layer: str) -> float:
     strength = image.grad[0].abs().sum(0)
     rows, cols = torch.nonzero(strength > 0.02 * strength.max(), as_tuple=True)
     if rows.numel() == 0:
-        return size / 2
-    centre_y, centre_x = (height // 2 + 0.5) * size / height, (width // 2 + 0.5) * size / width
+        return largest
+    centre_y = (height // 2 + 0.5) * size_y / height
+    centre_x = (width // 2 + 0.5) * size_x / width
     reach = max(
         (rows.float() + 0.5 - centre_y).abs().max().item(),
         (cols.float() + 0.5 - centre_x).abs().max().item(),
     )
-    return float(min(max(reach, size / 16), size / 2))
+    return float(min(max(reach, smallest), largest))
 
 
 def patch_box(
-    row: int, col: int, map_size: tuple[int, int], halfwidth: float, size: int
+    row: int, col: int, map_size: tuple[int, int], halfwidth: float, input_size: tuple[int, int]
 ) -> tuple[float, float, float, float]:
     """(left, top, right, bottom) in model-input pixels of the square patch around a map
     position, shifted to stay inside the image."""
-    height, width = map_size
-    side = min(2 * halfwidth, size)
-    centre_y, centre_x = (row + 0.5) * size / height, (col + 0.5) * size / width
-    left = min(max(centre_x - side / 2, 0), size - side)
-    top = min(max(centre_y - side / 2, 0), size - side)
+    (height, width), (size_y, size_x) = map_size, input_size
+    side = min(2 * halfwidth, size_y, size_x)
+    centre_y, centre_x = (row + 0.5) * size_y / height, (col + 0.5) * size_x / width
+    left = min(max(centre_x - side / 2, 0), size_x - side)
+    top = min(max(centre_y - side / 2, 0), size_y - side)
     return left, top, left + side, top + side
 
 
-def cut_patch(path: Path, box: tuple[float, ...], size: int, channels: int) -> np.ndarray:
+def cut_patch(
+    path: Path, box: tuple[float, ...], input_size: tuple[int, int], channels: int
+) -> np.ndarray:
     """The patch `box` (model-input pixels) of the image at `path`, cut from the original at
     its full resolution and resized to PATCH_PX."""
     with Image.open(path) as image:
         image = image.convert("L" if channels == 1 else "RGB")
-        left, top, side = square_crop(image)
-        scale = side / size
-        source = tuple(
-            edge * scale + offset for edge, offset in zip(box, (left, top, left, top), strict=True)
-        )
+        left, top, width, _ = centre_crop(image, input_size)
+        scale = width / input_size[1]
+        x0, y0, x1, y1 = box
+        source = (left + x0 * scale, top + y0 * scale, left + x1 * scale, top + y1 * scale)
         patch = image.resize((PATCH_PX, PATCH_PX), Image.Resampling.BICUBIC, source)
     return np.asarray(patch.convert("RGB"))
 
@@ -268,6 +276,7 @@ class ExemplarSummary:
     images: int
     unreadable: int
     units: int  # units whose exemplars were collected in this run
+    failures: list[str] = field(default_factory=list)  # chunks that failed: nothing stored
 
 
 class ExemplarPass:
@@ -289,7 +298,8 @@ class ExemplarPass:
         self.units: dict[str, list[int]] = {}
         for layer, index in self.keys:
             self.units.setdefault(layer, []).append(index)
-        text = json.dumps([folder_print, top, sorted(self.units.items())])
+        units = sorted(self.units.items())
+        text = json.dumps([model.digest, folder_print, top, units, EXEMPLAR_VERSION])
         self.pass_key = hashlib.sha256(text.encode()).hexdigest()
 
     @property
@@ -297,42 +307,48 @@ class ExemplarPass:
         return bool(self.keys)
 
     def run(self, pool) -> ExemplarSummary:
-        """Every chunk not done by an earlier, interrupted run of this same pass; progress is
-        saved every SAVE_EVERY_SECONDS so that a killed run resumes where it was."""
+        """Every chunk not done by an earlier, interrupted run of this same pass. What has been
+        merged is saved every SAVE_EVERY_SECONDS and when a chunk fails, so that a killed or
+        failed run resumes where it was; results are stored only once every chunk is done."""
         saved = self.store.read_exemplar_progress(self.pass_key)
         merged = TopK.from_json(self.top, saved["best"] if saved else {})
         done = set(saved["done"] if saved else [])
         unreadable = set(saved["unreadable"] if saved else [])
         chunk = saved["chunk"] if saved else CHUNK_IMAGES * (1 if pool.device == "cpu" else 4)
+        failures = []
+
+        def save() -> None:
+            progress = {"pass": self.pass_key, "chunk": chunk, "best": merged.as_json()}
+            progress.update(done=sorted(done), unreadable=sorted(unreadable))
+            self.store.write_exemplar_progress(progress)
+
         saved_at = time.monotonic()
         tasks = read_chunks(self.files, self.units, self.top, chunk, done)
         for outcome in pool.run(exemplar_task, tasks):
             if outcome.error is not None:
                 first = outcome.task.first
                 images = f"images {first}-{first + len(outcome.task.blobs) - 1}"
-                raise AtlasError(f"exemplars of {images} failed: {outcome.error}")
+                failures.append(f"exemplars of {images}: {outcome.error}")
+                continue
             result = outcome.result
             merged.merge(result["layers"])
             done.add(result["first"])
             unreadable.update(result["first"] + p for p in result["unreadable"])
             if time.monotonic() - saved_at >= SAVE_EVERY_SECONDS:
-                self.store.write_exemplar_progress(
-                    {
-                        "pass": self.pass_key,
-                        "chunk": chunk,
-                        "best": merged.as_json(),
-                        "done": sorted(done),
-                        "unreadable": sorted(unreadable),
-                    }
-                )
+                save()
                 saved_at = time.monotonic()
+        summary = ExemplarSummary(len(self.files), len(unreadable), len(self.keys), failures)
+        if failures:
+            save()
+            summary.units = 0
+            return summary
         self._write(merged, sorted(unreadable))
         self.store.clear_exemplar_progress()
-        return ExemplarSummary(len(self.files), len(unreadable), len(self.keys))
+        return summary
 
     def _write(self, merged: TopK, unreadable: list[int]) -> None:
         """Patches first, each unit's JSON last, then the folder summary."""
-        model, size = self.model, self.model.input_size[0]
+        model, size = self.model, self.model.input_size
         for layer, indices in self.units.items():
             best = merged.best.get(layer)
             shape = resolve(model, layer).shape
@@ -340,12 +356,17 @@ class ExemplarPass:
             reach = receptive_halfwidth(model, layer)
             for column, index in enumerate(indices):
                 items = []
+                key = self.keys[(layer, index)]
                 for rank in range(0 if best is None else best["scores"].shape[0]):
                     image_id = int(best["ids"][rank, column])
                     row, col = int(best["rows"][rank, column]), int(best["cols"][rank, column])
                     box = patch_box(row, col, map_size, reach, size)
-                    patch = cut_patch(self.files[image_id], box, size, model.input_channels)
-                    path = self.store.exemplar_path(layer, index, f".{rank}.webp")
+                    try:
+                        patch = cut_patch(self.files[image_id], box, size, model.input_channels)
+                    except DECODE_ERRORS:  # changed or removed since the pass read it
+                        continue
+                    # the key in the name: an interrupted rewrite never mixes old and new
+                    path = self.store.exemplar_path(layer, index, f".{key[:8]}.{rank}.webp")
                     atomic_write_bytes(path, encode_image(patch, quality=85))
                     items.append(
                         {
@@ -359,7 +380,7 @@ class ExemplarPass:
                     {
                         "layer": layer,
                         "index": index,
-                        "key": self.keys[(layer, index)],
+                        "key": key,
                         "digest": model.digest,
                         "items": items,
                     }

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from atlas.layers import capture, run_forward
+from atlas.layers import capture, module_device, run_forward
 from atlas.names import LOGITS
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,21 @@ def agree(original: nn.Module, candidate: nn.Module, sample: torch.Tensor, hooke
 _copies: WeakKeyDictionary[nn.Module, dict] = WeakKeyDictionary()
 
 
+def _inside(name: str, convs: Collection[str]) -> bool:
+    return any(name == conv or name.startswith(conv + ".") for conv in convs)
+
+
 def running_module(model, hooked: Collection[str]) -> nn.Module:
     """What the optimization loop runs for these hooked layers: a copy of `model.module` with
     its BatchNorms folded, except into hooked convolutions (or ones holding a hooked layer).
     The module itself when there is nothing to fold or the copy does not compute the same
-    function (a convolution's output also read elsewhere, for example). Copies are made once
-    per set of convolutions left unfolded, so usually once per process."""
+    function (a convolution's output also read elsewhere, for example): every layer that is
+    not a folded convolution must agree. Only the latest copy is kept; with block outputs
+    hooked (no convolution left unfolded) that is one copy per process."""
     module = model.module
     if not model.hookable or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
         return module
-    device = next(iter(module.parameters()), torch.empty(0)).device
+    device = module_device(module)
     images = torch.rand(
         2, model.input_channels, *model.input_size, generator=torch.Generator().manual_seed(0)
     )
@@ -139,20 +144,17 @@ def running_module(model, hooked: Collection[str]) -> nn.Module:
     cache = _copies.setdefault(module, {})
     if "pairs" not in cache:
         cache["pairs"] = conv_bn_pairs(module, sample)
-    hooked = [name for name in hooked if name != LOGITS]
-    pairs = [
-        (conv, bn)
-        for conv, bn in cache["pairs"]
-        if not any(name == conv or name.startswith(conv + ".") for name in hooked)
-    ]
+    pairs = [(c, bn) for c, bn in cache["pairs"] if not any(_inside(h, [c]) for h in hooked)]
     key = frozenset(pairs)
-    if key not in cache:
-        cache[key] = None  # None: run the module itself
+    if cache.get("key") != key:
+        cache["key"], cache["copy"] = key, None  # None: run the module itself
         if pairs:
             candidate = copy.deepcopy(module)
             fold_batchnorm(candidate, pairs)
-            if agree(module, candidate, sample, hooked):
-                cache[key] = candidate
+            folded = [conv for conv, _ in pairs]
+            unchanged = [x.name for x in model.layers if not _inside(x.name, [*folded, LOGITS])]
+            if agree(module, candidate, sample, unchanged):
+                cache["copy"] = candidate
             else:
                 log.warning("%s: folding BatchNorm changed its outputs; runs unfolded", model.spec)
-    return module if cache[key] is None else cache[key]
+    return module if cache["copy"] is None else cache["copy"]

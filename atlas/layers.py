@@ -62,6 +62,11 @@ def capture(
             handle.remove()
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's weights are (the CPU for a module without any)."""
+    return next(iter(module.parameters()), torch.empty(0)).device
+
+
 def run_forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
     """The model's output, or None when a capture hook stopped the pass early."""
     try:
@@ -98,7 +103,7 @@ def discover(model) -> list[LayerInfo]:
 
         return hook
 
-    device = next(iter(module.parameters()), torch.empty(0)).device
+    device = module_device(module)
     dry = torch.zeros(1, model.input_channels, *model.input_size, device=device)
     try:
         if model.hookable:

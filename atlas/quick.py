@@ -66,17 +66,18 @@ def run(
     records = []
     for first in range(0, len(results), samples):
         group = results[first : first + samples]
-        names_per_sample = []
+        names_per_sample, animations = [], []
         for k, result in enumerate(group):
             stem = safe_name(result.id) + (f".{k}" if samples > 1 else "")
             for fmt in formats:
                 atomic_write_bytes(out / f"{stem}.{fmt}", encode_image(result.image, fmt))
             names_per_sample.append([f"{stem}.{fmt}" for fmt in formats])
             if result.frames:
-                animation = encode_animation(result.frames)
-                atomic_write_bytes(out / f"{stem}.timelapse.webp", animation)
-                names_per_sample[-1].append(f"{stem}.timelapse.webp")
+                animations.append(f"{stem}.timelapse.webp")
+                atomic_write_bytes(out / animations[-1], encode_animation(result.frames))
         record = result_record(group[0], sum(names_per_sample, []), model)
+        if animations:
+            record["timelapse"] = animations
         if samples > 1:
             record["samples"] = [
                 result_record(r, names, model)

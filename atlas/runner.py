@@ -131,6 +131,7 @@ def run_atlas(
                     on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
             if exemplars and exemplars.needed:
                 summary.exemplars = exemplars.run(pool)
+                summary.failures += summary.exemplars.failures
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
     store.write_plan(plan_record(plan, model, started, now()))

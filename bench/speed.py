@@ -50,9 +50,23 @@ from atlas import models
 from atlas.config import parse_indices
 from atlas.layers import LOGITS, resolve
 from atlas.optim import channel, get, logit, render, visualize
+from atlas.plan import default_batch
 
 FULL_STEPS = 512  # the default recipe's steps, for the projection
-PROJECT_BATCH = 8  # units per task on a CPU (atlas.plan.default_batch)
+PROJECT_BATCH = 8  # units per timed batch on a CPU; on CUDA atlas.plan.default_batch decides
+DEVICE = torch.device("cpu")  # --device; Lucent picks CUDA by itself whenever it is available
+
+
+def sync() -> None:
+    """Wait for the GPU, so that a timestamp means the work before it is done."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def device_name() -> str:
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    return f"this CPU ({cores()} threads)"
 
 
 def cores() -> int:
@@ -87,7 +101,7 @@ def target_for(layer: str, index: int):
 def unit_activation(model, layer: str, index: int, image: torch.Tensor) -> float:
     """The unit's mean activation for one image [3, H, W] in [0, 1], shown at the model's input
     size with no transforms."""
-    view = F.interpolate(image[None].float(), size=model.input_size, mode="bilinear")
+    view = F.interpolate(image[None].float().to(DEVICE), size=model.input_size, mode="bilinear")
     module = model.module if layer == LOGITS else dict(model.module.named_modules())[layer]
     captured = {}
     handle = module.register_forward_hook(lambda _m, _i, out: captured.update(out=out))
@@ -111,6 +125,7 @@ class StepClock:
         self.runs.append([])
 
     def tick(self, *_) -> None:
+        sync()
         self.runs[-1].append(time.perf_counter())
 
     def intervals(self) -> list[float]:
@@ -126,7 +141,7 @@ def run_atlas(model, layer, units, steps, clock, batch):
     for first in range(0, len(units), batch):
         chunk = [target_for(layer, i) for i in units[first : first + batch]]
         clock.start()
-        for result in visualize(model, chunk, recipe, seed=0, device="cpu", on_step=clock.tick):
+        for result in visualize(model, chunk, recipe, seed=0, device=DEVICE, on_step=clock.tick):
             images.append(torch.from_numpy(result.image).permute(2, 0, 1).float() / 255)
     return images
 
@@ -176,7 +191,8 @@ def run_naive(model, layer, units, steps, clock, lr=0.05):
     images = []
     try:
         for index in units:
-            image = (0.5 + 0.01 * torch.randn(1, 3, *model.input_size)).requires_grad_(True)
+            noise = torch.randn(1, 3, *model.input_size, device=DEVICE)
+            image = (0.5 + 0.01 * noise).requires_grad_(True)
             optimizer = torch.optim.Adam([image], lr=lr)
             clock.start()
             for _ in range(steps):
@@ -186,7 +202,7 @@ def run_naive(model, layer, units, steps, clock, lr=0.05):
                 loss.backward()
                 optimizer.step()
                 clock.tick()
-            images.append(image.detach()[0].clamp(0, 1))
+            images.append(image.detach()[0].clamp(0, 1).cpu())
     finally:
         handle.remove()
     return images
@@ -271,19 +287,21 @@ def print_table(rows, units, steps):
 
 def projection(model, steps: int) -> None:
     """Seconds per unit per layer at FULL_STEPS, from the median of `steps` - 1 timed steps
-    (the first is a warm-up) at batch 8, times the layer's channel count."""
+    (the first is a warm-up) at atlas's batch for the device, times the layer's channel count."""
     recipe = get("fourier", steps=steps)
     wanted = ["stem", *[f"blocks.{i}" for i in range(16)], "head", LOGITS]
+    batch = "8" if DEVICE.type == "cpu" else "atlas's default per layer"
     print(
         f"\nProjection: the full {model.spec} atlas, recipe fourier at {FULL_STEPS} steps, "
-        f"batch {PROJECT_BATCH}, one process on this CPU ({cores()} threads); median of "
-        f"{steps - 1} timed steps per layer"
+        f"batch {batch}, one process on {device_name()}; median of {steps - 1} timed steps "
+        "per layer"
     )
     print(f"{'layer':10} {'units':>6} {'s/step':>7} {'s/unit':>7} {'hours':>7} {'CPU stall':>9}")
     total_units, total_hours = 0, 0.0
     for name in wanted:
         layer = resolve(model, name)
-        count = min(PROJECT_BATCH, layer.channels)
+        size = PROJECT_BATCH if DEVICE.type == "cpu" else default_batch(layer, "cuda")
+        count = min(size, layer.channels)
         stamps: list[float] = []
         stall, started = cpu_stall(), time.perf_counter()
         visualize(
@@ -291,8 +309,8 @@ def projection(model, steps: int) -> None:
             [target_for(name, i) for i in range(count)],
             recipe,
             seed=0,
-            device="cpu",
-            on_step=lambda *_, stamps=stamps: stamps.append(time.perf_counter()),
+            device=DEVICE,
+            on_step=lambda *_, stamps=stamps: sync() or stamps.append(time.perf_counter()),
         )
         per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
         per_unit = per_step * FULL_STEPS / count
@@ -304,9 +322,13 @@ def projection(model, steps: int) -> None:
             f"{stall_share(stall, started):9.0%}"
         )
     print(f"{'total':10} {total_units:6d} {'':7} {'':7} {total_hours:7.2f}")
+    minutes = total_hours * 60
+    target = "met" if minutes <= 5 else "not met"
+    if DEVICE.type == "cpu":
+        target = "not measurable on a CPU"
     print(
-        f"The full atlas on this CPU: {total_hours:.1f} h ({total_hours / 24:.1f} days) in one "
-        "process. GPU target (<= 5 minutes on one H100): not measurable on this machine."
+        f"The full atlas on {device_name()}: {total_hours:.2f} h ({minutes:.1f} min) in one "
+        f"process. GPU target (<= 5 minutes on one H100): {target}."
     )
 
 
@@ -334,18 +356,24 @@ def main() -> None:
     parser.add_argument("--no-projection", action="store_true")
     parser.add_argument("--no-variants", action="store_true", help="skip the ablation")
     parser.add_argument("--skip", default="", help="baselines to leave out: lucent,naive")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (Lucent follows CUDA)")
     args = parser.parse_args()
+
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     threads = cores()
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script in kornia
     model = models.load("efficientnet_lite0")
+    model.module.to(DEVICE)
+    model.normalize.to(DEVICE)
     layer = resolve(model, args.layer)
     units = parse_indices(args.units, layer.channels, "unit", owner=layer.name)
     steps, skip = args.steps, set(filter(None, args.skip.split(",")))
     print(
         f"{datetime.date.today()}  commit {git_commit()}  torch {torch.__version__}  "
-        f"{threads} CPU threads  {model.spec}  {layer.name} units {args.units} ({len(units)})  "
+        f"{device_name()}  {model.spec}  {layer.name} units {args.units} ({len(units)})  "
         f"{steps} steps  128 px optimized, 224 px shown  best of {args.rounds} rounds"
     )
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from links import check_links
 
 from atlas.cli import cli
 
@@ -71,3 +72,9 @@ def test_bad_input_is_one_line(atlases, tmp_path, which, message):
     b = tmp_path / "nothing" if which == "missing" else atlases / "a"
     result = invoke("compare", atlases / "a", b, "--out", tmp_path / "cmp")
     assert result.exit_code == 2 and message in result.output
+
+
+def test_every_compare_link_resolves(atlases):
+    result = invoke("compare", atlases / "a", atlases / "b", "--out", atlases / "links")
+    assert result.exit_code == 0, result.output
+    assert check_links(atlases / "links") > 6 * 4  # per pair page: css, js, home, pager, images

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from links import check_links
 from PIL import Image
 from synthetic import make_image_folder
 from tinymodels import tiny_model
@@ -35,7 +36,7 @@ def brute_force_scores(folder, names):
     scores = {}
     for name in names:
         with Image.open(folder / name) as image:
-            pixels = np.asarray(fit(image, 32, 3), dtype=np.float32) / 255
+            pixels = np.asarray(fit(image, (32, 32), 3), dtype=np.float32) / 255
         x = model.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None])
         with torch.no_grad(), capture(model.module, ["conv2"]) as acts:
             logits = run_forward(model.module, x)
@@ -71,11 +72,14 @@ def test_the_unit_page_shows_exemplars_and_the_activation_ratio(tmp_path, photos
     record = json.loads((tmp_path / "units/conv2/1.json").read_text())
     exemplar = json.loads((tmp_path / "exemplars/conv2/1.json").read_text())["items"][0]
     page = (tmp_path / "site/conv2/1.html").read_text()
-    assert "Dataset exemplars" in page and 'src="ex/1.0.webp"' in page
+    patch = exemplar["image"].split("/")[-1]
+    assert patch.startswith("1.") and patch.endswith(".0.webp")  # <index>.<key>.<rank>.webp
+    assert "Dataset exemplars" in page and f'src="ex/{patch}"' in page
     assert exemplar["source"] in page
     ratio = record["activation"] / exemplar["score"]
     assert f"{ratio:.2f}x</strong> its best exemplar" in page
-    assert (tmp_path / "site/conv2/ex/1.0.webp").is_file()
+    assert (tmp_path / "site/conv2/ex" / patch).is_file()
+    check_links(tmp_path / "site")
 
 
 def test_a_rerun_reuses_them_and_new_images_redo_them(tmp_path, photos, monkeypatch):
@@ -93,42 +97,104 @@ def test_a_rerun_reuses_them_and_new_images_redo_them(tmp_path, photos, monkeypa
     more = run(tmp_path, folder, "--exemplars-top", "2")
     assert "for 6 units" in more.output and calls
     items = json.loads((tmp_path / "exemplars/conv2/0.json").read_text())["items"]
-    assert len(items) == 2 and not (tmp_path / "exemplars/conv2/0.2.webp").exists()
+    patches = sorted(p.name for p in (tmp_path / "exemplars/conv2").glob("0.*.webp"))
+    assert len(items) == 2 and patches == sorted(i["image"].split("/")[-1] for i in items)
+
+
+class Killed(BaseException):
+    """The client process dying mid-pass (not an error the run could report)."""
+
+
+def counting_task(monkeypatch, fail_at: int | None = None, error=RuntimeError):
+    """Replaces the worker function with one that records each chunk's first image and raises
+    `error` for the `fail_at`-th chunk it sees."""
+    real, seen = atlas.exemplars.exemplar_task, []
+
+    def task(model, chunk):
+        seen.append(chunk.first)
+        if len(seen) == fail_at:
+            raise error("worker lost")
+        return real(model, chunk)
+
+    monkeypatch.setattr(atlas.exemplars, "exemplar_task", task)
+    return seen
+
+
+def exemplar_items(out, units=("conv2/0", "conv2/2", "logits/1")):
+    return {u: json.loads((out / f"exemplars/{u}.json").read_text())["items"] for u in units}
 
 
 def test_a_killed_pass_resumes_where_it_was(tmp_path, photos, monkeypatch):
     folder, _ = photos
     monkeypatch.setattr(atlas.exemplars, "CHUNK_IMAGES", 8)
     monkeypatch.setattr(atlas.exemplars, "SAVE_EVERY_SECONDS", 0.0)
-    real = atlas.exemplars.exemplar_task
-    seen = []
-
-    def dies_at_the_fourth_chunk(model, task):
-        seen.append(task.first)
-        if len(seen) == 4:
-            raise RuntimeError("worker lost")
-        return real(model, task)
-
-    monkeypatch.setattr(atlas.exemplars, "exemplar_task", dies_at_the_fourth_chunk)
-    crashed = run(tmp_path, folder)
-    assert crashed.exit_code == 2 and "worker lost" in crashed.output
+    counting_task(monkeypatch, fail_at=4, error=Killed)
+    with pytest.raises(Killed):
+        run(tmp_path, folder)
     assert (tmp_path / "exemplars/progress.json").is_file()
-    seen.clear()
-    monkeypatch.setattr(atlas.exemplars, "exemplar_task", real)
-    resumed_calls = []
-    monkeypatch.setattr(
-        atlas.exemplars, "exemplar_task", lambda m, t: resumed_calls.append(t.first) or real(m, t)
-    )
+    resumed = counting_task(monkeypatch)
     assert run(tmp_path, folder).exit_code == 0
-    assert resumed_calls == [24, 32, 40]  # chunks 0, 8 and 16 were saved before the crash
+    assert resumed == [24, 32, 40]  # chunks 0, 8 and 16 were saved before the kill
     assert not (tmp_path / "exemplars/progress.json").exists()
-    clean = tmp_path / "clean"
-    monkeypatch.setattr(atlas.exemplars, "exemplar_task", real)
-    assert run(clean, folder).exit_code == 0
-    for unit in ["conv2/0", "conv2/2", "logits/1"]:
-        resumed = json.loads((tmp_path / f"exemplars/{unit}.json").read_text())["items"]
-        fresh = json.loads((clean / f"exemplars/{unit}.json").read_text())["items"]
-        assert resumed == fresh
+    monkeypatch.undo()
+    assert run(tmp_path / "clean", folder).exit_code == 0
+    assert exemplar_items(tmp_path) == exemplar_items(tmp_path / "clean")
+
+
+def test_a_failed_chunk_fails_the_run_but_keeps_the_rest(tmp_path, photos, monkeypatch):
+    folder, _ = photos
+    monkeypatch.setattr(atlas.exemplars, "CHUNK_IMAGES", 8)
+    counting_task(monkeypatch, fail_at=2)
+    failed = run(tmp_path, folder)
+    assert failed.exit_code == 1 and "failed: exemplars of images 8-15" in failed.output
+    assert "worker lost" in failed.output
+    assert json.loads((tmp_path / "manifest.json").read_text())["counts"]["done"] == 6
+    assert (tmp_path / "site/index.html").is_file()
+    assert not list((tmp_path / "exemplars").glob("*/*.json"))  # incomplete: nothing shown
+    retried = counting_task(monkeypatch)
+    assert run(tmp_path, folder).exit_code == 0
+    assert retried == [8]  # only the failed chunk
+    monkeypatch.undo()
+    assert run(tmp_path / "clean", folder).exit_code == 0
+    assert exemplar_items(tmp_path) == exemplar_items(tmp_path / "clean")
+
+
+def test_other_weights_do_not_resume_an_interrupted_pass(tmp_path, photos, monkeypatch):
+    folder, _ = photos
+    monkeypatch.setattr(atlas.exemplars, "CHUNK_IMAGES", 8)
+    counting_task(monkeypatch, fail_at=2)
+    assert run(tmp_path, folder).exit_code == 1
+    seen = counting_task(monkeypatch)
+    args = ["run", "tinymodels:tiny_retrained", "--layers", "conv2", "--channels", "0-3"]
+    args += ["--classes", "0-1", "--steps", "3", "--size", "32", "--scheduler", "inline"]
+    args += ["--exemplars", str(folder), "--exemplars-top", "3", "--out", str(tmp_path)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert seen == [0, 8, 16, 24, 32, 40]  # a fresh pass, not the old model's progress
+
+
+DOTS = [(5, 5), (70, 30), (40, 10)]  # top-left corners of an 8 px white square in 80x48
+
+
+def test_a_non_square_grey_model_gets_patches_in_the_right_place(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for number, (x, y) in enumerate(DOTS):
+        pixels = np.zeros((48, 80), np.uint8)
+        pixels[y : y + 8, x : x + 8] = 255
+        Image.fromarray(pixels).save(folder / f"dot{number}.png")
+    args = ["run", "tinymodels:tiny_grey_wide", "--layers", "conv1", "--channels", "0"]
+    args += ["--classes", "", "--steps", "2", "--size", "16", "--scheduler", "inline"]
+    result = CliRunner().invoke(cli, [*args, "--exemplars", folder, "--out", tmp_path / "out"])
+    assert result.exit_code == 0, result.output
+    items = json.loads((tmp_path / "out/exemplars/conv1/0.json").read_text())["items"]
+    assert sorted(item["source"] for item in items) == ["dot0.png", "dot1.png", "dot2.png"]
+    for item in items:
+        x, y = DOTS[int(item["source"][3])]
+        left, top, right, bottom = item["box"]  # in the 40x24 input: the image at half size
+        assert left < (x + 8) / 2 and right > x / 2 and top < (y + 8) / 2 and bottom > y / 2
+        assert 0 <= left < right <= 40 and 0 <= top < bottom <= 24
+        with Image.open(tmp_path / "out" / item["image"]) as patch:
+            assert np.asarray(patch.convert("L")).max() > 200  # the white square is in it
 
 
 def test_a_missing_folder_is_bad_input(tmp_path):
@@ -165,5 +231,6 @@ def test_deeper_layers_get_larger_patches(tiny):
     reach = [receptive_halfwidth(tiny, layer) for layer in ("conv1", "conv2", "conv3")]
     assert reach[0] < reach[1] < reach[2] <= 16
     assert receptive_halfwidth(tiny, "logits") == 16
-    left, top, right, bottom = patch_box(0, 0, (8, 8), 6.0, 32)
+    left, top, right, bottom = patch_box(0, 0, (8, 8), 6.0, (32, 32))
     assert (left, top) == (0, 0) and right - left == bottom - top == 12  # kept inside
+    assert patch_box(7, 9, (8, 10), 6.0, (32, 40))[2] == 40  # non-square, kept inside

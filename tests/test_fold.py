@@ -111,3 +111,12 @@ def test_visualize_gives_what_the_unfolded_model_gives(monkeypatch):
     for a, b in zip(folded, plain, strict=True):
         np.testing.assert_allclose(a.history, b.history, rtol=1e-3, atol=1e-3)
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
+
+
+def test_only_the_latest_copy_is_kept():
+    model = bn_model()
+    first = running_module(model, ["conv1"])
+    second = running_module(model, ["conv2"])
+    assert first is not second
+    assert running_module(model, ["conv2"]) is second
+    assert running_module(model, ["conv1"]) is not first  # rebuilt, the old one was dropped

@@ -14,11 +14,11 @@ import os
 import re
 import shutil
 import threading
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, urlsplit
 
 import pytest
+from links import check_links, parse
 from synthetic import make_atlas
 
 from atlas.serve import make_server
@@ -531,61 +531,10 @@ def test_every_page_has_no_errors_and_well_formed_images(tab, atlas_out):
 # Link checker (no browser)
 
 
-class _Links(HTMLParser):
-    """Every href and src, the data-previous/data-next targets of unit pages, and every id."""
-
-    def __init__(self):
-        super().__init__()
-        self.links: list[tuple[str, str, str]] = []
-        self.ids: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        for name, value in attrs:
-            if name in ("href", "src", "data-previous", "data-next") and value:
-                self.links.append((tag, name, value))
-            if name == "id" and value:
-                self.ids.append(value)
-
-
-def _parse(path: Path) -> _Links:
-    parser = _Links()
-    parser.feed(path.read_text())
-    parser.close()
-    return parser
-
-
 def test_links_resolve_to_files_inside_the_site(atlas_out):
     site = (atlas_out / "site").resolve()
-    pages = sorted(site.rglob("*.html"))
-    parsed = {page: _parse(page) for page in pages}
-    problems, checked = [], 0
-    for page, parser in parsed.items():
-        where = page.relative_to(site)
-        for tag, attribute, value in parser.links:
-            link = urlsplit(value)
-            if link.scheme in ("javascript", "data"):  # inline: nothing is fetched
-                continue
-            if link.scheme or link.netloc or value.startswith("/"):
-                problems.append(f"{where}: absolute {tag} {attribute}={value!r}")
-                continue
-            if not link.path:  # a fragment of the page itself
-                target = page
-            else:
-                target = (page.parent / unquote(link.path)).resolve()
-                if site not in target.parents:
-                    problems.append(f"{where}: {value!r} leaves the site")
-                    continue
-                if link.path.endswith("/") or target.is_dir():
-                    problems.append(f"{where}: {value!r} is a folder, not index.html or a file")
-                    continue
-                if not target.is_file():
-                    problems.append(f"{where}: {value!r} does not exist")
-                    continue
-            if link.fragment and link.fragment not in _parse(target).ids:
-                problems.append(f"{where}: {value!r}: no id {link.fragment!r} there")
-            checked += 1
-    assert not problems, "\n".join(problems)
-    assert checked > 10 * len(pages)  # css, js, home, pager, images...
+    checked = check_links(site)
+    assert checked > 10 * len(list(site.rglob("*.html")))  # css, js, home, pager, images...
 
     # the search index: links relative to the site root, made by atlas.js on the index page
     text = (site / "search-index.js").read_text()
@@ -601,6 +550,6 @@ def test_links_resolve_to_files_inside_the_site(atlas_out):
 
 def test_ids_are_unique_on_every_page(atlas_out):
     for page in sorted((atlas_out / "site").rglob("*.html")):
-        ids = _parse(page).ids
+        ids = parse(page).ids
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         assert not duplicates, f"{page.name}: duplicate ids {duplicates}"

@@ -87,4 +87,14 @@ def test_visualize_command_writes_the_animation(tmp_path):
     assert result.exit_code == 0, result.output
     assert sum(animation_facts(tmp_path / "conv2_1.timelapse.webp")[2]) == 2 * 80 + 1500  # 0, 2, 4
     (unit,) = json.loads((tmp_path / "results.json").read_text())["units"]
-    assert "conv2_1.timelapse.webp" in unit["images"]
+    assert unit["timelapse"] == ["conv2_1.timelapse.webp"]
+    assert unit["images"] == ["conv2_1.webp"]
+
+
+def test_a_timelapse_with_too_many_frames_is_bad_input(tmp_path):
+    args = ["run", "tinymodels:tiny", "--steps", "512", "--timelapse", "3", "--out", str(tmp_path)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "keeps 172 frames of each image over 512 steps; at most 130: choose 4 or more" in (
+        result.output
+    )

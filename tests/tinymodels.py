@@ -70,3 +70,15 @@ def tiny_retrained() -> LoadedModel:
         model.module.conv2.weight[3].neg_()
         model.module.conv2.bias[3].neg_()
     return dataclasses.replace(model, spec="tinymodels:tiny_retrained", digest="")
+
+
+def tiny_grey_wide() -> LoadedModel:
+    """A 1-channel tiny model fed 24x40 images whose conv1 channel 0 sums its 3x3 window: it
+    fires most where an image is brightest, so its strongest position is known."""
+    model = tiny_model(in_channels=1)
+    with torch.no_grad():
+        model.module.conv1.weight.fill_(0.1)
+        model.module.conv1.bias.zero_()
+    return dataclasses.replace(
+        model, spec="tinymodels:tiny_grey_wide", input_size=(24, 40), digest=""
+    )

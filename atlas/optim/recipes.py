@@ -164,3 +164,18 @@ def get(name: str = DEFAULT, **overrides) -> Recipe:
     if name not in PRESETS:
         raise AtlasError(f"unknown recipe {name!r}{did_you_mean(name, PRESETS)}")
     return PRESETS[name].replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+MAX_TIMELAPSE_FRAMES = 130  # per image: 512 steps every 4, kept on the device as 8-bit frames
+
+
+def check_timelapse(recipe: Recipe, every: int) -> None:
+    """A timelapse keeps its frames on the device, so their number is bounded."""
+    total = sum(stage.steps for stage in recipe.stages())
+    frames = len(range(0, total, every)) + ((total - 1) % every != 0) if every else 0
+    if frames > MAX_TIMELAPSE_FRAMES:
+        fewest = -(-total // (MAX_TIMELAPSE_FRAMES - 1))
+        raise AtlasError(
+            f"a timelapse every {every} steps keeps {frames} frames of each image over "
+            f"{total} steps; at most {MAX_TIMELAPSE_FRAMES}: choose {fewest} or more"
+        )

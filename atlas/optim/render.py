@@ -24,7 +24,7 @@ from atlas.optim import transforms
 from atlas.optim.objectives import LOGITS, BatchObjective, Objective, Target, as_objective
 from atlas.optim.objectives import diversity as diversity_term
 from atlas.optim.param import ImageParam, colour_matrix
-from atlas.optim.recipes import Recipe
+from atlas.optim.recipes import Recipe, check_timelapse
 
 
 @dataclass
@@ -165,6 +165,7 @@ def visualize(
     last step, in each result's `frames`."""
     if not targets:
         return []
+    check_timelapse(recipe, timelapse)
     requested = [as_objective(t) for t in targets]
     objectives = _with_diversity(model, requested, recipe)
     hooked, stop_after = _needed_layers(model, objectives)
