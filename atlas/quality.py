@@ -23,11 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from atlas.layers import LOGITS, capture, run_forward
+from atlas.layers import LOGITS, capture, module_device, run_forward
 from atlas.optim.objectives import BatchObjective, Objective, Target, as_objective
-
-# the engine's own choice of hooked layers and early stop, so both measure the same thing
-from atlas.optim.render import _needed_layers, check_targets
+from atlas.optim.render import check_targets, needed_layers
 
 Image = np.ndarray | torch.Tensor
 """uint8 (or float in [0, 1]) numpy [H, W, 3] or [H, W], or a float tensor [C, H, W] in [0, 1]."""
@@ -86,10 +84,6 @@ def _model_inputs(model, images: Sequence[Image], device: torch.device) -> torch
     return model.normalize.to(device)(torch.cat(views).clamp(0, 1))
 
 
-def _device(model) -> torch.device:
-    return next(iter(model.module.parameters()), torch.empty(0)).device
-
-
 def _for_each_batch(
     model,
     objectives: Sequence[Objective],
@@ -99,8 +93,8 @@ def _for_each_batch(
 ) -> None:
     """Calls `consume(first row, activations)` for consecutive batches of `images`, with only
     the layers the objectives need hooked and the forward pass stopped after the deepest."""
-    hooked, stop_after = _needed_layers(model, objectives)
-    device = _device(model)
+    hooked, stop_after = needed_layers(model, objectives)
+    device = module_device(model.module)
     with torch.no_grad(), capture(model.module, hooked, stop_after) as acts:
         for first in range(0, len(images), batch_size):
             batch = _model_inputs(model, images[first : first + batch_size], device)
@@ -188,7 +182,7 @@ class Transfer:
 
 def class_probabilities(model, images: Sequence[Image], *, batch_size: int = 16) -> torch.Tensor:
     """The model's softmax over its classes for each image, [len(images), classes], on the CPU."""
-    device = _device(model)
+    device = module_device(model.module)
     chunks = []
     with torch.no_grad():
         for first in range(0, len(images), batch_size):

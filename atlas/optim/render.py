@@ -85,11 +85,11 @@ def _with_diversity(model, objectives: list[Objective], recipe: Recipe) -> list[
 def check_targets(model, targets: Sequence[Target | Objective]) -> None:
     """Raise AtlasError for unknown layers and out-of-range units before any work starts."""
     objectives = [as_objective(t) for t in targets]
-    _needed_layers(model, objectives)
+    needed_layers(model, objectives)
     _check_indices(model, objectives)
 
 
-def _needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], str | None]:
+def needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], str | None]:
     """The hooked layers, and the one after which the forward pass can stop (None: run it all)."""
     names = set().union(*(o.layers for o in objectives))
     for name in names:
@@ -168,7 +168,7 @@ def visualize(
     check_timelapse(recipe, timelapse)
     requested = [as_objective(t) for t in targets]
     objectives = _with_diversity(model, requested, recipe)
-    hooked, stop_after = _needed_layers(model, objectives)
+    hooked, stop_after = needed_layers(model, objectives)
     _check_indices(model, objectives)
     device = _resolve_device(device)
     seed_everything(seed)
