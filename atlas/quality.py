@@ -8,7 +8,8 @@ measures separate the two, each comparable across recipes and against natural im
 - activation ratio: the unit's activation on its visualization over its highest activation on
   natural images, a scale that means the same for every unit (`activation_ratios`);
 - high-frequency share: how much of an image's energy is in fine detail; noise scores high,
-  photos low (`high_frequency_share`).
+  photos low (`high_frequency_share`); with the share of clipped pixels (`clipped_share`),
+  which catches blown-out images that the spectrum calls smooth.
 
 Every activation here is "clean": the image resized to the model's input with antialiasing,
 normalized, and shown once with none of the optimization's random transforms.
@@ -66,6 +67,17 @@ def high_frequency_share(image: Image, cutoff: float = HIGH_FREQUENCY_CUTOFF) ->
     radius = torch.sqrt(fy.square() + fx.square())
     total = float(power.sum())
     return float(power[radius > cutoff].sum()) / total if total > 0 else 0.0
+
+
+CLIPPED = 3 / 255  # within 3 levels of black or white in 8 bits
+
+
+def clipped_share(image: Image) -> float:
+    """Share of pixel values at (or within 3 levels of) black or white: blown-out highlights
+    and crushed shadows, which a spectrum measure does not see (flat white areas have no high
+    frequencies). Photos and good visualizations score near 0."""
+    values = to_tensor(image)
+    return float(((values <= CLIPPED) | (values >= 1 - CLIPPED)).float().mean())
 
 
 def _model_inputs(model, images: Sequence[Image], device: torch.device) -> torch.Tensor:

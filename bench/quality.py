@@ -133,15 +133,16 @@ def score(images, groups, lite0, judges, photo_maxima):
     row["ratio median"] = np.nanmedian(ratios)
     row["ratio n"] = int(np.isfinite(ratios).sum())
     row["hf"] = np.mean([quality.high_frequency_share(image) for image in images])
+    row["clipped"] = np.mean([quality.clipped_share(image) for image in images])
     return row
 
 
-def print_table(rows, photo_hf, judges, n_classes, n_channels):
+def print_table(rows, photo_hf, photo_clipped, judges, n_classes, n_channels):
     names = list(judges)
     header = (
         ["method", "Lite0 top-1"]
         + [f"{n} {m}" for n in names for m in ("top-1", "top-5", "p(class)")]
-        + ["act. ratio mean", "act. ratio median", "HF share", "seconds"]
+        + ["act. ratio mean", "act. ratio median", "HF share", "clipped", "seconds"]
     )
     print("\n| " + " | ".join(header) + " |")
     print("| " + " | ".join("---" for _ in header) + " |")
@@ -157,16 +158,19 @@ def print_table(rows, photo_hf, judges, n_classes, n_channels):
             f"{row['ratio mean']:.2f}",
             f"{row['ratio median']:.2f}",
             f"{row['hf']:.4f}",
+            f"{row['clipped']:.3f}",
             f"{row['seconds']:.0f}",
         ]
         print("| " + " | ".join(cells) + " |")
     blank = [""] * (1 + 3 * len(names))
-    print("| natural photo crops | " + " | ".join(blank) + f" | 1 | 1 | {photo_hf:.4f} | |")
+    photos = f" | 1 | 1 | {photo_hf:.4f} | {photo_clipped:.3f} | |"
+    print("| natural photo crops | " + " | ".join(blank) + photos)
     print(
         f"\n{n_classes} classes, {n_channels} channels. Transfer: class visualizations judged by "
         "models that never saw them. Activation ratio: channel's activation on its image over "
         "its maximum on the photo crops (>1: more than any crop). HF share: spectral energy "
-        "above 0.25 cycles/pixel (lower: less noise)."
+        "above 0.25 cycles/pixel (lower: less noise). Clipped: share of pixel values within 3 "
+        "levels of black or white (blown-out highlights, crushed shadows)."
     )
 
 
@@ -186,6 +190,12 @@ def compare(rows, default: str, baseline: str) -> None:
             ours["ratio mean"] > theirs["ratio mean"],
         ),
         ("HF share (lower is better)", ours["hf"], theirs["hf"], ours["hf"] < theirs["hf"]),
+        (
+            "clipped share (lower is better)",
+            ours["clipped"],
+            theirs["clipped"],
+            ours["clipped"] <= theirs["clipped"],
+        ),
     ]
     print(f"\n{default} against {baseline}:")
     for what, a, b, better in checks:
@@ -225,6 +235,7 @@ def main() -> None:
     photos = photo_crops(args.crops, args.seed)
     photo_maxima = quality.activation_grid(lite0, channels, photos).max(axis=0)
     photo_hf = float(np.mean([quality.high_frequency_share(p) for p in photos]))
+    photo_clipped = float(np.mean([quality.clipped_share(p) for p in photos]))
     print(f"{len(photos)} photo crops: mean HF share {photo_hf:.4f}", flush=True)
 
     methods = []
@@ -245,7 +256,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         rows[name] = score(images, groups, lite0, judges, photo_maxima)
         rows[name]["seconds"] = seconds
-    print_table(rows, photo_hf, judges, args.classes, len(channels))
+    print_table(rows, photo_hf, photo_clipped, judges, args.classes, len(channels))
     compare(rows, "fourier", "Lucent render_vis (default)")
 
 

@@ -149,3 +149,16 @@ def test_transfer_scores_a_constructed_judge():
     assert [s.top1 for s in scores] == [True, False, False]
     assert [s.top5 for s in scores] == [True, False, True]
     assert scores[0].probability > 0.99 and scores[1].probability < 1e-4
+
+
+def test_clipped_share_counts_blown_out_pixels():
+    from atlas.quality import clipped_share
+
+    gradient = np.tile(np.linspace(20, 235, 64, dtype=np.uint8), (64, 1))
+    assert clipped_share(np.stack([gradient] * 3, -1)) == 0.0
+    half = np.zeros((8, 8, 3), np.uint8)
+    half[:, :4] = 255
+    assert clipped_share(half) == 1.0
+    quarter = np.full((8, 8, 3), 128, np.uint8)
+    quarter[:4, :4] = 254  # within 3 levels of white
+    assert clipped_share(quarter) == 0.25
