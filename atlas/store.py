@@ -6,7 +6,7 @@ manifest.json is rebuilt from both, so it can never disagree with them.
     OUT/units/<layer>/<index>.json        written last: a unit with a JSON is complete
     OUT/plan.json                         the last run's model, recipe, layers, unit keys, times
     OUT/exemplars/<layer>/<index>.json    a unit's dataset exemplars (--exemplars DIR), written
-    OUT/exemplars/<layer>/<index>.<j>.webp  after its patches; summary.json for the folder
+    OUT/exemplars/<layer>/<index>.<key>.<j>.webp  after its patches; summary.json for the folder
     OUT/manifest.json                     everything the site needs
 
 Statuses, one per unit: done (stored with the planned key), failed (stored as failed with the
