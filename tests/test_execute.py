@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from synthetic import make_image_folder
 
 TESTS = Path(__file__).parent
 DASK = str(Path(sys.executable).parent / "dask")
@@ -180,8 +181,11 @@ def test_failing_units_are_stored_as_failed_and_the_rest_completes(cluster, tmp_
     assert "simulated CUDA out of memory" in records["conv2:0"]["error"]
 
 
-def test_the_default_local_cluster_runs_an_atlas(tmp_path):
-    out = tmp_path / "atlas"
+def test_the_default_local_cluster_runs_an_atlas_and_its_exemplars(tmp_path):
+    """The visualizations and the exemplar pass on a real LocalCluster worker process."""
+    out, photos = tmp_path / "atlas", tmp_path / "photos"
+    photos.mkdir()
+    make_image_folder(photos, count=20)
     run = atlas(
         "run",
         "tinymodels:tiny",
@@ -195,13 +199,18 @@ def test_the_default_local_cluster_runs_an_atlas(tmp_path):
         "3",
         "--size",
         "32",
+        "--exemplars",
+        str(photos),
         "--out",
         str(out),
     )
     output, _ = run.communicate(timeout=300)
     assert run.returncode == 0, output
     assert "6 done, 0 failed" in output
+    assert "exemplars: 21 images (1 unreadable, skipped) for 6 units" in output
     check_complete(out, 6)
+    record = json.loads((out / "exemplars/conv2/3.json").read_text())
+    assert len(record["items"]) == 6 and all((out / i["image"]).is_file() for i in record["items"])
 
 
 @pytest.mark.parametrize(
