@@ -31,7 +31,14 @@ from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import LOGITS, resolve
 from atlas.optim.objectives import channel, logit
 from atlas.quality import clean_activations
-from atlas.site import copy_static, environment, link_or_copy, site_info, write_if_changed
+from atlas.site import (
+    copy_static,
+    environment,
+    link_or_copy,
+    remove_stale,
+    site_info,
+    write_if_changed,
+)
 from atlas.store import Store, layer_dirname
 
 GRID_PREVIEW = 12  # most changed pairs on the index page
@@ -212,13 +219,17 @@ def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str 
 
 def _render(a: Side, b: Side, summary: CompareSummary, dest: Path) -> None:
     env = environment()
+    written = {dest / "index.html"}
     for layer in summary.layers:
+        written.add(dest / layer["dir"] / "index.html")
         for row in layer["units"]:
+            written.add(dest / layer["dir"] / f"{row['index']}.html")
             key = (row["layer"], row["index"])
             for side in (a, b):
                 source = side.out / side.units[key]["images"][0]
                 name = f"{row['index']}.{side.name.lower()}{source.suffix}"
                 link_or_copy(source, dest / layer["dir"] / "img" / name)
+                written.add(dest / layer["dir"] / "img" / name)
                 row[f"image_{side.name.lower()}"] = f"img/{name}"
     common = {
         "a": a.info,
@@ -248,6 +259,7 @@ def _render(a: Side, b: Side, summary: CompareSummary, dest: Path) -> None:
     write_if_changed(
         dest / "index.html", env.get_template("compare_index.html").render(**common, root="")
     )
+    remove_stale(dest, written)
 
 
 def describe(summary: CompareSummary) -> str:

@@ -91,6 +91,12 @@ class UnitView:
     def page(self) -> str:
         return f"{self.index}.html"
 
+    def files(self) -> list[str]:
+        """Every file of this unit in its layer folder (page, images, thumbnail, animation,
+        exemplar patches), relative to that folder."""
+        extras = [self.thumb, self.timelapse, *(item["src"] for item in self.exemplars)]
+        return [self.page, *self.images, *(name for name in extras if name)]
+
 
 def curve_points(history: list, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) -> str:
     """SVG polyline points for [[step, value], ...], scaled into the box."""
@@ -246,9 +252,12 @@ def render(out: str | Path) -> Path:
     unit_page = env.get_template("unit.html")
     layer_page = env.get_template("layer.html")
     search = []
+    written = {site / "index.html"}
     for layer in layers:
         units = units_by_layer[layer["name"]]
         folder = site / layer["dir"]
+        written.add(folder / "index.html")
+        written.update(folder / name for unit in units for name in unit.files())
         write_if_changed(
             folder / "index.html",
             layer_page.render(
@@ -288,7 +297,24 @@ def render(out: str | Path) -> Path:
     )
     # The search index as a classic script: pages opened from file:// cannot fetch() JSON.
     write_if_changed(site / "search-index.js", f"window.ATLAS_SEARCH = {json.dumps(search)};\n")
+    remove_stale(site, written)
     return index
+
+
+def remove_stale(root: Path, keep: set[Path]) -> int:
+    """Delete the pages and images under `root` that this render did not write (units pruned
+    since, older animations and exemplar patches), then empty folders; static assets and any
+    other file stay. Returns how many files went."""
+    removed = 0
+    for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
+        if path.parent == root / "static":
+            continue
+        if path.is_file() and path.suffix in {".html", ".webp"} and path not in keep:
+            path.unlink()
+            removed += 1
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    return removed
 
 
 def copy_static(site: Path) -> None:

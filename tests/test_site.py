@@ -12,6 +12,7 @@ from synthetic import make_atlas
 
 from atlas.cli import cli
 from atlas.site import curve_points, render
+from atlas.store import Store
 
 HOSTILE_LABEL = "<script>alert('label')</script>"
 HOSTILE_LAYER = '<b onmouseover="x">../../evil'
@@ -120,6 +121,29 @@ def test_rendering_again_rewrites_nothing(atlas_out):
     render(atlas_out)
     after = {p: p.stat().st_mtime_ns for p in (atlas_out / "site").rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_pages_and_images_of_pruned_units_leave_the_site(tmp_path):
+    make_atlas(tmp_path, {"conv2": 4, "logits": 2}, image_size=300)
+    render(tmp_path)
+    (tmp_path / "site/notes.txt").write_text("mine")
+    Store(tmp_path).remove_unit("conv2", 3)
+    for name in ("0", "1"):
+        Store(tmp_path).remove_unit("logits", int(name))
+    plan = Store(tmp_path).read_plan()
+    plan["units"] = [u for u in plan["units"] if u["layer"] == "conv2" and u["index"] != 3]
+    plan["layers"] = [layer for layer in plan["layers"] if layer["name"] == "conv2"]
+    Store(tmp_path).write_plan(plan)
+    Store(tmp_path).write_manifest()
+    render(tmp_path)
+    site = tmp_path / "site"
+    assert not (site / "conv2/3.html").exists()
+    assert sorted(p.name for p in (site / "conv2/img").iterdir()) == sorted(
+        f"{i}{suffix}" for i in range(3) for suffix in (".webp", ".thumb.webp")
+    )
+    assert not (site / "logits").exists()  # the whole folder of a layer no longer there
+    assert (site / "notes.txt").read_text() == "mine"  # not atlas's: kept
+    assert (site / "static/atlas.css").is_file()
 
 
 def test_the_site_never_imports_torch(atlas_out):

@@ -74,6 +74,7 @@ def test_run_stores_shows_and_drops_timelapses(tmp_path):
     assert "timelapse" not in record
     assert not (tmp_path / "units/conv2/1.timelapse.webp").exists()
     assert "timelapse" not in (tmp_path / "site/conv2/1.html").read_text()
+    assert not (tmp_path / "site/conv2/img/1.timelapse.webp").exists()  # gone from the site
 
 
 def test_a_negative_timelapse_is_bad_input(tmp_path):
