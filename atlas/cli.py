@@ -303,8 +303,14 @@ def run_command(force: bool, prune: bool, **options) -> None:
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
     )
-    if summary.exemplars is not None and not summary.exemplars.failures:
-        found = summary.exemplars
+    found = summary.exemplars
+    if found is not None and found.failures:
+        click.echo(
+            f"exemplars: {len(found.failures)} chunks of images failed, nothing stored yet; "
+            "rerun to retry just those",
+            err=True,
+        )
+    elif found is not None:
         click.echo(
             f"exemplars: {found.images} images ({found.unreadable} unreadable, skipped) "
             f"for {found.units} units"

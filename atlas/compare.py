@@ -150,6 +150,20 @@ def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.dev
     return rows
 
 
+def check_destination(dest: Path, atlases: list[Path]) -> None:
+    """The pages' folder is cleaned of stale pages on every compare, so it must be compare's
+    own: new, empty, or an earlier compare's (it has compare.json), and apart from both
+    atlases."""
+    target = dest.resolve()
+    for atlas in (a.resolve() for a in atlases):
+        if target == atlas or atlas in target.parents or target in atlas.parents:
+            raise AtlasError(f"--out {dest} overlaps the atlas {atlas}: choose a separate folder")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / "compare.json").is_file():
+        raise AtlasError(
+            f"--out {dest} holds other files: choose a new folder or an earlier compare's"
+        )
+
+
 def _by_change(row: dict) -> tuple:
     change = row["change"]
     return (math.isnan(change), -change if not math.isnan(change) else 0, row["index"])
@@ -170,6 +184,7 @@ def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str 
     a, b = read_side("A", out_a), read_side("B", out_b)
     if Path(out_a).resolve() == Path(out_b).resolve():
         raise AtlasError("compare needs two different atlas folders")
+    check_destination(Path(dest), [a.out, b.out])
     dest = writable_folder(dest)
     loaded: dict = {}
     for side in (a, b):

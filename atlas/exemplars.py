@@ -33,7 +33,7 @@ from atlas.store import Store
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CHUNK_IMAGES = 32  # images per task on a CPU worker; four times as many on a GPU
 PATCH_PX = 112  # stored exemplar size
-EXEMPLAR_VERSION = "1"
+EXEMPLAR_VERSION = "2"  # 2: non-square inputs cropped to their aspect ratio
 SAVE_EVERY_SECONDS = 60.0  # how often an unfinished pass saves what it has merged
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 

@@ -64,6 +64,32 @@ def test_two_recipes_of_one_model(atlases, tmp_path):
     assert report["matched"] == 6
 
 
+@pytest.mark.parametrize("where", ["a", ".", "a/pages"])
+def test_pages_never_go_inside_or_around_an_atlas(atlases, where):
+    """The pages' folder is cleaned of stale pages: it must not hold an atlas's images."""
+    images = sorted((atlases / "a/units").rglob("*.webp"))
+    result = invoke("compare", atlases / "a", atlases / "b", "--out", atlases / where)
+    assert result.exit_code == 2 and "overlaps the atlas" in result.output
+    assert sorted((atlases / "a/units").rglob("*.webp")) == images
+
+
+def test_pages_never_go_into_a_folder_of_other_files(atlases, tmp_path):
+    (tmp_path / "mine.html").write_text("mine")
+    result = invoke("compare", atlases / "a", atlases / "b", "--out", tmp_path)
+    assert result.exit_code == 2 and "holds other files" in result.output
+    assert (tmp_path / "mine.html").read_text() == "mine"
+
+
+def test_comparing_again_into_the_same_folder_drops_stale_pages(atlases, tmp_path):
+    out = tmp_path / "cmp"
+    assert invoke("compare", atlases / "a", atlases / "b", "--out", out).exit_code == 0
+    (out / "conv2/99.html").write_text("a pair page from an earlier, larger compare")
+    (out / "conv2/img/99.a.webp").write_bytes(b"old")
+    assert invoke("compare", atlases / "a", atlases / "b", "--out", out).exit_code == 0
+    assert not (out / "conv2/99.html").exists() and not (out / "conv2/img/99.a.webp").exists()
+    assert (out / "conv2/3.html").is_file() and (out / "compare.json").is_file()
+
+
 @pytest.mark.parametrize(
     "which, message",
     [("missing", "is not an atlas"), ("same", "two different atlas folders")],

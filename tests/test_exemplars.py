@@ -172,14 +172,17 @@ def test_other_weights_do_not_resume_an_interrupted_pass(tmp_path, photos, monke
     assert seen == [0, 8, 16, 24, 32, 40]  # a fresh pass, not the old model's progress
 
 
-DOTS = [(5, 5), (70, 30), (40, 10)]  # top-left corners of an 8 px white square in 80x48
+# (width, x, y): an 8 px white square at x, y in a black image 48 px high. The model's input is
+# 24x40, so 80 px wide images are shown whole at half size and the 120 px one is cropped to its
+# centre 80 px (20 px off each side) first.
+DOTS = [(80, 5, 5), (80, 70, 30), (80, 40, 10), (120, 80, 20)]
 
 
 def test_a_non_square_grey_model_gets_patches_in_the_right_place(tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    for number, (x, y) in enumerate(DOTS):
-        pixels = np.zeros((48, 80), np.uint8)
+    for number, (width, x, y) in enumerate(DOTS):
+        pixels = np.zeros((48, width), np.uint8)
         pixels[y : y + 8, x : x + 8] = 255
         Image.fromarray(pixels).save(folder / f"dot{number}.png")
     args = ["run", "tinymodels:tiny_grey_wide", "--layers", "conv1", "--channels", "0"]
@@ -187,9 +190,10 @@ def test_a_non_square_grey_model_gets_patches_in_the_right_place(tmp_path):
     result = CliRunner().invoke(cli, [*args, "--exemplars", folder, "--out", tmp_path / "out"])
     assert result.exit_code == 0, result.output
     items = json.loads((tmp_path / "out/exemplars/conv1/0.json").read_text())["items"]
-    assert sorted(item["source"] for item in items) == ["dot0.png", "dot1.png", "dot2.png"]
+    assert sorted(item["source"] for item in items) == [f"dot{i}.png" for i in range(4)]
     for item in items:
-        x, y = DOTS[int(item["source"][3])]
+        width, x, y = DOTS[int(item["source"][3])]
+        x -= (width - 80) / 2  # the centre crop
         left, top, right, bottom = item["box"]  # in the 40x24 input: the image at half size
         assert left < (x + 8) / 2 and right > x / 2 and top < (y + 8) / 2 and bottom > y / 2
         assert 0 <= left < right <= 40 and 0 <= top < bottom <= 24

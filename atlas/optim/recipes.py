@@ -173,6 +173,8 @@ MAX_TIMELAPSE_FRAMES = 130  # per image: 512 steps every 4, kept on the device a
 
 def check_timelapse(recipe: Recipe, every: int) -> None:
     """A timelapse keeps its frames on the device, so their number is bounded."""
+    if every < 0:
+        raise AtlasError("timelapse must be 0 (off) or a number of steps")
     total = sum(stage.steps for stage in recipe.stages())
     frames = len(range(0, total, every)) + ((total - 1) % every != 0) if every else 0
     if frames > MAX_TIMELAPSE_FRAMES:
