@@ -62,6 +62,7 @@ class Recipe:
     octaves: tuple[Octave, ...] = ()
     diversity: float = 0.0  # weight of the diversity term for K images of one unit
     diversity_layer: str | None = None  # default: the unit's own layer
+    redirect_relu: int = 8  # first steps in which dead ReLUs pass gradient (atlas.optim.relu)
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,6 +80,7 @@ class Recipe:
             (min(self.pad, self.jitter, self.rotate) >= 0, "pad, jitter, rotate must be >= 0"),
             (min(self.l1, self.l2, self.tv, self.diversity) >= 0, "weights must be >= 0"),
             (self.blur_every >= 0 and self.blur_sigma >= 0, "blur settings must be >= 0"),
+            (self.redirect_relu >= 0, "redirect_relu must be 0 (never) or a number of steps"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,7 +126,7 @@ _LUCID_TRANSFORMS = dict(pad=12.0, jitter=8.0, scale=(0.9, 1.1), rotate=10.0)
 
 PRESETS: dict[str, Recipe] = {
     # Raw gradient ascent on pixels from grey: the baseline that yields adversarial noise.
-    "plain": Recipe(name="plain", param="pixel", colour="none", lr=0.05),
+    "plain": Recipe(name="plain", param="pixel", colour="none", lr=0.05, redirect_relu=0),
     # Pixels with transforms, an L2 pull towards grey and a blur every 10 steps.
     "blur-l2": Recipe(
         name="blur-l2",

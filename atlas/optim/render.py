@@ -12,6 +12,7 @@ import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,7 @@ from atlas.optim.objectives import LOGITS, BatchObjective, Objective, Target, as
 from atlas.optim.objectives import diversity as diversity_term
 from atlas.optim.param import ImageParam, colour_matrix
 from atlas.optim.recipes import Recipe, check_timelapse
+from atlas.optim.relu import redirected_relus
 
 
 @dataclass
@@ -206,7 +208,8 @@ def visualize(
     history = torch.zeros(total, batch, device=device)
     frames: list[torch.Tensor] = []
     step = 0
-    with capture(module, hooked, stop_after) as acts:
+    relus = redirected_relus(module) if recipe.redirect_relu else nullcontext()
+    with capture(module, hooked, stop_after) as acts, relus as redirect:
         for stage_number, stage in enumerate(stages):
             if stage_number:  # upscale the current image into a larger parameterization
                 with torch.no_grad():
@@ -223,6 +226,8 @@ def visualize(
                 progress = stage_step / max(stage.steps - 1, 1)
                 for group in optimizer.param_groups:
                     group["lr"] = _lerp(stage.lr, progress)
+                if redirect is not None:
+                    redirect.on = step < recipe.redirect_relu
                 images = param()
                 if timelapse and (step % timelapse == 0 or step == total - 1):
                     frames.append(_as_uint8(images.detach()))
@@ -250,6 +255,8 @@ def visualize(
                 step += 1
                 if on_step is not None:
                     on_step(step, total)
+        if redirect is not None:
+            redirect.on = False
         with torch.no_grad():  # the requested objectives on the images as stored and shown
             shown = normalize(_shown(best_image, model.input_size))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
