@@ -23,8 +23,8 @@ def photos(tmp_path_factory):
     return folder, make_image_folder(folder)
 
 
-def run(out, photos, *extra):
-    args = ["run", "tinymodels:tiny", "--layers", "conv2", "--channels", "0-3"]
+def run(out, photos, *extra, spec="tinymodels:tiny"):
+    args = ["run", spec, "--layers", "conv2", "--channels", "0-3"]
     args += ["--classes", "0-1", "--steps", "3", "--size", "32", "--scheduler", "inline"]
     args += ["--exemplars", str(photos), "--exemplars-top", "3", "--out", str(out), *extra]
     return CliRunner().invoke(cli, args)
@@ -124,6 +124,13 @@ def exemplar_items(out, units=("conv2/0", "conv2/2", "logits/1")):
     return {u: json.loads((out / f"exemplars/{u}.json").read_text())["items"] for u in units}
 
 
+def assert_as_in_a_clean_run(out, folder, monkeypatch):
+    """The exemplars in `out` are those of one uninterrupted run with the real worker."""
+    monkeypatch.undo()
+    assert run(out / "clean", folder).exit_code == 0
+    assert exemplar_items(out) == exemplar_items(out / "clean")
+
+
 def test_a_killed_pass_resumes_where_it_was(tmp_path, photos, monkeypatch):
     folder, _ = photos
     monkeypatch.setattr(atlas.exemplars, "CHUNK_IMAGES", 8)
@@ -136,9 +143,7 @@ def test_a_killed_pass_resumes_where_it_was(tmp_path, photos, monkeypatch):
     assert run(tmp_path, folder).exit_code == 0
     assert resumed == [24, 32, 40]  # chunks 0, 8 and 16 were saved before the kill
     assert not (tmp_path / "exemplars/progress.json").exists()
-    monkeypatch.undo()
-    assert run(tmp_path / "clean", folder).exit_code == 0
-    assert exemplar_items(tmp_path) == exemplar_items(tmp_path / "clean")
+    assert_as_in_a_clean_run(tmp_path, folder, monkeypatch)
 
 
 def test_a_failed_chunk_fails_the_run_but_keeps_the_rest(tmp_path, photos, monkeypatch):
@@ -154,9 +159,7 @@ def test_a_failed_chunk_fails_the_run_but_keeps_the_rest(tmp_path, photos, monke
     retried = counting_task(monkeypatch)
     assert run(tmp_path, folder).exit_code == 0
     assert retried == [8]  # only the failed chunk
-    monkeypatch.undo()
-    assert run(tmp_path / "clean", folder).exit_code == 0
-    assert exemplar_items(tmp_path) == exemplar_items(tmp_path / "clean")
+    assert_as_in_a_clean_run(tmp_path, folder, monkeypatch)
 
 
 def test_other_weights_do_not_resume_an_interrupted_pass(tmp_path, photos, monkeypatch):
@@ -165,10 +168,7 @@ def test_other_weights_do_not_resume_an_interrupted_pass(tmp_path, photos, monke
     counting_task(monkeypatch, fail_at=2)
     assert run(tmp_path, folder).exit_code == 1
     seen = counting_task(monkeypatch)
-    args = ["run", "tinymodels:tiny_retrained", "--layers", "conv2", "--channels", "0-3"]
-    args += ["--classes", "0-1", "--steps", "3", "--size", "32", "--scheduler", "inline"]
-    args += ["--exemplars", str(folder), "--exemplars-top", "3", "--out", str(tmp_path)]
-    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert run(tmp_path, folder, spec="tinymodels:tiny_retrained").exit_code == 0
     assert seen == [0, 8, 16, 24, 32, 40]  # a fresh pass, not the old model's progress
 
 
