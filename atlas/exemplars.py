@@ -28,6 +28,7 @@ from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, encode_image
 from atlas.fold import running_module
 from atlas.layers import LOGITS, capture, deepest, module_device, resolve, run_forward
+from atlas.optim.render import resolve_device
 from atlas.store import Store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -124,7 +125,7 @@ def decode(
 def exemplar_task(model, task: ExemplarTask, device: str | None = None) -> dict:
     """One chunk: per layer, the best `top` images of the chunk for each unit, as arrays
     [k, units] of scores, image ids and the strongest position (row, column) in the map."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     images, kept = decode(task.blobs, model.input_size, model.input_channels)
     unreadable = sorted(set(range(len(task.blobs))) - set(kept))
     result = {"first": task.first, "unreadable": unreadable, "layers": {}}

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from atlas.layers import LOGITS, capture, module_device, run_forward
 from atlas.optim.objectives import BatchObjective, Objective, Target, as_objective
 from atlas.optim.render import check_targets, needed_layers
+from atlas.optim.transforms import resize
 
 Image = np.ndarray | torch.Tensor
 """uint8 (or float in [0, 1]) numpy [H, W, 3] or [H, W], or a float tensor [C, H, W] in [0, 1]."""
@@ -88,11 +88,7 @@ def _model_inputs(model, images: Sequence[Image], device: torch.device) -> torch
         view = to_tensor(image).to(device)[None]
         if view.shape[1] != model.input_channels:
             view = view.mean(1, keepdim=True).expand(-1, model.input_channels, -1, -1)
-        views.append(
-            F.interpolate(
-                view, size=model.input_size, mode="bilinear", antialias=True, align_corners=False
-            )
-        )
+        views.append(resize(view, model.input_size))
     return model.normalize.to(device)(torch.cat(views).clamp(0, 1))
 
 

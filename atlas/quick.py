@@ -17,7 +17,7 @@ from atlas.files import (
     safe_name,
 )
 from atlas.optim import Recipe, Target, visualize
-from atlas.optim.render import UnitResult
+from atlas.optim.render import UnitResult, resolve_device
 
 
 def result_record(result: UnitResult, image_names: list[str], model) -> dict:
@@ -91,7 +91,7 @@ def run(
         "recipe_hash": recipe.hash,
         "steps": sum(stage.steps for stage in recipe.stages()),
         "seconds": round(seconds, 3),
-        "device": str(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        "device": str(resolve_device(device)),
         "atlas_version": atlas.__version__,
         "torch_version": torch.__version__,
         "units": records,

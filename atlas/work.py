@@ -14,6 +14,7 @@ import torch
 
 from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
+from atlas.optim.render import resolve_device
 from atlas.plan import Task
 from atlas.store import downsample
 
@@ -63,7 +64,7 @@ def visualize_splitting(model, targets: list, task: Task, device: torch.device) 
 def run_task(model, task: Task, device: str | None = None) -> dict:
     """Optimize every unit of `task` (K images each) in one batch. A unit whose objective
     became NaN or infinite is returned as failed; the others are fine."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the same shapes run hundreds of times
     targets = [unit.target() for unit in task.units for _ in range(task.samples)]

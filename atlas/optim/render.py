@@ -132,7 +132,8 @@ def _penalties(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     return penalty
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device asked for, or CUDA when there is one, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -172,7 +173,7 @@ def visualize(
     objectives = _with_diversity(model, requested, recipe)
     hooked, stop_after = needed_layers(model, objectives)
     _check_indices(model, objectives)
-    device = _resolve_device(device)
+    device = resolve_device(device)
     seed_everything(seed)
     on_cuda = device.type == "cuda"
     # folded BatchNorm (1.5x) and channels_last (1.2x per step on a 2-core CPU, bench/speed.py)
@@ -278,10 +279,7 @@ def visualize(
 def _shown(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """The images as stored (8 bits per channel) and as a reader's model would see them:
     resized to its input with antialiasing, no random transforms."""
-    stored = (images.clamp(0, 1) * 255).round() / 255
-    return torch.nn.functional.interpolate(
-        stored, size=size, mode="bilinear", antialias=True, align_corners=False
-    )
+    return transforms.resize((images.clamp(0, 1) * 255).round() / 255, size)
 
 
 def _image_generators(seed: int, objectives: Sequence[Objective]) -> list[torch.Generator]:

@@ -77,8 +77,13 @@ def apply(
     if recipe.has_geometric_transforms:
         images = warp(images, affine_matrices(draws, recipe), out_size)
     elif tuple(images.shape[-2:]) != tuple(out_size):
-        images = F.interpolate(images, size=out_size, mode="bilinear", antialias=True)
+        images = resize(images, out_size)
     return colour_jitter(images, draws, recipe.colour_jitter)
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear with antialiasing: how an image is shown to a model at another size."""
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
