@@ -30,6 +30,7 @@ from atlas.errors import AtlasError
 from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import LOGITS, resolve
 from atlas.optim.objectives import channel, logit
+from atlas.optim.render import resolve_device
 from atlas.quality import clean_activations
 from atlas.site import (
     copy_static,
@@ -46,10 +47,11 @@ GRID_PREVIEW = 12  # most changed pairs on the index page
 
 @dataclass
 class Side:
-    """One atlas: its folder, manifest facts, done units by (layer, index), and its model."""
+    """One atlas: its folder, plan and facts, done units by (layer, index), and its model."""
 
     name: str  # "A" or "B"
     out: Path
+    plan: dict
     info: dict
     units: dict[tuple[str, int], dict]
     model: object = None
@@ -61,23 +63,21 @@ class Side:
 
 def read_side(name: str, out: str | Path) -> Side:
     out = Path(out)
-    store = Store(out)
-    plan = store.read_plan()
+    units, plan = Store(out).classify()
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
-    units, _ = store.classify()
     done = {
         (u["layer"], u["index"]): u
         for u in units
         if u["status"] == "done" and u.get("images") and (out / u["images"][0]).is_file()
     }
-    return Side(name, out, {**site_info(plan, units), "out": str(out)}, done)
+    return Side(name, out, plan, {**site_info(plan, units), "out": str(out)}, done)
 
 
-def load_model(side: Side, plan: dict, loaded: dict):
+def load_model(side: Side, loaded: dict):
     """The model that made the atlas, loaded once per weights digest; its weights must still
     be the ones the atlas was made with."""
-    model_facts = plan.get("model") or {}
+    model_facts = side.plan.get("model") or {}
     digest = model_facts.get("digest")
     if digest in loaded:
         return loaded[digest]
@@ -188,13 +188,12 @@ def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str 
     dest = writable_folder(dest)
     loaded: dict = {}
     for side in (a, b):
-        side.model = load_model(side, Store(side.out).read_plan(), loaded)
+        side.model = load_model(side, loaded)
     shared = sorted(set(a.units) & set(b.units), key=lambda k: (k[0] == LOGITS, k))
     keys = [k for k in shared if fits(a.model, *k) and fits(b.model, *k)]
     if not keys:
         raise AtlasError(f"{a.out} and {b.out} have no finished unit in common to compare")
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows = score_pairs(a, b, keys, torch_device)
+    rows = score_pairs(a, b, keys, resolve_device(device))
     layer_order = list(dict.fromkeys(row["layer"] for row in rows))
     layers = []
     for layer in layer_order:

@@ -126,6 +126,15 @@ def _inside(name: str, convs: Collection[str]) -> bool:
     return any(name == conv or name.startswith(conv + ".") for conv in convs)
 
 
+def _sample(model) -> torch.Tensor:
+    """Two fixed random images, normalized, on the model's device: the input of the checks."""
+    device = module_device(model.module)
+    images = torch.rand(
+        2, model.input_channels, *model.input_size, generator=torch.Generator().manual_seed(0)
+    )
+    return model.normalize.to(device)(images.to(device))
+
+
 def running_module(model, hooked: Collection[str]) -> nn.Module:
     """What the optimization loop runs for these hooked layers: a copy of `model.module` with
     its BatchNorms folded, except into hooked convolutions (or ones holding a hooked layer).
@@ -134,16 +143,12 @@ def running_module(model, hooked: Collection[str]) -> nn.Module:
     not a folded convolution must agree. Only the latest copy is kept; with block outputs
     hooked (no convolution left unfolded) that is one copy per process."""
     module = model.module
-    if not model.hookable or not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+    if not model.hookable:
         return module
-    device = module_device(module)
-    images = torch.rand(
-        2, model.input_channels, *model.input_size, generator=torch.Generator().manual_seed(0)
-    )
-    sample = model.normalize.to(device)(images.to(device))
     cache = _copies.setdefault(module, {})
-    if "pairs" not in cache:
-        cache["pairs"] = conv_bn_pairs(module, sample)
+    if "pairs" not in cache:  # once per model: a dry pass only when there is a BatchNorm
+        has_batchnorm = any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+        cache["pairs"] = conv_bn_pairs(module, _sample(model)) if has_batchnorm else []
     pairs = [(c, bn) for c, bn in cache["pairs"] if not any(_inside(h, [c]) for h in hooked)]
     key = frozenset(pairs)
     if cache.get("key") != key:
@@ -153,7 +158,7 @@ def running_module(model, hooked: Collection[str]) -> nn.Module:
             fold_batchnorm(candidate, pairs)
             folded = [conv for conv, _ in pairs]
             unchanged = [x.name for x in model.layers if not _inside(x.name, [*folded, LOGITS])]
-            if agree(module, candidate, sample, unchanged):
+            if agree(module, candidate, _sample(model), unchanged):
                 cache["copy"] = candidate
             else:
                 log.warning("%s: folding BatchNorm changed its outputs; runs unfolded", model.spec)
