@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +85,33 @@ def writable_folder(path: str | Path) -> Path:
     except OSError as error:
         raise AtlasError(f"cannot write to {path}: {error.strerror or error}") from error
     return path
+
+
+def remove_temporaries(folder: Path, *, below: bool = False) -> int:
+    """Delete the `.NAME.*.tmp` files a killed writer left in `folder` (and, with `below`, in
+    every folder inside it); only safe while no other process writes there. Returns how many."""
+    leftovers = list(folder.rglob(".*.tmp") if below else folder.glob(".*.tmp"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, or raise AtlasError at once if another
+    process holds it. The kernel releases the lock when its holder dies, even by SIGKILL, so a
+    crash never leaves a stale lock behind."""
+    handle = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise AtlasError(f"{what} (pid {holder}); wait for it or stop it first") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

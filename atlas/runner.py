@@ -105,6 +105,18 @@ def run_atlas(
     and `on_progress` feed a progress display."""
     model, plan = load_and_plan(config)
     store = Store(writable_folder(config.out))
+    with store.claimed():
+        return _run_claimed(config, model, plan, store, on_start, on_progress)
+
+
+def _run_claimed(
+    config: AtlasConfig,
+    model,
+    plan: Plan,
+    store: Store,
+    on_start: Callable[[int, int, str | None], None] | None,
+    on_progress: Callable[[Progress], None] | None,
+) -> RunSummary:
     started = now()
     store.write_plan(plan_record(plan, model, started, None))
     if config.prune:

@@ -16,14 +16,22 @@ planned with another key: the old result is shown until the new one replaces it)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from atlas.files import atomic_write_bytes, atomic_write_json, safe_name
+from atlas.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    exclusive_lock,
+    remove_temporaries,
+    safe_name,
+)
 
 HISTORY_POINTS = 128
 STATUSES = ("done", "failed", "missing", "stale")
@@ -57,6 +65,19 @@ class Store:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.units_dir = self.out / "units"
+
+    @contextlib.contextmanager
+    def claimed(self) -> Iterator[None]:
+        """Make this process the only writer of OUT for the block (a second `atlas run` on the
+        same folder stops with a clear error), then sweep the temporaries a killed writer left:
+        with the lock held, no write can be in flight."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(self.out / ".atlas.lock", f"another atlas run is writing {self.out}"):
+            remove_temporaries(self.out)
+            for folder in ("units", "exemplars", "site"):
+                if (self.out / folder).is_dir():
+                    remove_temporaries(self.out / folder, below=True)
+            yield
 
     def unit_path(self, layer: str, index: int, suffix: str) -> Path:
         return self.units_dir / layer_dirname(layer) / f"{index}{suffix}"

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from clihelpers import assert_bad_input, make_runner
 from PIL import Image
 from torch import nn
 
@@ -21,14 +21,6 @@ from atlas.cli import cli
 from atlas.files import safe_name
 
 LITE0 = "efficientnet_lite0"
-
-
-def make_runner():
-    """Separate stdout and stderr: the default from click 8.2, `mix_stderr=False` before."""
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +47,6 @@ def atlas(lite0, monkeypatch):
         return runner.invoke(cli, [str(arg) for arg in args], catch_exceptions=True)
 
     return invoke
-
-
-def assert_bad_input(result, *fragments):
-    """Exit code 2, one `error:` line on stderr holding every fragment, no traceback."""
-    details = f"exit {result.exit_code}; stdout {result.stdout!r}; stderr {result.stderr!r}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), (
-        f"{type(result.exception).__name__}: {result.exception}; {details}"
-    )
-    assert result.exit_code == 2, details
-    assert "Traceback" not in result.output, details
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, details
-    assert lines[0].startswith("error: "), details
-    for fragment in fragments:
-        assert fragment in lines[0], details
-    return lines[0]
 
 
 def run_atlas(*args, cwd):

@@ -138,8 +138,8 @@ def test_a_killed_client_leaves_whole_units_and_the_rerun_does_only_the_rest(clu
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = {p: p.stat().st_mtime_ns for p in out.glob("units/*/*.json")}
-    assert 4 <= len(before) < UNITS
-    assert not list(out.rglob("*.tmp"))
+    assert 4 <= len(before) < UNITS  # whole units (stored() parses each); a temporary the kill
+    # interrupted may remain until the rerun sweeps it, which check_complete verifies
     rerun = atlas(*args)
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output

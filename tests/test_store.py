@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from clihelpers import assert_bad_input, make_runner
 from tinymodels import tiny_model
 
 import atlas.files
@@ -16,6 +16,7 @@ import atlas.work
 from atlas import planview, runner
 from atlas.cli import cli
 from atlas.config import AtlasConfig
+from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes
 from atlas.optim.recipes import get
 from atlas.plan import make_plan
@@ -272,6 +273,37 @@ def test_stray_temporaries_and_corrupt_json_are_ignored(model, store, mixed):
     assert "conv2:0" in [u.id for u in store.pending(mixed.units)]
 
 
+def test_claiming_out_sweeps_what_killed_writers_left_and_keeps_everything_else(store):
+    store.save_unit(raw_record("conv2", 1), [b"x"])
+    leftovers = [
+        store.out / ".plan.json.k1ll3d.tmp",
+        store.out / "units/conv2/.2.json.abc123.tmp",
+        store.out / "exemplars/conv2/.1.0.webp.q.tmp",
+        store.out / "site/conv2/.index.html.tmp",
+    ]
+    kept = [store.out / "notes.tmp", store.out / "mine/.draft.tmp", store.out / "units/.keep"]
+    for path in leftovers + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    with store.claimed():
+        assert not any(path.exists() for path in leftovers)
+    assert all(path.exists() for path in kept)  # not names atlas writes, or not atlas's folders
+    assert store.index()[("conv2", 1)]["status"] == "done"
+
+
+def test_only_one_process_writes_out_at_a_time(store):
+    with store.claimed():
+        temporary = store.out / "units/conv2/.3.json.inflight.tmp"
+        temporary.parent.mkdir(parents=True)
+        temporary.write_bytes(b"being written")
+        busy = rf"another atlas run is writing .*pid {os.getpid()}"
+        with pytest.raises(AtlasError, match=busy), Store(store.out).claimed():
+            pass
+        assert temporary.exists()  # the second claimant touched nothing
+    with store.claimed():  # released with the block (and by the kernel if its holder dies)
+        assert not temporary.exists()
+
+
 @pytest.mark.parametrize("content", ['{"note": "left by a user"}', "[1, 2]", "null"])
 def test_foreign_json_in_units_is_ignored(store, mixed, content):
     expected = store.status()
@@ -483,13 +515,6 @@ def test_downsample_edge_cases():
 # --- atlas run / plan / status, end to end -----------------------------------------------------
 
 
-def make_runner():
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
 RUN = ["tinymodels:tiny", "--layers", "conv2", "--steps", "3", "--size", "32"]
 
 
@@ -583,6 +608,13 @@ def test_unchanged_rerun_starts_no_executor(atlas_cli, monkeypatch):
     result = atlas_cli("run", "--channels", "0-1", "--classes", "")
     assert result.exit_code == 0, result.output
     assert "2 already stored of 2 units" in result.stdout
+
+
+def test_a_second_run_on_the_same_out_stops_with_one_line(atlas_cli, optimized):
+    with Store(atlas_cli.out).claimed():
+        result = atlas_cli("run", "--channels", "0-1", "--classes", "")
+    assert_bad_input(result, "another atlas run is writing", str(atlas_cli.out))
+    assert optimized == []
 
 
 def test_changed_steps_rerun_every_unit(atlas_cli, optimized):
