@@ -105,7 +105,9 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
     width = max(len(layer.name) for layer in layers)
     for layer in layers:
         shape = "x".join(str(n) for n in layer.shape)
-        click.echo(f"{layer.name:<{width}}  {layer.type:<24} {shape:<14} {layer.channels}")
+        line = f"{layer.name:<{width}}  {layer.type:<24} {shape:<14} {layer.channels:<6}"
+        reads = f"read before {layer.pre_activation}" if layer.pre_activation else ""
+        click.echo(f"{line} {reads}".rstrip())
 
 
 @cli.command("visualize")

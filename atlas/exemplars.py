@@ -59,8 +59,9 @@ def fingerprint(folder: Path, files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def exemplar_key(digest: str, layer: str, index: int, folder_print: str, top: int) -> str:
-    fields = [digest, layer, index, folder_print, top, EXEMPLAR_VERSION]
+def exemplar_key(digest: str, source: str, index: int, folder_print: str, top: int) -> str:
+    """`source`: the LayerInfo.source of the unit's layer (what its ranking reads)."""
+    fields = [digest, source, index, folder_print, top, EXEMPLAR_VERSION]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -135,7 +136,7 @@ def exemplar_task(model, task: ExemplarTask, device: str | None = None) -> dict:
     hooked = [name for name in names if name != LOGITS]
     module = running_module(model, hooked).to(device)
     ids = torch.tensor(kept, device=device) + task.first
-    with torch.no_grad(), capture(module, hooked, deepest(model, names)) as acts:
+    with torch.no_grad(), capture(model, hooked, deepest(model, names), module) as acts:
         output = run_forward(module, model.normalize.to(device)(images.to(device)))
         if output is not None:
             acts[LOGITS] = output
@@ -209,7 +210,7 @@ def receptive_halfwidth(model, layer: str) -> float:
     device = module_device(module)
     image = torch.full((1, model.input_channels, *model.input_size), 0.5, device=device)
     image.requires_grad_(True)
-    with capture(module, [layer], layer) as acts:
+    with capture(model, [layer], layer) as acts:
         run_forward(module, model.normalize.to(device)(image))
     height, width = info.shape[1:]
     acts[layer][0, :, height // 2, width // 2].sum().backward()
@@ -293,7 +294,8 @@ class ExemplarPass:
         stored = self.store.exemplars()
         self.keys: dict[tuple[str, int], str] = {}
         for unit in plan_units:
-            key = exemplar_key(model.digest, unit.layer, unit.index, folder_print, top)
+            source = resolve(model, unit.layer).source
+            key = exemplar_key(model.digest, source, unit.index, folder_print, top)
             if stored.get((unit.layer, unit.index), {}).get("key") != key:
                 self.keys[(unit.layer, unit.index)] = key
         self.units: dict[str, list[int]] = {}

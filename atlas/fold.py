@@ -100,18 +100,18 @@ def fold_batchnorm(module: nn.Module, pairs: list[tuple[str, str]]) -> None:
         _replace(module, bn_name, nn.Identity())
 
 
-def _outputs(module: nn.Module, sample: torch.Tensor, hooked: list[str]) -> dict:
-    with torch.no_grad(), capture(module, hooked) as acts:
+def _outputs(model, module: nn.Module, sample: torch.Tensor, hooked: list[str]) -> dict:
+    with torch.no_grad(), capture(model, hooked, module=module) as acts:
         output = run_forward(module, sample)
         if output is not None:
             acts[LOGITS] = output
         return dict(acts)
 
 
-def agree(original: nn.Module, candidate: nn.Module, sample: torch.Tensor, hooked: list) -> bool:
-    """Whether both modules give the same hooked outputs and logits on `sample`."""
-    expected = _outputs(original, sample, hooked)
-    found = _outputs(candidate, sample, hooked)
+def agree(model, candidate: nn.Module, sample: torch.Tensor, hooked: list) -> bool:
+    """Whether `candidate` gives the same hooked layers and logits as `model` on `sample`."""
+    expected = _outputs(model, model.module, sample, hooked)
+    found = _outputs(model, candidate, sample, hooked)
     for name, tensor in expected.items():
         scale = tensor.abs().max().clamp_min(1e-6)
         if (found[name] - tensor).abs().max() > TOLERANCE * scale:
@@ -158,7 +158,7 @@ def running_module(model, hooked: Collection[str]) -> nn.Module:
             fold_batchnorm(candidate, pairs)
             folded = [conv for conv, _ in pairs]
             unchanged = [x.name for x in model.layers if not _inside(x.name, [*folded, LOGITS])]
-            if agree(module, candidate, _sample(model), unchanged):
+            if agree(model, candidate, _sample(model), unchanged):
                 cache["copy"] = candidate
             else:
                 log.warning("%s: folding BatchNorm changed its outputs; runs unfolded", model.spec)

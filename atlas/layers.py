@@ -4,10 +4,17 @@ A layer is any named module whose output is a feature map [B, C, H, W] or a vect
 measured by one dry forward pass; the model's output is the layer `logits`. `capture` hooks
 the needed layers for one forward pass and, to save compute, stops the pass right after the
 deepest of them.
+
+A layer that ends in a clamp with an upper bound (ReLU6, as in EfficientNet-Lite's stem and
+head) is read before that clamp: maximized after it, every position of a channel reaches 6
+within a few dozen steps, the gradient vanishes and the image stops improving (the stored
+best image of each of Lite0's first 8 head channels came from steps 16-48 of 128). The clamp
+is monotonic, so the unit that is maximized is the same; only its saturation is gone.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,6 +33,14 @@ class LayerInfo:
     type: str
     shape: tuple[int, ...]  # without the batch dimension
     channels: int
+    # the saturating clamp that ends the layer, whose input objectives read instead (ReLU6)
+    pre_activation: str | None = None
+
+    @property
+    def source(self) -> str:
+        """What the units of this layer read, for content keys: the layer's output, or the
+        input of the clamp that ends it (so old keys of other layers stay valid)."""
+        return self.name if self.pre_activation is None else f"{self.name}<{self.pre_activation}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -37,17 +52,21 @@ class _StopForward(Exception):
 
 @contextmanager
 def capture(
-    module: nn.Module, names: Iterable[str], stop_after: str | None = None
+    model, names: Iterable[str], stop_after: str | None = None, module: nn.Module | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Hooks `names` (modules by dotted name) for the forward passes run inside the block; the
-    dict fills with their outputs. Hooks are removed on every exit path."""
+    """Hooks the layers `names` of `model` (a LoadedModel) for the forward passes run inside
+    the block; the dict fills with their outputs, or for a layer that ends in a saturating
+    clamp with that clamp's input. `module` is what runs when not `model.module` itself (a
+    folded copy, whose names are the same). Hooks are removed on every exit path."""
+    module = model.module if module is None else module
     outputs: dict[str, torch.Tensor] = {}
     modules = dict(module.named_modules())
+    read_before = {layer.name: layer.pre_activation for layer in model.layers}
     handles = []
 
-    def hook_for(name: str):
-        def hook(_module, _inputs, output):
-            outputs[name] = output
+    def hook_for(name: str, before: bool):
+        def hook(_module, inputs, output):
+            outputs[name] = inputs[0] if before else output
             if name == stop_after:
                 raise _StopForward
 
@@ -55,11 +74,27 @@ def capture(
 
     try:
         for name in names:
-            handles.append(modules[name].register_forward_hook(hook_for(name)))
+            clamp = read_before.get(name)
+            target = modules[clamp or name]
+            handles.append(target.register_forward_hook(hook_for(name, clamp is not None)))
         yield outputs
     finally:
         for handle in handles:
             handle.remove()
+
+
+def clamp_bounds(module: nn.Module) -> tuple[float, float] | None:
+    """The clamp a ReLU-like module applies, or None for any other module."""
+    if isinstance(module, nn.ReLU):
+        return 0.0, math.inf
+    if isinstance(module, nn.Hardtanh) and module.min_val == 0:  # ReLU6 is Hardtanh(0, 6)
+        return 0.0, float(module.max_val)
+    return None
+
+
+def _saturates(module: nn.Module) -> bool:
+    clamp = clamp_bounds(module)
+    return clamp is not None and math.isfinite(clamp[1])
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -91,12 +126,14 @@ def discover(model) -> list[LayerInfo]:
     ambiguous. So are modules that return their input unchanged (dropout in eval mode)."""
     module = model.module
     seen: dict[str, tuple[str, tuple[int, ...]]] = {}
+    produced: dict[str, torch.Tensor] = {}  # name -> its output in the dry pass
     calls: dict[str, int] = {}
     handles = []
 
     def hook_for(name: str):
         def hook(mod, inputs, output):
             calls[name] = calls.get(name, 0) + 1
+            produced[name] = output
             is_map = isinstance(output, torch.Tensor) and output.dim() in (2, 4)
             if is_map and not any(output is i for i in inputs):
                 seen.setdefault(name, (type(mod).__name__, tuple(output.shape[1:])))
@@ -120,11 +157,15 @@ def discover(model) -> list[LayerInfo]:
     finally:
         for handle in handles:
             handle.remove()
-    layers = [
-        LayerInfo(name, kind, shape, shape[0])
-        for name, (kind, shape) in seen.items()
-        if calls[name] == 1
-    ]
+    once = [name for name in seen if calls[name] == 1]
+    clamps = [n for n in once if _saturates(module.get_submodule(n))]
+
+    def ending_clamp(name: str) -> str | None:
+        """The saturating clamp (this module or one inside it) whose output is the layer's."""
+        inside = [c for c in clamps if c == name or c.startswith(name + ".")]
+        return next((c for c in inside if produced[c] is produced[name]), None)
+
+    layers = [LayerInfo(n, *seen[n], seen[n][1][0], ending_clamp(n)) for n in once]
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         layers.append(LayerInfo(LOGITS, "output", tuple(output.shape[1:]), output.shape[1]))
     return layers

@@ -1,7 +1,8 @@
 """config -> units and tasks, each with a content key.
 
-A unit's key is the sha256 of everything that decides its files: the weights digest, the layer,
-the unit index, the recipe hash, K, the seed, the engine version and the timelapse interval.
+A unit's key is the sha256 of everything that decides its files: the weights digest, the layer
+and what of it the objective reads, the unit index, the recipe hash, K, the seed, the engine
+version and the timelapse interval.
 Because every image has its own random stream, a unit's images do not depend on which task it
 shares, so units (not tasks) are what the store caches; a task batches units of one layer
 that still need work.
@@ -73,11 +74,17 @@ class Plan:
 
 
 def unit_key(
-    digest: str, layer: str, index: int, recipe: Recipe, samples: int, seed: int, timelapse: int = 0
+    digest: str,
+    source: str,
+    index: int,
+    recipe: Recipe,
+    samples: int,
+    seed: int,
+    timelapse: int = 0,
 ) -> str:
-    """The unit's content key. A timelapse only joins the key when one is kept, so the keys of
-    atlases made before timelapses existed stay valid."""
-    fields = [digest, layer, index, recipe.hash, samples, seed, ENGINE_VERSION]
+    """The unit's content key; `source` is its layer's LayerInfo.source. A timelapse only joins
+    the key when one is kept, so the keys of atlases made before timelapses stay valid."""
+    fields = [digest, source, index, recipe.hash, samples, seed, ENGINE_VERSION]
     fields += [timelapse] if timelapse else []
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
@@ -104,28 +111,28 @@ def make_plan(config: AtlasConfig, model) -> Plan:
     logits = next((layer for layer in model.layers if layer.name == LOGITS), None)
     units: list[Unit] = []
 
-    def add(layer: str, indices: list[int], labels=None) -> None:
+    def add(layer: LayerInfo, indices: list[int], labels=None) -> None:
         for index in indices:
             key = unit_key(
                 model.digest,
-                layer,
+                layer.source,
                 index,
                 config.recipe,
                 config.samples,
                 config.seed,
                 config.timelapse,
             )
-            units.append(Unit(layer, index, key, labels[index] if labels else None))
+            units.append(Unit(layer.name, index, key, labels[index] if labels else None))
 
     for layer in layers:
         spec = config.channels_for(layer.name)
-        add(layer.name, parse_indices(spec, layer.channels, "channel", owner=layer.name))
+        add(layer, parse_indices(spec, layer.channels, "channel", owner=layer.name))
     chosen = list(layers)
     if logits is not None and config.classes.strip():
         classes = parse_indices(
             config.classes, logits.channels, "class", model.labels, owner=model.spec
         )
-        add(LOGITS, classes, model.labels)
+        add(logits, classes, model.labels)
         chosen.append(logits)
     if not units:
         raise AtlasError("the plan is empty: choose some layers, channels or classes")

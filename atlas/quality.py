@@ -103,7 +103,7 @@ def _for_each_batch(
     the layers the objectives need hooked and the forward pass stopped after the deepest."""
     hooked, stop_after = needed_layers(model, objectives)
     device = module_device(model.module)
-    with torch.no_grad(), capture(model.module, hooked, stop_after) as acts:
+    with torch.no_grad(), capture(model, hooked, stop_after) as acts:
         for first in range(0, len(images), batch_size):
             batch = _model_inputs(model, images[first : first + batch_size], device)
             output = run_forward(model.module, batch)

@@ -82,12 +82,29 @@ def test_layers_json(atlas):
     assert result.exit_code == 0, result.output
     layers = json.loads(result.stdout)
     assert isinstance(layers, list) and len(layers) > 20
-    assert all(set(layer) == {"name", "type", "shape", "channels"} for layer in layers)
+    fields = {"name", "type", "shape", "channels", "pre_activation"}
+    assert all(set(layer) == fields for layer in layers)
     assert all(layer["channels"] == layer["shape"][0] for layer in layers)
-    assert layers[-1] == {"name": "logits", "type": "output", "shape": [1000], "channels": 1000}
+    assert layers[-1] == {
+        "name": "logits",
+        "type": "output",
+        "shape": [1000],
+        "channels": 1000,
+        "pre_activation": None,
+    }
     by_name = {layer["name"]: layer for layer in layers}
     assert by_name["blocks.8"]["shape"] == [112, 14, 14]
     assert by_name["stem"]["shape"] == [32, 112, 112]
+    # stem and head end in ReLU6 (saturating): their objectives read its input; so does the
+    # one ReLU6 inside a block that is called only once (block 0 has no expansion)
+    read_before = {layer["name"]: layer["pre_activation"] for layer in layers}
+    assert {name: clamp for name, clamp in read_before.items() if clamp} == {
+        "blocks.0._swish": "blocks.0._swish",
+        "stem": "stem.2",
+        "stem.2": "stem.2",
+        "head": "head.2",
+        "head.2": "head.2",
+    }
     names = [layer["name"] for layer in layers]
     assert names.index("stem") < names.index("blocks.0") < names.index("blocks.15")
 
@@ -99,6 +116,14 @@ def test_layers_text_and_match(atlas):
     assert rows == [
         ["blocks.8", "MBConvBlock", "112x14x14", "112"],
         ["logits", "output", "1000", "1000"],
+    ]
+    result = atlas("layers", LITE0, "--match", "head")
+    assert result.stdout.split() == [
+        "head",
+        "Sequential",
+        "1280x7x7",
+        "1280",
+        *["read", "before", "head.2"],
     ]
 
     result = atlas("layers", LITE0, "--match", "blocks.1?", "--json")
@@ -240,7 +265,7 @@ def test_torchscript_model_layers(atlas, tmp_path):
     assert result.exception is None, repr(result.exception)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == [
-        {"name": "logits", "type": "output", "shape": [6], "channels": 6}
+        {"name": "logits", "type": "output", "shape": [6], "channels": 6, "pre_activation": None}
     ]
 
 

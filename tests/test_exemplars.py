@@ -38,7 +38,7 @@ def brute_force_scores(folder, names):
         with Image.open(folder / name) as image:
             pixels = np.asarray(fit(image, (32, 32), 3), dtype=np.float32) / 255
         x = model.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None])
-        with torch.no_grad(), capture(model.module, ["conv2"]) as acts:
+        with torch.no_grad(), capture(model, ["conv2"]) as acts:
             logits = run_forward(model.module, x)
         scores[name] = {
             **{f"conv2:{c}": float(acts["conv2"][0, c].mean()) for c in range(4)},

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from tinymodels import tiny_clamped
 from torch import nn
 
 from atlas import models
@@ -387,6 +388,7 @@ def test_layers_in_execution_order_with_shapes_and_channels(seq):
         "type": "Conv2d",
         "shape": (6, 6, 8),
         "channels": 6,
+        "pre_activation": None,
     }
     assert seq.layers is seq.layers  # measured once
 
@@ -454,13 +456,13 @@ def test_discovery_failure_is_one_clear_error():
 
 def test_capture_stops_after_the_deepest_layer_and_removes_hooks(seq):
     x = torch.rand(2, 3, 16, 20)
-    with capture(seq.module, ["conv1", "relu2"], stop_after="relu2") as outputs:
+    with capture(seq, ["conv1", "relu2"], stop_after="relu2") as outputs:
         assert run_forward(seq.module, x) is None
         assert set(outputs) == {"conv1", "relu2"}
         assert outputs["relu2"].shape == (2, 6, 6, 8)
         assert float(outputs["relu2"].min()) >= 0
     assert all(not m._forward_hooks for m in seq.module.modules())
-    with capture(seq.module, ["conv2"]) as outputs:
+    with capture(seq, ["conv2"]) as outputs:
         logits = run_forward(seq.module, x)
     assert logits.shape == (2, 10)
     torch.testing.assert_close(outputs["conv2"], seq.module[:5](x))
@@ -479,6 +481,44 @@ def test_capture_is_not_fooled_by_inplace_activations():
     with torch.no_grad():
         expected = loaded.module[0](x)
         assert float(expected.min()) < 0
-        with capture(loaded.module, ["0"]) as outputs:
+        with capture(loaded, ["0"]) as outputs:
             run_forward(loaded.module, x)
     torch.testing.assert_close(outputs["0"], expected)
+
+
+# --- layers ending in a saturating clamp ---------------------------------------------------------
+
+
+def test_layers_ending_in_relu6_are_read_before_it_and_others_as_they_are():
+    model = tiny_clamped()
+    reads = {layer.name: layer.pre_activation for layer in model.layers}
+    assert reads == {
+        "stem.0": None,
+        "stem.1": None,
+        "stem.2": "stem.2",
+        "stem": "stem.2",
+        "block.conv": None,
+        "block.act": "block.act",
+        "block": None,  # ends in an addition, not in its ReLU6
+        "head.0": None,
+        "head.1": "head.1",
+        "head": "head.1",
+        "pool.0": None,
+        "pool.1": None,
+        "pool": None,
+        "fc": None,
+        LOGITS: None,
+    }
+    assert resolve(model, "head").source == "head<head.1"
+    assert resolve(model, "block").source == "block"
+
+
+def test_capture_reads_a_clamped_layer_before_its_clamp():
+    model = tiny_clamped()
+    x = model.normalize(torch.rand(2, 3, 32, 32))
+    with torch.no_grad(), capture(model, ["head", "head.0", "block"], stop_after="head") as acts:
+        assert run_forward(model.module, x) is None
+    assert torch.equal(acts["head"], acts["head.0"])
+    assert float(acts["head"].min()) < 0  # not clamped at 0 (nor at 6)
+    expected = model.module.block(model.module.stem(x))
+    torch.testing.assert_close(acts["block"], expected)

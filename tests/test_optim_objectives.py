@@ -14,7 +14,7 @@ def activations(model, images_uint8, layer):
     """The layer's activations for result images (uint8 HxWx3), as the model sees them."""
     x = torch.stack([torch.tensor(i).permute(2, 0, 1).float() / 255 for i in images_uint8])
     x = x[:, : model.input_channels]
-    with capture(model.module, [layer]) as acts, torch.no_grad():
+    with capture(model, [layer]) as acts, torch.no_grad():
         output = run_forward(model.module, model.normalize(x))
     return output if layer == "logits" else acts[layer]
 

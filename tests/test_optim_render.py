@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from tinymodels import tiny_model
+from tinymodels import tiny_clamped, tiny_model
 
 from atlas.errors import AtlasError
 from atlas.optim import PRESETS, channel, get, logit, neuron, visualize, whole_layer
@@ -152,3 +152,16 @@ def test_the_activation_is_measured_on_the_image_as_stored(tiny):
     expected = clean_activations(tiny, [result.objective for result in results], images)
     assert [r.activation for r in results] == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert results[0].activation != pytest.approx(results[0].objective_best, rel=1e-3)
+
+
+def test_a_layer_ending_in_relu6_keeps_improving_past_the_clamp(caplog):
+    """Read after its ReLU6 the head would stop at 6 and keep an early image as its best."""
+    model = tiny_clamped()
+    recipe = get("fourier", steps=48, size=32)
+    results = visualize(model, [channel("head", c) for c in range(4)], recipe)
+    past = [r for r in results if r.objective_best > 6]
+    assert len(past) >= 2, [r.objective_best for r in results]
+    for result in past:
+        crossed = next(step for step, value in enumerate(result.history) if value > 6)
+        assert result.best_step > crossed + 4, (crossed, result.best_step)
+    assert "folding BatchNorm changed" not in caplog.text  # stem's fold agrees before its clamp

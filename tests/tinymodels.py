@@ -82,3 +82,42 @@ def tiny_grey_wide() -> LoadedModel:
     return dataclasses.replace(
         model, spec="tinymodels:tiny_grey_wide", input_size=(24, 40), digest=""
     )
+
+
+class _Residual(nn.Module):
+    """x + ReLU6(conv(x)): its output is not the clamp's, so it is read as it is."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.conv(x))
+
+
+class ClampedNet(nn.Module):
+    """stem (conv, BatchNorm, ReLU6) -> block (residual) -> head (conv, ReLU6) -> pool -> fc,
+    the shape of EfficientNet-Lite's saturating stem and head; the convolutions are scaled up
+    so that an optimized image drives the head past the clamp within a few dozen steps."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+        self.block = _Residual(8)
+        self.head = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU6())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(12, 10)
+        with torch.no_grad():
+            for conv in (self.stem[0], self.block.conv, self.head[0]):
+                conv.weight.mul_(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.head(self.block(self.stem(x)))))
+
+
+def tiny_clamped() -> LoadedModel:
+    return dataclasses.replace(
+        tiny_model(), module=ClampedNet(), spec="tinymodels:tiny_clamped", digest=""
+    )

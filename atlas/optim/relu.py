@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from atlas.layers import clamp_bounds
+
 
 class RedirectedClamp(torch.autograd.Function):
     """y = x.clamp(low, high) forward; backward as described in the module docstring. Like
@@ -47,15 +49,6 @@ class RedirectedClamp(torch.autograd.Function):
         return torch.where(dead, grad * back_inside, plain), None, None
 
 
-def bounds(module: nn.Module) -> tuple[float, float] | None:
-    """The clamp a ReLU-like module applies, or None for any other module."""
-    if isinstance(module, nn.ReLU):
-        return 0.0, math.inf
-    if isinstance(module, nn.Hardtanh) and module.min_val == 0:  # ReLU6 is Hardtanh(0, 6)
-        return 0.0, float(module.max_val)
-    return None
-
-
 class Switch:
     """Turns the redirection on and off between steps (it is only needed at the start)."""
 
@@ -74,7 +67,7 @@ def redirected_relus(module: nn.Module) -> Iterator[Switch]:
         return lambda x: RedirectedClamp.apply(x, *clamp) if switch.on else ordinary(x)
 
     for submodule in module.modules():
-        clamp = bounds(submodule)
+        clamp = clamp_bounds(submodule)
         if clamp is None or "forward" in vars(submodule):
             continue
         submodule.forward = redirecting(submodule, clamp)

@@ -210,7 +210,7 @@ def visualize(
     frames: list[torch.Tensor] = []
     step = 0
     relus = redirected_relus(module) if recipe.redirect_relu else nullcontext()
-    with capture(module, hooked, stop_after) as acts, relus as redirect:
+    with capture(model, hooked, stop_after, module) as acts, relus as redirect:
         for stage_number, stage in enumerate(stages):
             if stage_number:  # upscale the current image into a larger parameterization
                 with torch.no_grad():
