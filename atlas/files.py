@@ -9,6 +9,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,13 +88,18 @@ def writable_folder(path: str | Path) -> Path:
     return path
 
 
-def remove_temporaries(folder: Path, *, below: bool = False) -> int:
+def remove_temporaries(folder: Path, *, below: bool = False, older_than: float = 0) -> int:
     """Delete the `.NAME.*.tmp` files a killed writer left in `folder` (and, with `below`, in
-    every folder inside it); only safe while no other process writes there. Returns how many."""
-    leftovers = list(folder.rglob(".*.tmp") if below else folder.glob(".*.tmp"))
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return len(leftovers)
+    every folder inside it) that are older than `older_than` seconds; with 0, only safe while
+    no other process writes there. Returns how many went."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in folder.rglob(".*.tmp") if below else folder.glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
+            if not older_than or path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager

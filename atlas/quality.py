@@ -92,7 +92,7 @@ def _model_inputs(model, images: Sequence[Image], device: torch.device) -> torch
     return model.normalize.to(device)(torch.cat(views).clamp(0, 1))
 
 
-def _for_each_batch(
+def for_each_batch(
     model,
     objectives: Sequence[Objective],
     images: Sequence[Image],
@@ -132,7 +132,7 @@ def clean_activations(
         count = next(iter(acts.values())).shape[0]
         values.extend(BatchObjective(wanted[first : first + count])(acts).tolist())
 
-    _for_each_batch(model, wanted, images, batch_size, consume)
+    for_each_batch(model, wanted, images, batch_size, consume)
     return values
 
 
@@ -156,7 +156,7 @@ def activation_grid(
             one = {name: a[i : i + 1].expand(len(wanted), *a.shape[1:]) for name, a in acts.items()}
             rows.append(evaluate(one).cpu().numpy())
 
-    _for_each_batch(model, wanted, images, batch_size, consume)
+    for_each_batch(model, wanted, images, batch_size, consume)
     return np.stack(rows) if rows else np.zeros((0, len(wanted)))
 
 

@@ -7,9 +7,11 @@ so the site works from file:// and from any static host. This module never impor
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import secrets
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,12 +22,15 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from PIL import Image
 
 from atlas.errors import AtlasError
-from atlas.files import atomic_write_bytes
+from atlas.files import atomic_write_bytes, remove_temporaries
 from atlas.names import LOGITS
 from atlas.store import layer_dirname
 
 THUMB_SIZE = 128  # px; larger unit images get a downscaled WebP thumbnail
 PREVIEWS_PER_LAYER = 6
+# a render's temporaries older than this were left by a render that died (a live one is done
+# with each within a second); younger ones may belong to a render running beside this one
+STALE_TEMPORARY_SECONDS = 3600
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 
 
@@ -130,13 +135,16 @@ def link_or_copy(source: Path, target: Path) -> None:
     if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.unlink(missing_ok=True)
+    # a name of its own: `atlas render` may run beside the render at the end of `atlas run`
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
-        os.link(source, temporary)
-    except OSError:
-        shutil.copy2(source, temporary)
-    os.replace(temporary, target)
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copy2(source, temporary)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
@@ -150,9 +158,9 @@ def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
             with Image.open(target) as thumb:
                 return thumb.size
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
-        temporary = target.with_name(f".{target.name}.tmp")
-        image.save(temporary, format="WEBP", quality=85)
-        os.replace(temporary, target)
+        encoded = io.BytesIO()
+        image.save(encoded, format="WEBP", quality=85)
+        atomic_write_bytes(target, encoded.getvalue(), durable=False)
         return image.size
 
 
@@ -304,8 +312,9 @@ def render(out: str | Path) -> Path:
 def remove_stale(root: Path, keep: set[Path]) -> int:
     """Delete the pages and images under `root` that this render did not write (units pruned
     since, older animations and exemplar patches), then empty folders; static assets and any
-    other file stay. Returns how many files went."""
-    removed = 0
+    other file stay, and so do temporaries younger than STALE_TEMPORARY_SECONDS. Returns how
+    many files went."""
+    removed = remove_temporaries(root, below=True, older_than=STALE_TEMPORARY_SECONDS)
     for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
         if path.parent == root / "static":
             continue

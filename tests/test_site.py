@@ -1,8 +1,12 @@
 """Page building: escaping, safe paths, statuses, thumbnails, incremental rendering."""
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -144,6 +148,32 @@ def test_pages_and_images_of_pruned_units_leave_the_site(tmp_path):
     assert not (site / "logits").exists()  # the whole folder of a layer no longer there
     assert (site / "notes.txt").read_text() == "mine"  # not atlas's: kept
     assert (site / "static/atlas.css").is_file()
+
+
+def test_a_render_sweeps_old_temporaries_and_leaves_young_ones_to_their_writer(tmp_path):
+    make_atlas(tmp_path, {"conv2": 3})
+    render(tmp_path)
+    site = tmp_path / "site"
+    old = site / "conv2" / ".1.html.dead.tmp"  # left by a render killed an hour ago
+    young = site / "conv2" / ".2.html.live.tmp"  # a render running beside this one
+    for path in (old, young):
+        path.write_text("<html")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    render(tmp_path)
+    assert not old.exists() and young.exists()
+
+
+def test_renders_side_by_side_all_finish(tmp_path):
+    """`atlas render` while `atlas run` renders at its end: no shared temporary names."""
+    make_atlas(tmp_path, {"conv2": 24, "logits": 8}, image_size=300)  # links and thumbnails
+    with ThreadPoolExecutor(4) as pool:
+        pages = list(pool.map(lambda _: render(tmp_path), range(4)))
+    assert len(set(pages)) == 1 and pages[0].is_file()
+    side_by_side = sorted(p.relative_to(tmp_path) for p in (tmp_path / "site").rglob("*"))
+    shutil.rmtree(tmp_path / "site")
+    render(tmp_path)
+    assert side_by_side == sorted(p.relative_to(tmp_path) for p in (tmp_path / "site").rglob("*"))
 
 
 def test_the_site_never_imports_torch(atlas_out):
