@@ -6,10 +6,10 @@ import contextlib
 import fcntl
 import io
 import json
+import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from atlas.errors import AtlasError
+
+log = logging.getLogger(__name__)
 
 IMAGE_FORMATS = {"webp": "WEBP", "png": "PNG"}
 
@@ -88,36 +90,52 @@ def writable_folder(path: str | Path) -> Path:
     return path
 
 
-def remove_temporaries(folder: Path, *, below: bool = False, older_than: float = 0) -> int:
+def remove_temporaries(folder: Path, *, below: bool = False) -> int:
     """Delete the `.NAME.*.tmp` files a killed writer left in `folder` (and, with `below`, in
-    every folder inside it) that are older than `older_than` seconds; with 0, only safe while
-    no other process writes there. Returns how many went."""
-    cutoff = time.time() - older_than
+    every folder inside it); only for a caller that holds the folder's lock. Returns how many."""
     removed = 0
     for path in folder.rglob(".*.tmp") if below else folder.glob(".*.tmp"):
-        with contextlib.suppress(FileNotFoundError):  # its writer finished meanwhile
-            if not older_than or path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
+        path.unlink(missing_ok=True)
+        removed += 1
     return removed
 
 
+def _open_lock_file(path: Path) -> tuple[int, bool]:
+    """A descriptor on the lock file and whether it is writable: in a folder shared between
+    users the file may belong to whoever ran first, and flock works on a read-only descriptor."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:
+        try:
+            return os.open(path, os.O_RDONLY), False
+        except OSError as error:
+            raise AtlasError(f"cannot open the lock file {path}: {error.strerror}") from error
+    except OSError as error:
+        raise AtlasError(f"cannot open the lock file {path}: {error.strerror or error}") from error
+
+
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `path` for the block, or raise AtlasError at once if another
-    process holds it. The kernel releases the lock when its holder dies, even by SIGKILL, so a
-    crash never leaves a stale lock behind."""
-    handle = path.open("a+")
+def exclusive_lock(path: Path, busy: str | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on `path` for the block. With `busy`, another holder makes it
+    raise AtlasError(busy + its pid) at once; without, it waits its turn. The kernel releases
+    the lock when its holder dies, even by SIGKILL, so a crash never leaves a stale lock.
+    Yields whether the lock is held: False, after a warning, on a file system that cannot lock
+    (some NFS, FUSE and SMB mounts); the caller must then not assume it is alone."""
+    fd, writable = _open_lock_file(path)
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+            held = True
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise AtlasError(f"{what} (pid {holder}); wait for it or stop it first") from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise AtlasError(f"{busy} (pid {holder}); wait for it or stop it first") from None
+        except OSError as error:
+            log.warning("cannot lock %s (%s); nothing keeps writers apart", path, error.strerror)
+            held = False
+        if held and writable:
+            mark = f"{os.getpid()}\n".encode()
+            os.pwrite(fd, mark, 0)  # then truncate: a reader never sees an empty file
+            os.ftruncate(fd, len(mark))
+        yield held
     finally:
-        handle.close()
+        os.close(fd)

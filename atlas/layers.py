@@ -62,21 +62,26 @@ def capture(
     outputs: dict[str, torch.Tensor] = {}
     modules = dict(module.named_modules())
     read_before = {layer.name: layer.pre_activation for layer in model.layers}
+    # one hook per module: `head` and `head.2` both hook `head.2`, one reading its input and
+    # the other its output, and whichever is `stop_after` must not cut the other short
+    readers: dict[str, dict[str, bool]] = {}  # module -> {layer name: read its input}
+    for name in names:
+        clamp = read_before.get(name)
+        readers.setdefault(clamp or name, {})[name] = clamp is not None
     handles = []
 
-    def hook_for(name: str, before: bool):
+    def hook_for(reads: dict[str, bool]):
         def hook(_module, inputs, output):
-            outputs[name] = inputs[0] if before else output
-            if name == stop_after:
+            for name, before in reads.items():
+                outputs[name] = inputs[0] if before else output
+            if stop_after in reads:
                 raise _StopForward
 
         return hook
 
     try:
-        for name in names:
-            clamp = read_before.get(name)
-            target = modules[clamp or name]
-            handles.append(target.register_forward_hook(hook_for(name, clamp is not None)))
+        for target, reads in readers.items():
+            handles.append(modules[target].register_forward_hook(hook_for(reads)))
         yield outputs
     finally:
         for handle in handles:
@@ -120,20 +125,49 @@ def deepest(model, names: Iterable[str]) -> str | None:
     return max(names, key=order.index)
 
 
+class _ClampTracker:
+    """Follows, in the dry pass, which modules return exactly the output of a saturating clamp
+    inside them, untouched since: no in-place op on that output before the module returned,
+    nor on the clamp's input before the pass ended (the input is what gets read)."""
+
+    def __init__(self) -> None:
+        self.clamps: dict[str, tuple] = {}  # name -> (input, its version, output, its version)
+        self.outputs: dict[str, tuple[int, int]] = {}  # name -> (id, version) of its output
+
+    def record(self, name: str, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not isinstance(output, torch.Tensor):
+            return
+        self.outputs[name] = (id(output), output._version)  # clamp outputs stay referenced
+        if _saturates(module) and inputs and isinstance(inputs[0], torch.Tensor):
+            self.clamps[name] = (inputs[0], inputs[0]._version, output, output._version)
+
+    def ending_clamp(self, name: str, usable: Iterable[str]) -> str | None:
+        """The clamp strictly inside `name` whose untouched output is `name`'s output. A clamp
+        module itself is read as it is: that is the way to ask for the saturated values."""
+        for clamp in usable:
+            if not clamp.startswith(name + "."):
+                continue
+            given, given_version, result, result_version = self.clamps[clamp]
+            returned = self.outputs.get(name) == (id(result), result_version)
+            if returned and given._version == given_version:
+                return clamp
+        return None
+
+
 def discover(model) -> list[LayerInfo]:
     """Every visualizable layer of a LoadedModel in execution order, then `logits`. Modules
     called more than once per pass (shared activations) are left out: their output is
     ambiguous. So are modules that return their input unchanged (dropout in eval mode)."""
     module = model.module
     seen: dict[str, tuple[str, tuple[int, ...]]] = {}
-    produced: dict[str, torch.Tensor] = {}  # name -> its output in the dry pass
     calls: dict[str, int] = {}
+    clamps = _ClampTracker()
     handles = []
 
     def hook_for(name: str):
         def hook(mod, inputs, output):
             calls[name] = calls.get(name, 0) + 1
-            produced[name] = output
+            clamps.record(name, mod, inputs, output)
             is_map = isinstance(output, torch.Tensor) and output.dim() in (2, 4)
             if is_map and not any(output is i for i in inputs):
                 seen.setdefault(name, (type(mod).__name__, tuple(output.shape[1:])))
@@ -158,14 +192,8 @@ def discover(model) -> list[LayerInfo]:
         for handle in handles:
             handle.remove()
     once = [name for name in seen if calls[name] == 1]
-    clamps = [n for n in once if _saturates(module.get_submodule(n))]
-
-    def ending_clamp(name: str) -> str | None:
-        """The saturating clamp (this module or one inside it) whose output is the layer's."""
-        inside = [c for c in clamps if c == name or c.startswith(name + ".")]
-        return next((c for c in inside if produced[c] is produced[name]), None)
-
-    layers = [LayerInfo(n, *seen[n], seen[n][1][0], ending_clamp(n)) for n in once]
+    usable = [name for name in clamps.clamps if calls[name] == 1]
+    layers = [LayerInfo(n, *seen[n], seen[n][1][0], clamps.ending_clamp(n, usable)) for n in once]
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         layers.append(LayerInfo(LOGITS, "output", tuple(output.shape[1:]), output.shape[1]))
     return layers

@@ -22,15 +22,12 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from PIL import Image
 
 from atlas.errors import AtlasError
-from atlas.files import atomic_write_bytes, remove_temporaries
+from atlas.files import atomic_write_bytes, exclusive_lock, remove_temporaries
 from atlas.names import LOGITS
 from atlas.store import layer_dirname
 
 THUMB_SIZE = 128  # px; larger unit images get a downscaled WebP thumbnail
 PREVIEWS_PER_LAYER = 6
-# a render's temporaries older than this were left by a render that died (a live one is done
-# with each within a second); younger ones may belong to a render running beside this one
-STALE_TEMPORARY_SECONDS = 3600
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 
 
@@ -135,7 +132,7 @@ def link_or_copy(source: Path, target: Path) -> None:
     if target.exists() and target.stat().st_mtime_ns >= source.stat().st_mtime_ns:
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    # a name of its own: `atlas render` may run beside the render at the end of `atlas run`
+    # a name of its own, for renders that cannot take turns (a file system without locks)
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     try:
         try:
@@ -230,9 +227,16 @@ def load_manifest(out: Path) -> dict:
 
 
 def render(out: str | Path) -> Path:
-    """Render OUT/site/ from OUT/manifest.json; returns the path of index.html."""
+    """Render OUT/site/ from OUT/manifest.json; returns the path of index.html. Renders of one
+    OUT take turns (`atlas render` may run beside the render that ends `atlas run`), so the
+    last one to finish shows the newest manifest and none deletes what another is writing."""
     out = Path(out)
-    manifest = load_manifest(out)
+    load_manifest(out)  # a clear error before anything is written
+    with exclusive_lock(out / ".render.lock") as alone:
+        return _render(out, load_manifest(out), sweep=alone)
+
+
+def _render(out: Path, manifest: dict, sweep: bool) -> Path:
     site = out / "site"
     env = environment()
     records = manifest.get("units", [])
@@ -305,16 +309,16 @@ def render(out: str | Path) -> Path:
     )
     # The search index as a classic script: pages opened from file:// cannot fetch() JSON.
     write_if_changed(site / "search-index.js", f"window.ATLAS_SEARCH = {json.dumps(search)};\n")
-    remove_stale(site, written)
+    remove_stale(site, written, sweep=sweep)
     return index
 
 
-def remove_stale(root: Path, keep: set[Path]) -> int:
+def remove_stale(root: Path, keep: set[Path], sweep: bool = True) -> int:
     """Delete the pages and images under `root` that this render did not write (units pruned
     since, older animations and exemplar patches), then empty folders; static assets and any
-    other file stay, and so do temporaries younger than STALE_TEMPORARY_SECONDS. Returns how
-    many files went."""
-    removed = remove_temporaries(root, below=True, older_than=STALE_TEMPORARY_SECONDS)
+    other file stay. With `sweep` (only for the folder's one writer), also the temporaries a
+    killed render left. Returns how many files went."""
+    removed = remove_temporaries(root, below=True) if sweep else 0
     for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
         if path.parent == root / "static":
             continue

@@ -70,14 +70,16 @@ class Store:
     def claimed(self) -> Iterator[None]:
         """Make this process the only writer of OUT's records for the block (a second `atlas
         run` on the same folder stops with a clear error), then sweep the temporaries a killed
-        run left: with the lock held, no write of them can be in flight. site/ is not swept
-        here: `atlas render` may write it beside a run (render sweeps what is old there)."""
+        run left: with the lock held, no write of them can be in flight. site/ has its own
+        lock (see atlas.site.render)."""
         self.out.mkdir(parents=True, exist_ok=True)
-        with exclusive_lock(self.out / ".atlas.lock", f"another atlas run is writing {self.out}"):
-            remove_temporaries(self.out)
-            for folder in ("units", "exemplars"):
-                if (self.out / folder).is_dir():
-                    remove_temporaries(self.out / folder, below=True)
+        busy = f"another atlas run is writing {self.out}"
+        with exclusive_lock(self.out / ".atlas.lock", busy) as alone:
+            if alone:
+                remove_temporaries(self.out)
+                for folder in ("units", "exemplars"):
+                    if (self.out / folder).is_dir():
+                        remove_temporaries(self.out / folder, below=True)
             yield
 
     def unit_path(self, layer: str, index: int, suffix: str) -> Path:

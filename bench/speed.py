@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from atlas import models
 from atlas.config import parse_indices
-from atlas.layers import LOGITS, resolve
+from atlas.layers import LOGITS, capture, resolve
 from atlas.optim import channel, get, logit, render, visualize
 from atlas.plan import default_batch
 
@@ -100,17 +100,12 @@ def target_for(layer: str, index: int):
 
 def unit_activation(model, layer: str, index: int, image: torch.Tensor) -> float:
     """The unit's mean activation for one image [3, H, W] in [0, 1], shown at the model's input
-    size with no transforms."""
+    size with no transforms, read as atlas reads it (before a ReLU6 that ends the layer)."""
     view = F.interpolate(image[None].float().to(DEVICE), size=model.input_size, mode="bilinear")
-    module = model.module if layer == LOGITS else dict(model.module.named_modules())[layer]
-    captured = {}
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.update(out=out))
-    try:
-        with torch.no_grad():
-            model.module(model.normalize(view.clamp(0, 1)))
-    finally:
-        handle.remove()
-    return float(captured["out"][0, index].mean())
+    hooked = [] if layer == LOGITS else [layer]
+    with torch.no_grad(), capture(model, hooked) as acts:
+        logits = model.module(model.normalize(view.clamp(0, 1)))
+    return float((logits if layer == LOGITS else acts[layer])[0, index].mean())
 
 
 class StepClock:

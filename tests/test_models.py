@@ -491,34 +491,57 @@ def test_capture_is_not_fooled_by_inplace_activations():
 
 def test_layers_ending_in_relu6_are_read_before_it_and_others_as_they_are():
     model = tiny_clamped()
-    reads = {layer.name: layer.pre_activation for layer in model.layers}
-    assert reads == {
-        "stem.0": None,
-        "stem.1": None,
-        "stem.2": "stem.2",
+    read_before = {layer.name: layer.pre_activation for layer in model.layers}
+    assert {name: clamp for name, clamp in read_before.items() if clamp} == {
         "stem": "stem.2",
-        "block.conv": None,
-        "block.act": "block.act",
-        "block": None,  # ends in an addition, not in its ReLU6
-        "head.0": None,
-        "head.1": "head.1",
         "head": "head.1",
-        "pool.0": None,
-        "pool.1": None,
-        "pool": None,
-        "fc": None,
-        LOGITS: None,
-    }
+    }  # not `block` (it ends in an addition), nor a clamp itself: asked for, it gives its own
+    assert LOGITS in read_before and "stem.2" in read_before and "block" in read_before
     assert resolve(model, "head").source == "head<head.1"
-    assert resolve(model, "block").source == "block"
+    assert resolve(model, "head.1").source == "head.1"
+
+
+class _ShiftedAfterItsClamp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.conv(x))
+        y += 10  # the same tensor object, but no longer the clamp's values
+        return y
+
+
+class _ClampInputChangedLater(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = self.conv(x)
+        y = self.act(before)
+        before.mul_(0)  # what a hook on the clamp's input would hold is overwritten
+        return y
+
+
+@pytest.mark.parametrize("block", [_ShiftedAfterItsClamp, _ClampInputChangedLater])
+def test_in_place_changes_around_a_clamp_keep_the_layer_read_as_it_is(block):
+    module = nn.Sequential(OrderedDict(p=block(), pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten()))
+    loaded = LoadedModel(spec="inplace", module=module, normalize=nn.Identity(), input_size=(8, 8))
+    assert resolve(loaded, "p").pre_activation is None
 
 
 def test_capture_reads_a_clamped_layer_before_its_clamp():
     model = tiny_clamped()
     x = model.normalize(torch.rand(2, 3, 32, 32))
-    with torch.no_grad(), capture(model, ["head", "head.0", "block"], stop_after="head") as acts:
+    names = ["head", "head.0", "head.1", "block"]
+    with torch.no_grad(), capture(model, names, stop_after="head") as acts:
         assert run_forward(model.module, x) is None
+    assert set(acts) == set(names)  # `head` and `head.0` share one hook and both are kept
     assert torch.equal(acts["head"], acts["head.0"])
-    assert float(acts["head"].min()) < 0  # not clamped at 0 (nor at 6)
+    assert float(acts["head"].min()) < 0 < float(acts["head"].max())
+    torch.testing.assert_close(acts["head.1"], acts["head.0"].clamp(0, 6))
     expected = model.module.block(model.module.stem(x))
     torch.testing.assert_close(acts["block"], expected)

@@ -165,3 +165,11 @@ def test_a_layer_ending_in_relu6_keeps_improving_past_the_clamp(caplog):
         crossed = next(step for step, value in enumerate(result.history) if value > 6)
         assert result.best_step > crossed + 4, (crossed, result.best_step)
     assert "folding BatchNorm changed" not in caplog.text  # stem's fold agrees before its clamp
+
+
+def test_a_clamped_layer_and_the_layers_inside_it_in_one_batch():
+    model = tiny_clamped()
+    targets = [channel("head", 0), channel("head.1", 0), channel("head.0", 0)]
+    results = visualize(model, targets, get("fourier", steps=4, size=32))
+    assert [r.id for r in results] == ["head:0", "head.1:0", "head.0:0"]
+    assert 0 <= results[1].objective_best <= 6  # the clamp itself, asked for, is saturated

@@ -1,10 +1,9 @@
 """Page building: escaping, safe paths, statuses, thumbnails, incremental rendering."""
 
-import os
 import shutil
 import subprocess
 import sys
-import time
+import threading
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 from synthetic import make_atlas
 
 from atlas.cli import cli
+from atlas.files import exclusive_lock
 from atlas.site import curve_points, render
 from atlas.store import Store
 
@@ -150,18 +150,18 @@ def test_pages_and_images_of_pruned_units_leave_the_site(tmp_path):
     assert (site / "static/atlas.css").is_file()
 
 
-def test_a_render_sweeps_old_temporaries_and_leaves_young_ones_to_their_writer(tmp_path):
+def test_a_render_sweeps_what_a_killed_render_left_and_waits_for_one_running(tmp_path):
     make_atlas(tmp_path, {"conv2": 3})
     render(tmp_path)
-    site = tmp_path / "site"
-    old = site / "conv2" / ".1.html.dead.tmp"  # left by a render killed an hour ago
-    young = site / "conv2" / ".2.html.live.tmp"  # a render running beside this one
-    for path in (old, young):
-        path.write_text("<html")
-    hours_ago = time.time() - 2 * 3600
-    os.utime(old, (hours_ago, hours_ago))
-    render(tmp_path)
-    assert not old.exists() and young.exists()
+    leftover = tmp_path / "site" / "conv2" / ".1.html.dead.tmp"
+    leftover.write_text("<html")
+    with exclusive_lock(tmp_path / ".render.lock"):  # a render in progress
+        waiting = threading.Thread(target=render, args=(tmp_path,))
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert waiting.is_alive() and leftover.exists()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and not leftover.exists()
 
 
 def test_renders_side_by_side_all_finish(tmp_path):

@@ -304,6 +304,44 @@ def test_only_one_process_writes_out_at_a_time(store):
         assert not temporary.exists()
 
 
+def test_a_lock_file_owned_by_another_user_still_locks(store, monkeypatch):
+    """In an OUT shared by a group, .atlas.lock belongs to whoever ran first: 0644."""
+    with store.claimed():
+        pass
+    real_open = os.open
+
+    def not_writable(path, flags, *mode):
+        if str(path).endswith(".atlas.lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(atlas.files.os, "open", not_writable)
+    second = Store(store.out)
+    with store.claimed(), pytest.raises(AtlasError, match="another atlas run"), second.claimed():
+        pass  # the first claim locked through a read-only descriptor
+
+
+def test_a_file_system_without_locks_runs_unprotected_and_sweeps_nothing(store, monkeypatch):
+    leftover = store.out / "units/conv2/.3.json.maybe-live.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"?")
+
+    def no_locks(_fd, _operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(atlas.files.fcntl, "flock", no_locks)
+    with store.claimed():
+        pass
+    assert leftover.exists()  # another run might be writing it
+
+
+def test_an_unusable_lock_file_is_a_one_line_error(store):
+    (store.out / ".atlas.lock").mkdir(parents=True)
+    unusable = r"cannot open the lock file .*\.atlas\.lock"
+    with pytest.raises(AtlasError, match=unusable), store.claimed():
+        pass
+
+
 @pytest.mark.parametrize("content", ['{"note": "left by a user"}', "[1, 2]", "null"])
 def test_foreign_json_in_units_is_ignored(store, mixed, content):
     expected = store.status()
