@@ -66,3 +66,43 @@ def test_colour_matrix_from_a_folder_recolours_like_its_photos(tmp_path):
 def test_colour_matrix_from_an_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(AtlasError, match="no images found"):
         colour_matrix_from_folder(tmp_path)
+
+
+def test_a_phase_image_keeps_its_magnitude_and_contrast_whatever_its_phase():
+    param = ImageParam(2, 3, 32, kind="phase", colour=None, contrast=1.5)
+    param.initialize(torch.randn(2, 3, 32, 17) * 3)
+    optimizer = torch.optim.NAdam(param.parameters(), lr=1.0)
+    for _ in range(3):  # push the phase around: the spectrum's magnitude cannot follow
+        optimizer.zero_grad()
+        (param()[:, :, :16, :16].mean() - param()[:, :, 16:, 16:].mean()).backward()
+        optimizer.step()
+    latent = param.latent().detach()
+    torch.testing.assert_close(latent.std(dim=(-2, -1)), torch.full((2, 3), 1.5))
+    assert float(latent.mean(dim=(-2, -1)).abs().max()) < 1e-5
+    ratio = torch.fft.rfft2(latent, norm="ortho").abs()[..., 1:-1] / param.latent.magnitude[:, 1:-1]
+    spread = ratio.amax(dim=(-2, -1)) / ratio.amin(dim=(-2, -1))
+    assert float(spread.max()) < 1.001  # one scale per image and channel: the 1/f magnitude
+
+
+def test_encoding_keeps_the_phase_and_is_exact_once_the_magnitude_is_its_own():
+    def phase_param() -> ImageParam:
+        return ImageParam(2, 3, 24, kind="phase", colour=colour_matrix("imagenet", 3))
+
+    source = phase_param()
+    source.initialize(torch.randn(2, 3, 24, 13) * 3)
+    images = source().detach()
+    once = phase_param()
+    once.encode(images)  # the spectrum's edge columns were not Hermitian: a little changes
+    a, b = images - images.mean(), once().detach() - once().detach().mean()
+    assert float((a * b).sum() / a.norm() / b.norm()) > 0.95
+    again = phase_param()
+    again.encode(once().detach())
+    torch.testing.assert_close(again(), once(), atol=1e-5, rtol=0)
+
+
+def test_settings_added_later_leave_stored_keys_alone():
+    """Atlases stored before `optimizer` and `contrast` existed must not rerun: the default
+    recipe's hash is the one they were stored under."""
+    assert get("fourier").hash == "3792892c1e025aee"
+    assert get("fourier", optimizer="nadam").hash != get("fourier").hash
+    assert get("fourier", contrast=2.0).hash != get("fourier").hash

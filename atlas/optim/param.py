@@ -102,6 +102,35 @@ class FourierLatent(nn.Module):
         self.spectrum.copy_(torch.view_as_real(coefficients))
 
 
+class PhaseLatent(nn.Module):
+    """A spectrum whose magnitude is fixed at 1 / f^decay (the falloff of natural images) and
+    whose phase alone is optimized, as in MACO (Fel et al., 2023): the image cannot gain
+    energy in high frequencies, so it cannot turn into noise however long it is optimized.
+    Each channel is standardized to `contrast`, the only scale left to choose."""
+
+    def __init__(self, batch: int, channels: int, size: int, decay: float, contrast: float):
+        super().__init__()
+        self.size, self.contrast = size, contrast
+        fy = torch.fft.fftfreq(size)[:, None]
+        fx = torch.fft.rfftfreq(size)[None, :]
+        frequencies = torch.sqrt(fy * fy + fx * fx)
+        magnitude = 1.0 / frequencies.clamp(min=1.0 / size) ** decay
+        magnitude[0, 0] = 0.0  # no mean: the squash centres the image on grey
+        self.register_buffer("magnitude", magnitude)
+        self.phase = nn.Parameter(torch.zeros(batch, channels, size, size // 2 + 1))
+
+    def forward(self) -> torch.Tensor:
+        spectrum = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
+        x = torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho")
+        return x / x.std(dim=(-2, -1), keepdim=True).clamp(min=1e-8) * self.contrast
+
+    @torch.no_grad()
+    def inverse(self, image: torch.Tensor) -> None:
+        """Keeps the phase of `image`; its magnitude cannot be represented and is dropped
+        (exact for an image this parameterization made, once encoded)."""
+        self.phase.copy_(torch.fft.rfft2(image, norm="ortho").angle())
+
+
 class ColourMix(nn.Module):
     """Mixes decorrelated latent channels into RGB with a fixed matrix."""
 
@@ -143,12 +172,15 @@ class ImageParam(nn.Module):
         decay: float = 1.0,
         colour: torch.Tensor | None = None,
         squash: str = "sigmoid",
+        contrast: float = 1.0,
     ):
         super().__init__()
         self.size = size
         self.squash = squash
         if kind == "fourier":
             self.latent = FourierLatent(batch, channels, size, decay)
+        elif kind == "phase":
+            self.latent = PhaseLatent(batch, channels, size, decay, contrast)
         else:
             self.latent = PixelLatent(batch, channels, size)
         self.colour = ColourMix(colour) if colour is not None else None
@@ -169,8 +201,10 @@ class ImageParam(nn.Module):
     @torch.no_grad()
     def initialize(self, noise: torch.Tensor) -> None:
         """Start from grey plus noise: `noise` is per-image standard-normal draws, shaped like
-        the latent parameter and scaled by the caller."""
+        the latent parameter and scaled by the caller (for a phase, random phases)."""
         if isinstance(self.latent, FourierLatent):
             self.latent.spectrum.copy_(noise)
+        elif isinstance(self.latent, PhaseLatent):
+            self.latent.phase.copy_(noise)
         else:
             self.encode(0.5 + noise)

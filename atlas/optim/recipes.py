@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atlas.errors import AtlasError, did_you_mean
 
@@ -36,13 +36,16 @@ class Stage:
     blur: tuple[float, float]
 
 
+OPTIMIZERS = ("adam", "nadam")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str = "custom"
     steps: int = 512
     size: int = 128  # optimized image, resized to the model's input for every forward pass
     lr: float = 0.05
-    param: str = "fourier"  # fourier | pixel
+    param: str = "fourier"  # fourier | pixel | phase (fixed 1/f^decay magnitude, as MACO)
     decay: float = 1.0  # Fourier spectrum scaled by 1 / f^decay
     colour: str | tuple[float, ...] = "imagenet"  # imagenet | none | 9 floats (3x3 matrix)
     squash: str = "sigmoid"  # sigmoid | clip
@@ -63,13 +66,19 @@ class Recipe:
     diversity: float = 0.0  # weight of the diversity term for K images of one unit
     diversity_layer: str | None = None  # default: the unit's own layer
     redirect_relu: int = 8  # first steps in which dead ReLUs pass gradient (atlas.optim.relu)
+    # Settings added after atlases were first stored: at their defaults they stay out of the
+    # hash, so adding them reran nothing.
+    optimizer: str = field(default="adam", metadata={"hashed_if_changed": True})  # | nadam
+    contrast: float = field(default=1.0, metadata={"hashed_if_changed": True})  # phase: sd
 
     def __post_init__(self) -> None:
         checks = [
             (self.steps >= 1, "steps must be at least 1"),
             (8 <= self.size <= 4096, "size must be between 8 and 4096 px"),
             (self.lr > 0, "lr must be positive"),
-            (self.param in ("fourier", "pixel"), "param must be fourier or pixel"),
+            (self.param in ("fourier", "pixel", "phase"), "param must be fourier, pixel or phase"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.contrast > 0, "contrast must be positive"),
             (self.squash in ("sigmoid", "clip"), "squash must be sigmoid or clip"),
             (
                 self.colour in ("imagenet", "none")
@@ -91,6 +100,10 @@ class Recipe:
         """Digest of every setting but the name: renaming a recipe does not rerun anything."""
         settings = dataclasses.asdict(self)
         settings.pop("name")
+        for setting in dataclasses.fields(self):
+            late = setting.metadata.get("hashed_if_changed")
+            if late and settings[setting.name] == setting.default:
+                settings.pop(setting.name)
         text = json.dumps(settings, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -156,6 +169,12 @@ PRESETS: dict[str, Recipe] = {
     # A steeper 1/f^1.5 spectrum scored better on transfer and high frequencies but blew out
     # 13% of pixel values to black or white (bench/RESULTS.md, image quality): kept at 1/f.
     "fourier": Recipe(name="fourier", **_LUCID_TRANSFORMS),
+    # MACO: only the phase of a 1/f spectrum is optimized, from random phases, with NAdam; the
+    # same transforms as `fourier`. The published lr 1.0 scored far lower on Lite0 than 0.1
+    # (bench/RESULTS.md), which still trails `fourier` there: this is for deeper models.
+    "maco": Recipe(
+        name="maco", param="phase", optimizer="nadam", lr=0.1, init_noise=3.0, **_LUCID_TRANSFORMS
+    ),
 }
 DEFAULT = "fourier"
 # Diversity weight used for K > 1 images of a unit unless one is given: on EfficientNet-Lite0

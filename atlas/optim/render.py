@@ -195,6 +195,7 @@ def visualize(
             decay=recipe.decay,
             colour=colour,
             squash=recipe.squash,
+            contrast=recipe.contrast,
         ).to(device)
 
     param = new_param(stages[0].size)
@@ -220,7 +221,7 @@ def visualize(
                     )
                 param = new_param(stage.size)
                 param.encode(image)
-            optimizer = torch.optim.Adam(param.parameters(), lr=stage.lr[0])
+            optimizer = _OPTIMIZERS[recipe.optimizer](param.parameters(), lr=stage.lr[0])
             best_value = torch.full((batch,), -torch.inf, device=device)
             best_image = torch.zeros(batch, channels, stage.size, stage.size, device=device)
             for stage_step in range(stage.steps):
@@ -292,6 +293,10 @@ def _image_generators(seed: int, objectives: Sequence[Objective]) -> list[torch.
         )
         repeats[objective] += 1
     return generators
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}  # both per-element: a
+# unit's image does not depend on the others in its batch
 
 
 def _lerp(pair: tuple[float, float], progress: float) -> float:
