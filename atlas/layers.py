@@ -9,7 +9,8 @@ A layer that ends in a clamp with an upper bound (ReLU6, as in EfficientNet-Lite
 head) is read before that clamp: maximized after it, every position of a channel reaches 6
 within a few dozen steps, the gradient vanishes and the image stops improving (the stored
 best image of each of Lite0's first 8 head channels came from steps 16-48 of 128). The clamp
-is monotonic, so the unit that is maximized is the same; only its saturation is gone.
+is monotonic, so the unit that is maximized is the same; only its saturation is gone. The
+clamp module itself (`head.2`) is read as it is: the way to ask for the saturated values.
 """
 
 from __future__ import annotations
