@@ -31,7 +31,7 @@ from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import LOGITS, resolve
 from atlas.optim.objectives import channel, logit
 from atlas.optim.render import resolve_device
-from atlas.quality import clean_activations
+from atlas.quality import activation_grid, clean_activations
 from atlas.site import (
     copy_static,
     environment,
@@ -43,6 +43,7 @@ from atlas.site import (
 from atlas.store import Store, layer_dirname
 
 GRID_PREVIEW = 12  # most changed pairs on the index page
+CHUNK = 256  # units whose images are in memory at once
 
 
 @dataclass
@@ -110,44 +111,53 @@ def _cross(value: float, own: float, grey: float) -> float:
 
 
 def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.device) -> list:
-    """Per matched unit: the four clean activations, both cross ratios and the change."""
+    """Per matched unit: the four clean activations, both cross ratios and the change. Images
+    are read CHUNK units at a time (a full atlas's would not fit in memory); each model sees
+    the grey image once, for every unit at the same time."""
     for side in (a, b):
         side.model.module.to(device)
     targets = [target_of(*key) for key in keys]
-    images_a = [a.image(key) for key in keys]
-    images_b = [b.image(key) for key in keys]
-    greys = [np.full_like(image, 128) for image in images_a]
-    a_on_a = clean_activations(a.model, targets, images_a)
-    a_on_b = clean_activations(a.model, targets, images_b)
-    a_on_grey = clean_activations(a.model, targets, greys)
-    b_on_b = clean_activations(b.model, targets, images_b)
-    b_on_a = clean_activations(b.model, targets, images_a)
-    b_on_grey = clean_activations(b.model, targets, greys)
+    grey = np.full_like(a.image(keys[0]), 128)
+    a_on_grey = activation_grid(a.model, targets, [grey])[0].tolist()
+    b_on_grey = activation_grid(b.model, targets, [grey])[0].tolist()
     rows = []
-    for i, (layer, index) in enumerate(keys):
-        crosses = [
-            _cross(a_on_b[i], a_on_a[i], a_on_grey[i]),
-            _cross(b_on_a[i], b_on_b[i], b_on_grey[i]),
-        ]
-        known = [c for c in crosses if not math.isnan(c)]
-        rows.append(
-            {
-                "layer": layer,
-                "index": index,
-                "id": f"{layer}:{index}",
-                "label": a.units[(layer, index)].get("label"),
+    for first in range(0, len(keys), CHUNK):
+        chunk = slice(first, first + CHUNK)
+        images_a = [a.image(key) for key in keys[chunk]]
+        images_b = [b.image(key) for key in keys[chunk]]
+        a_on_a = clean_activations(a.model, targets[chunk], images_a)
+        a_on_b = clean_activations(a.model, targets[chunk], images_b)
+        b_on_b = clean_activations(b.model, targets[chunk], images_b)
+        b_on_a = clean_activations(b.model, targets[chunk], images_a)
+        for i, (layer, index) in enumerate(keys[chunk]):
+            values = {
                 "a_on_a": a_on_a[i],
                 "a_on_b": a_on_b[i],
-                "a_on_grey": a_on_grey[i],
+                "a_on_grey": a_on_grey[first + i],
                 "b_on_b": b_on_b[i],
                 "b_on_a": b_on_a[i],
-                "b_on_grey": b_on_grey[i],
-                "cross_a": crosses[0],
-                "cross_b": crosses[1],
-                "change": 1 - sum(known) / len(known) if known else math.nan,
+                "b_on_grey": b_on_grey[first + i],
             }
-        )
+            rows.append(_row(a, layer, index, values))
     return rows
+
+
+def _row(a: Side, layer: str, index: int, values: dict[str, float]) -> dict:
+    crosses = [
+        _cross(values["a_on_b"], values["a_on_a"], values["a_on_grey"]),
+        _cross(values["b_on_a"], values["b_on_b"], values["b_on_grey"]),
+    ]
+    known = [c for c in crosses if not math.isnan(c)]
+    return {
+        "layer": layer,
+        "index": index,
+        "id": f"{layer}:{index}",
+        "label": a.units[(layer, index)].get("label"),
+        **values,
+        "cross_a": crosses[0],
+        "cross_b": crosses[1],
+        "change": 1 - sum(known) / len(known) if known else math.nan,
+    }
 
 
 def check_destination(dest: Path, atlases: list[Path]) -> None:

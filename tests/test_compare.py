@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 from links import check_links
 
+import atlas.compare
 from atlas.cli import cli
 
 RUN = ["--layers", "conv2", "--channels", "0-5", "--classes", "", "--steps", "4", "--size", "32"]
@@ -49,6 +50,21 @@ def test_the_deliberately_changed_unit_is_found_first(atlases):
     index = (atlases / "cmp/index.html").read_text()
     assert 'href="conv2/3.html"' in index
     assert (atlases / "cmp/conv2/img/3.b.webp").is_file()
+
+
+def test_scoring_in_chunks_gives_what_one_pass_gives(atlases, tmp_path, monkeypatch):
+    def scores(dest):
+        result = invoke("compare", atlases / "a", atlases / "b", "--out", dest)
+        assert result.exit_code == 0, result.output
+        (layer,) = json.loads((dest / "compare.json").read_text())["layers"]
+        return layer["units"]
+
+    whole = scores(tmp_path / "whole")
+    monkeypatch.setattr(atlas.compare, "CHUNK", 4)  # 6 units: a full chunk and a partial one
+    chunked = scores(tmp_path / "chunked")
+    assert len(chunked) == len(whole)
+    for split, one_pass in zip(chunked, whole, strict=True):
+        assert split == pytest.approx(one_pass, nan_ok=True)
 
 
 def test_two_recipes_of_one_model(atlases, tmp_path):
