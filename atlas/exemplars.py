@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from atlas.files import atomic_write_bytes, encode_image
 from atlas.fold import running_module
 from atlas.layers import LOGITS, capture, deepest, module_device, resolve, run_forward
 from atlas.optim.render import resolve_device
+from atlas.progress import Progress
 from atlas.store import Store
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -309,10 +310,11 @@ class ExemplarPass:
     def needed(self) -> bool:
         return bool(self.keys)
 
-    def run(self, pool) -> ExemplarSummary:
+    def run(self, pool, on_progress: Callable[[Progress], None] | None = None) -> ExemplarSummary:
         """Every chunk not done by an earlier, interrupted run of this same pass. What has been
         merged is saved every SAVE_EVERY_SECONDS and when a chunk fails, so that a killed or
-        failed run resumes where it was; results are stored only once every chunk is done."""
+        failed run resumes where it was; results are stored only once every chunk is done.
+        `on_progress` hears after each chunk of the images this run had left to do."""
         saved = self.store.read_exemplar_progress(self.pass_key)
         merged = TopK.from_json(self.top, saved["best"] if saved else {})
         done = set(saved["done"] if saved else [])
@@ -325,21 +327,28 @@ class ExemplarPass:
             progress.update(done=sorted(done), unreadable=sorted(unreadable))
             self.store.write_exemplar_progress(progress)
 
-        saved_at = time.monotonic()
+        started = saved_at = time.monotonic()
+        total = len(self.files)
+        left = total - sum(min(chunk, total - first) for first in done)
+        images_done = images_failed = 0
         tasks = read_chunks(self.files, self.units, self.top, chunk, done)
         for outcome in pool.run(exemplar_task, tasks):
             if outcome.error is not None:
-                first = outcome.task.first
-                images = f"images {first}-{first + len(outcome.task.blobs) - 1}"
-                failures.append(f"exemplars of {images}: {outcome.error}")
-                continue
-            result = outcome.result
-            merged.merge(result["layers"])
-            done.add(result["first"])
-            unreadable.update(result["first"] + p for p in result["unreadable"])
-            if time.monotonic() - saved_at >= SAVE_EVERY_SECONDS:
-                save()
-                saved_at = time.monotonic()
+                first, count = outcome.task.first, len(outcome.task.blobs)
+                failures.append(f"exemplars of images {first}-{first + count - 1}: {outcome.error}")
+                images_failed += count
+            else:
+                result = outcome.result
+                merged.merge(result["layers"])
+                done.add(result["first"])
+                images_done += min(chunk, total - result["first"])
+                unreadable.update(result["first"] + p for p in result["unreadable"])
+                if time.monotonic() - saved_at >= SAVE_EVERY_SECONDS:
+                    save()
+                    saved_at = time.monotonic()
+            if on_progress:
+                elapsed = time.monotonic() - started
+                on_progress(Progress(images_done, images_failed, left, elapsed, "images"))
         summary = ExemplarSummary(len(self.files), len(unreadable), len(self.keys), failures)
         if failures:
             save()

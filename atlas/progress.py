@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import click
 
@@ -19,41 +20,56 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+@dataclass
+class Progress:
+    """Where a stage of a run stands: units optimized, or images of the exemplar pass."""
+
+    done: int
+    failed: int
+    total: int
+    elapsed: float  # seconds since the stage started
+    what: str = "units"
+
+
 class RunProgress:
-    """Units done/total, rate, ETA and failures; redraws one line on a terminal and logs a
-    line every LOG_EVERY_SECONDS when stderr is a file or a pipe."""
+    """Done/total, rate, ETA and failures of the current stage (units, then exemplar images);
+    redraws one line on a terminal and logs a line every LOG_EVERY_SECONDS when stderr is a
+    file or a pipe."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
-        self.total = 0
         self.last_log = 0.0
         self.drawn = False
+        self.what = "units"
 
     def start(self, todo: int, skipped: int, dashboard: str | None) -> None:
-        self.total = todo
         message = f"{todo} units to do, {skipped} already stored"
         if dashboard:
             message += f"; Dask dashboard: {dashboard}"
         click.echo(message, file=self.stream)
 
-    def update(self, progress) -> None:
-        finished = progress.done + progress.failed
+    def update(self, progress: Progress) -> None:
+        if progress.what != self.what:  # a new stage: keep the last line of the one before
+            self.finish()
+            self.what, self.last_log = progress.what, 0.0
+        finished, total, what = progress.done + progress.failed, progress.total, progress.what
         rate = finished / progress.elapsed if progress.elapsed > 0 else 0.0
-        eta = (self.total - finished) / rate if rate > 0 else 0.0
+        eta = (total - finished) / rate if rate > 0 else 0.0
         line = (
-            f"{finished}/{self.total} units  {rate:.2f} units/s  ETA {format_duration(eta)}  "
+            f"{finished}/{total} {what}  {rate:.2f} {what}/s  ETA {format_duration(eta)}  "
             f"{progress.failed} failed"
         )
         if self.live:
-            filled = int(30 * finished / max(self.total, 1))
+            filled = int(30 * finished / max(total, 1))
             self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}\033[K")
             self.stream.flush()
             self.drawn = True
-        elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or finished == self.total:
+        elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or finished == total:
             click.echo(line, file=self.stream)
             self.last_log = time.monotonic()
 
     def finish(self) -> None:
         if self.drawn:
             self.stream.write("\n")
+            self.drawn = False

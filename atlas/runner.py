@@ -23,6 +23,7 @@ from atlas.execute import executor
 from atlas.exemplars import ExemplarPass, ExemplarSummary
 from atlas.files import writable_folder
 from atlas.plan import ENGINE_VERSION, Plan, Task, make_plan, make_tasks
+from atlas.progress import Progress
 from atlas.site import render
 from atlas.store import Store, layer_dirname
 from atlas.work import run_task, unit_record
@@ -41,16 +42,6 @@ class RunSummary:
     out: str = ""
     site: str = ""  # the atlas's index.html
     exemplars: ExemplarSummary | None = None
-
-
-@dataclass
-class Progress:
-    """What a progress display needs after each task."""
-
-    done: int
-    failed: int
-    total: int
-    elapsed: float
 
 
 def now() -> str:
@@ -142,7 +133,7 @@ def _run_claimed(
                     elapsed = time.monotonic() - clock
                     on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
             if exemplars and exemplars.needed:
-                summary.exemplars = exemplars.run(pool)
+                summary.exemplars = exemplars.run(pool, on_progress)
                 summary.failures += summary.exemplars.failures
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)

@@ -52,6 +52,7 @@ def test_every_unit_gets_its_top_images_and_the_corrupt_file_is_counted(tmp_path
     result = run(tmp_path, folder)
     assert result.exit_code == 0, result.output
     assert "exemplars: 41 images (1 unreadable, skipped) for 6 units" in result.output
+    assert "41/41 images" in result.output  # the pass reports its progress
     truth = brute_force_scores(folder, names)
     for unit in ["conv2:0", "conv2:3", "logits:1"]:
         layer, index = unit.split(":")
@@ -140,8 +141,10 @@ def test_a_killed_pass_resumes_where_it_was(tmp_path, photos, monkeypatch):
         run(tmp_path, folder)
     assert (tmp_path / "exemplars/progress.json").is_file()
     resumed = counting_task(monkeypatch)
-    assert run(tmp_path, folder).exit_code == 0
+    rerun = run(tmp_path, folder)
+    assert rerun.exit_code == 0, rerun.output
     assert resumed == [24, 32, 40]  # chunks 0, 8 and 16 were saved before the kill
+    assert "17/17 images" in rerun.output  # progress counts what was left: 8 + 8 + 1
     assert not (tmp_path / "exemplars/progress.json").exists()
     assert_as_in_a_clean_run(tmp_path, folder, monkeypatch)
 
