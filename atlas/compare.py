@@ -114,6 +114,8 @@ def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.dev
     """Per matched unit: the four clean activations, both cross ratios and the change. Images
     are read CHUNK units at a time (a full atlas's would not fit in memory); each model sees
     the grey image once, for every unit at the same time."""
+    if not keys:
+        return []
     for side in (a, b):
         side.model.module.to(device)
     targets = [target_of(*key) for key in keys]

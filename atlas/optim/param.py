@@ -1,13 +1,15 @@
 """Image parameterizations: free parameters -> a batch of images in [0, 1].
 
-A parameterization is a chain of small invertible modules: a latent space (pixels or a scaled
-Fourier spectrum), a colour mix (decorrelated colour), and a squash (sigmoid). Each module can
-also run backwards (`inverse`), so that an image can be written back into the parameters: that is
-how blur-every-N-steps and octave upscaling work for every parameterization alike.
+A parameterization is a chain of small invertible modules: a latent space (pixels, a scaled
+Fourier spectrum, or the phase of a fixed-magnitude spectrum), a colour mix (decorrelated
+colour), and a squash (sigmoid). Each module can also run backwards (`inverse`), so that an
+image can be written back into the parameters: that is how blur-every-N-steps and octave
+upscaling work for pixels and Fourier (a phase keeps its magnitude, so recipes refuse them).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,15 +122,32 @@ class PhaseLatent(nn.Module):
         self.phase = nn.Parameter(torch.zeros(batch, channels, size, size // 2 + 1))
 
     def forward(self) -> torch.Tensor:
-        spectrum = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
+        spectrum = torch.polar(self.magnitude.expand_as(self.phase), self._hermitian(self.phase))
         x = torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho")
         return x / x.std(dim=(-2, -1), keepdim=True).clamp(min=1e-8) * self.contrast
+
+    def _hermitian(self, phase: torch.Tensor) -> torch.Tensor:
+        """The phase with its self-conjugate columns (0, and the last for an even size) made
+        odd in the row frequency, as a real image's spectrum has them: then the magnitude is
+        exactly the fixed one, and irfft2 needs no guess (backends resolve a non-Hermitian
+        input differently)."""
+        columns = [0] + ([self.size // 2] if self.size % 2 == 0 else [])
+        edges = phase[..., columns]
+        mirrored = torch.roll(torch.flip(edges, dims=[-2]), 1, dims=-2)  # row k -> row -k
+        phase = phase.clone()
+        phase[..., columns] = (edges - mirrored) / 2
+        return phase
 
     @torch.no_grad()
     def inverse(self, image: torch.Tensor) -> None:
         """Keeps the phase of `image`; its magnitude cannot be represented and is dropped
-        (exact for an image this parameterization made, once encoded)."""
+        (exact for an image this parameterization made)."""
         self.phase.copy_(torch.fft.rfft2(image, norm="ortho").angle())
+
+    @torch.no_grad()
+    def randomize(self, noise: torch.Tensor) -> None:
+        """Uniform phases from standard-normal draws (through their normal CDF)."""
+        self.phase.copy_(math.pi * torch.erf(noise / math.sqrt(2)))
 
 
 class ColourMix(nn.Module):
@@ -199,12 +218,13 @@ class ImageParam(nn.Module):
         self.latent.inverse(x)
 
     @torch.no_grad()
-    def initialize(self, noise: torch.Tensor) -> None:
-        """Start from grey plus noise: `noise` is per-image standard-normal draws, shaped like
-        the latent parameter and scaled by the caller (for a phase, random phases)."""
+    def initialize(self, noise: torch.Tensor, scale: float) -> None:
+        """The starting image from `noise`, per-image standard-normal draws shaped like the
+        latent parameter: grey plus `scale` times the noise (pixels, or the spectrum for
+        Fourier); a phase image starts from uniform random phases whatever the scale."""
         if isinstance(self.latent, FourierLatent):
-            self.latent.spectrum.copy_(noise)
+            self.latent.spectrum.copy_(noise * scale)
         elif isinstance(self.latent, PhaseLatent):
-            self.latent.phase.copy_(noise)
+            self.latent.randomize(noise)
         else:
-            self.encode(0.5 + noise)
+            self.encode(0.5 + noise * scale)

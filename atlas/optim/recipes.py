@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from atlas.errors import AtlasError, did_you_mean
@@ -49,7 +50,8 @@ class Recipe:
     decay: float = 1.0  # Fourier spectrum scaled by 1 / f^decay
     colour: str | tuple[float, ...] = "imagenet"  # imagenet | none | 9 floats (3x3 matrix)
     squash: str = "sigmoid"  # sigmoid | clip
-    init_noise: float = 0.01  # sd of the starting noise (pixels: around grey; Fourier: spectrum)
+    init_noise: float = 0.01  # sd of the starting noise (pixels: around grey; Fourier: spectrum;
+    # phase: unused, phases start uniform)
     # Geometric transforms, drawn per image and step; pixels are at 128 px and scale with size.
     pad: float = 0.0
     jitter: float = 0.0
@@ -78,7 +80,16 @@ class Recipe:
             (self.lr > 0, "lr must be positive"),
             (self.param in ("fourier", "pixel", "phase"), "param must be fourier, pixel or phase"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
-            (self.contrast > 0, "contrast must be positive"),
+            (math.isfinite(self.contrast) and self.contrast > 0, "contrast must be positive"),
+            (
+                self.param == "phase" or self.contrast == 1.0,
+                "contrast applies to param = phase only",
+            ),
+            (
+                self.param != "phase" or not (self.blur_every or self.octaves),
+                "a phase image cannot be blurred or upscaled (its magnitude is fixed): "
+                "drop blur_every and octaves",
+            ),
             (self.squash in ("sigmoid", "clip"), "squash must be sigmoid or clip"),
             (
                 self.colour in ("imagenet", "none")
@@ -172,9 +183,7 @@ PRESETS: dict[str, Recipe] = {
     # MACO: only the phase of a 1/f spectrum is optimized, from random phases, with NAdam; the
     # same transforms as `fourier`. The published lr 1.0 scored far lower on Lite0 than 0.1
     # (bench/RESULTS.md), which still trails `fourier` there: this is for deeper models.
-    "maco": Recipe(
-        name="maco", param="phase", optimizer="nadam", lr=0.1, init_noise=3.0, **_LUCID_TRANSFORMS
-    ),
+    "maco": Recipe(name="maco", param="phase", optimizer="nadam", lr=0.1, **_LUCID_TRANSFORMS),
 }
 DEFAULT = "fourier"
 # Diversity weight used for K > 1 images of a unit unless one is given: on EfficientNet-Lite0

@@ -201,7 +201,7 @@ def visualize(
     param = new_param(stages[0].size)
     latent = next(iter(param.parameters()))
     noise = torch.stack([torch.randn(latent.shape[1:], generator=g) for g in generators])
-    param.initialize(noise.to(device) * recipe.init_noise)
+    param.initialize(noise.to(device), recipe.init_noise)
     draws = torch.stack(
         [torch.rand(total, transforms.DRAWS_PER_STEP, generator=g) for g in generators], dim=1
     ).to(device)  # [steps, B, draws]
