@@ -216,10 +216,15 @@ def site_info(manifest: dict, units: list[dict]) -> dict:
     }
 
 
-def load_manifest(out: Path) -> dict:
+def manifest_path(out: Path) -> Path:
     path = out / "manifest.json"
     if not path.is_file():
         raise AtlasError(f"{out} has no manifest.json: run `atlas run ... --out {out}` first")
+    return path
+
+
+def load_manifest(out: Path) -> dict:
+    path = manifest_path(out)
     try:
         return json.loads(path.read_text())
     except ValueError as error:
@@ -231,7 +236,7 @@ def render(out: str | Path) -> Path:
     OUT take turns (`atlas render` may run beside the render that ends `atlas run`), so the
     last one to finish shows the newest manifest and none deletes what another is writing."""
     out = Path(out)
-    load_manifest(out)  # a clear error before anything is written
+    manifest_path(out)  # a clear error before a lock file is left in a folder that is no atlas
     with exclusive_lock(out / ".render.lock") as alone:
         return _render(out, load_manifest(out), sweep=alone)
 

@@ -501,24 +501,21 @@ def test_layers_ending_in_relu6_are_read_before_it_and_others_as_they_are():
     assert resolve(model, "head.1").source == "head.1"
 
 
-class _ShiftedAfterItsClamp(nn.Module):
+class _ConvThenClamp(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.act = nn.ReLU6()
 
+
+class _ShiftedAfterItsClamp(_ConvThenClamp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.conv(x))
         y += 10  # the same tensor object, but no longer the clamp's values
         return y
 
 
-class _ClampInputChangedLater(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.ReLU6()
-
+class _ClampInputChangedLater(_ConvThenClamp):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         before = self.conv(x)
         y = self.act(before)
