@@ -333,15 +333,15 @@ class ExemplarPass:
         images_done = images_failed = 0
         tasks = read_chunks(self.files, self.units, self.top, chunk, done)
         for outcome in pool.run(exemplar_task, tasks):
+            first, count = outcome.task.first, len(outcome.task.blobs)
             if outcome.error is not None:
-                first, count = outcome.task.first, len(outcome.task.blobs)
                 failures.append(f"exemplars of images {first}-{first + count - 1}: {outcome.error}")
                 images_failed += count
             else:
                 result = outcome.result
                 merged.merge(result["layers"])
                 done.add(result["first"])
-                images_done += min(chunk, total - result["first"])
+                images_done += count
                 unreadable.update(result["first"] + p for p in result["unreadable"])
                 if time.monotonic() - saved_at >= SAVE_EVERY_SECONDS:
                     save()

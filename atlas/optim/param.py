@@ -81,6 +81,14 @@ class PixelLatent(nn.Module):
         self.latent.copy_(image)
 
 
+def falloff(size: int, decay: float) -> torch.Tensor:
+    """1 / f^decay over a real-FFT spectrum of a size x size image, [size, size // 2 + 1]; the
+    lowest frequency stands in for f = 0."""
+    fy = torch.fft.fftfreq(size)[:, None]
+    fx = torch.fft.rfftfreq(size)[None, :]
+    return 1.0 / torch.sqrt(fy * fy + fx * fx).clamp(min=1.0 / size) ** decay
+
+
 class FourierLatent(nn.Module):
     """A real-FFT spectrum whose coefficients are scaled by 1 / f^decay: equal steps on every
     coefficient then change low frequencies most, which suppresses high-frequency noise."""
@@ -88,10 +96,7 @@ class FourierLatent(nn.Module):
     def __init__(self, batch: int, channels: int, size: int, decay: float):
         super().__init__()
         self.size = size
-        fy = torch.fft.fftfreq(size)[:, None]
-        fx = torch.fft.rfftfreq(size)[None, :]
-        frequencies = torch.sqrt(fy * fy + fx * fx)
-        self.register_buffer("scale", 1.0 / frequencies.clamp(min=1.0 / size) ** decay)
+        self.register_buffer("scale", falloff(size, decay))
         self.spectrum = nn.Parameter(torch.zeros(batch, channels, size, size // 2 + 1, 2))
 
     def forward(self) -> torch.Tensor:
@@ -113,10 +118,7 @@ class PhaseLatent(nn.Module):
     def __init__(self, batch: int, channels: int, size: int, decay: float, contrast: float):
         super().__init__()
         self.size, self.contrast = size, contrast
-        fy = torch.fft.fftfreq(size)[:, None]
-        fx = torch.fft.rfftfreq(size)[None, :]
-        frequencies = torch.sqrt(fy * fy + fx * fx)
-        magnitude = 1.0 / frequencies.clamp(min=1.0 / size) ** decay
+        magnitude = falloff(size, decay)
         magnitude[0, 0] = 0.0  # no mean: the squash centres the image on grey
         self.register_buffer("magnitude", magnitude)
         self.phase = nn.Parameter(torch.zeros(batch, channels, size, size // 2 + 1))
