@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import click
@@ -43,13 +45,16 @@ class StepProgress:
 
 class AtlasGroup(click.Group):
     """Bad input of any kind (AtlasError, a bad flag or value) ends in one line on stderr and
-    exit code 2, never a traceback or a usage screen."""
+    exit code 2, never a traceback or a usage screen. With ATLAS_DEBUG=1 an AtlasError's
+    traceback (and those of its causes) comes first, to find where a message came from."""
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
         try:
             code = super().main(args, prog_name, standalone_mode=False, **extra)
         except (AtlasError, click.UsageError) as error:
+            if isinstance(error, AtlasError) and os.environ.get("ATLAS_DEBUG") == "1":
+                click.echo("".join(traceback.format_exception(error)), err=True, nl=False)
             message = error.format_message() if isinstance(error, click.UsageError) else error
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
@@ -62,7 +67,11 @@ class AtlasGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
 
-@click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=AtlasGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Set ATLAS_DEBUG=1 to print the traceback behind an error message.",
+)
 @click.version_option(package_name="atlas")
 def cli() -> None:
     """Feature atlases of image CNNs."""
@@ -140,6 +149,24 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
     metavar="N",
     help="Also save the optimization as an animated WebP, a frame every N steps.",
 )
+@click.option(
+    "--grow",
+    is_flag=True,
+    help="Grow each channel target over its map in reading order: frame k maximizes the "
+    "channel's mean over the first k positions; frames and an animated WebP.",
+)
+@click.option(
+    "--grow-step",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="With --grow: keep every N-th prefix (and always the whole map). Default 1.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="With --grow: at most N images per optimization batch (0, default: all in one).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", help=DEVICE_HELP)
 @click.option(
@@ -164,13 +191,16 @@ def visualize_command(
     colour_from,
     negative,
     timelapse,
+    grow,
+    grow_step,
+    batch,
     seed,
     device,
     formats,
 ):
     """Visualize a few TARGETS of MODEL: blocks.8:3 (channel), blocks.8:3@3,3 (neuron),
     blocks.8:3@centre, blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or
-    logits:hen (class)."""
+    logits:hen (class). With --grow, channel targets only, grown neuron by neuron."""
     from atlas import models as model_registry
     from atlas import quick
     from atlas.files import writable_folder
@@ -180,12 +210,38 @@ def visualize_command(
     from atlas.optim.render import check_targets
     from atlas.targets import parse_target
 
+    if not grow and (grow_step is not None or batch is not None):
+        raise AtlasError("--grow-step and --batch apply only with --grow")
+    if grow and (samples > 1 or timelapse):
+        raise AtlasError("--grow makes one image per prefix of the map: drop --samples/--timelapse")
     if diversity is None and samples > 1:
         diversity = DEFAULT_DIVERSITY
     colour = colour_matrix_from_folder(colour_from) if colour_from else None
     recipe = get(recipe_name, steps=steps, size=size, lr=lr, diversity=diversity, colour=colour)
     loaded = model_registry.load(model, weights)
     parsed = [parse_target(text, loaded, negative=negative) for text in targets]
+    if grow:
+        from atlas import grow as growth
+
+        growth.check(loaded, parsed)
+        out_path = writable_folder(out)
+        with StepProgress("growing") as on_step:
+            summary = growth.run(
+                loaded,
+                parsed,
+                recipe,
+                out_path,
+                every=grow_step or 1,
+                batch=batch or 0,
+                seed=seed,
+                device=device,
+                formats=formats,
+                on_step=on_step,
+            )
+        lines = growth.describe(summary)
+        lines[-1] += f"; wrote {out_path}"
+        click.echo("\n".join(lines))
+        return
     check_targets(loaded, parsed)
     out_path = writable_folder(out)
     with StepProgress("optimizing") as on_step:

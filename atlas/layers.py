@@ -1,9 +1,11 @@
 """Which layers of a model can be visualized, and capturing their activations.
 
-A layer is any named module whose output is a feature map [B, C, H, W] or a vector [B, C],
-measured by one dry forward pass; the model's output is the layer `logits`. `capture` hooks
-the needed layers for one forward pass and, to save compute, stops the pass right after the
-deepest of them.
+A layer is any named module whose output is a feature map, channels first or last, a sequence
+of patch tokens, or a vector, measured by one dry forward pass (atlas.layout reads which);
+the model's output is the layer `logits`, and each token layer led by a class token also
+offers that token alone as the layer `<name>.cls`. Every consumer sees a layer as [B, C, H, W]
+(or [B, C]): `capture` hooks the needed layers for one forward pass, hands out their outputs
+in that form and, to save compute, stops the pass right after the deepest of them.
 
 A layer that ends in a clamp with an upper bound (ReLU6, as in EfficientNet-Lite's stem and
 head) is read before that clamp: maximized after it, every position of a channel reaches 6
@@ -25,23 +27,41 @@ import torch
 from torch import nn
 
 from atlas.errors import AtlasError, did_you_mean
+from atlas.layout import Layout, Producer, layout_of, producer_of
 from atlas.names import LOGITS
+
+CLASS_TOKEN = "cls"  # `<token layer>.cls`: the class token of a token layer
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     name: str
     type: str
-    shape: tuple[int, ...]  # without the batch dimension
+    shape: tuple[int, ...]  # as consumers see it, without the batch: (C, H, W) or (C,)
     channels: int
     # the saturating clamp that ends the layer, whose input objectives read instead (ReLU6)
     pre_activation: str | None = None
+    kind: str = ""  # atlas.layout.KINDS; "" means map or vector, by the shape
+    prefix: int = 0  # tokens: class and register tokens ahead of the patch grid
+    module: str | None = None  # the module read, when not `name` (a class token's layer)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            object.__setattr__(self, "kind", "map" if len(self.shape) == 3 else "vector")
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(
+            self.kind, self.prefix, tuple(self.shape[1:]) if self.kind == "tokens" else (0, 0)
+        )
 
     @property
     def source(self) -> str:
         """What the units of this layer read, for content keys: the layer's output, or the
-        input of the clamp that ends it (so old keys of other layers stay valid)."""
-        return self.name if self.pre_activation is None else f"{self.name}<{self.pre_activation}"
+        input of the clamp that ends it, and how it is laid out when not as a plain map or
+        vector (so the keys of maps and vectors stored before layouts stay valid)."""
+        source = self.name if self.pre_activation is None else f"{self.name}<{self.pre_activation}"
+        return source if self.kind in ("map", "vector") else f"{source}[{self.kind}]"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -56,25 +76,28 @@ def capture(
     model, names: Iterable[str], stop_after: str | None = None, module: nn.Module | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Hooks the layers `names` of `model` (a LoadedModel) for the forward passes run inside
-    the block; the dict fills with their outputs, or for a layer that ends in a saturating
-    clamp with that clamp's input. `module` is what runs when not `model.module` itself (a
-    folded copy, whose names are the same). Hooks are removed on every exit path."""
+    the block; the dict fills with their outputs as [B, C, H, W] or [B, C] (for a layer that
+    ends in a saturating clamp, with that clamp's input). `module` is what runs when not
+    `model.module` itself (a folded copy, whose names are the same). Hooks are removed on
+    every exit path."""
     module = model.module if module is None else module
     outputs: dict[str, torch.Tensor] = {}
     modules = dict(module.named_modules())
-    read_before = {layer.name: layer.pre_activation for layer in model.layers}
+    infos = {layer.name: layer for layer in model.layers}
     # one hook per module: `head` and `head.2` both hook `head.2`, one reading its input and
     # the other its output, and whichever is `stop_after` must not cut the other short
-    readers: dict[str, dict[str, bool]] = {}  # module -> {layer name: read its input}
+    readers: dict[str, dict[str, tuple[bool, Layout]]] = {}  # module -> {layer: (input?, how)}
     for name in names:
-        clamp = read_before.get(name)
-        readers.setdefault(clamp or name, {})[name] = clamp is not None
+        info = infos.get(name)
+        clamp = info.pre_activation if info else None
+        hooked = clamp or (info.module if info and info.module else name)
+        readers.setdefault(hooked, {})[name] = (clamp is not None, _layout(info))
     handles = []
 
-    def hook_for(reads: dict[str, bool]):
+    def hook_for(reads: dict[str, tuple[bool, Layout]]):
         def hook(_module, inputs, output):
-            for name, before in reads.items():
-                outputs[name] = inputs[0] if before else output
+            for name, (before, layout) in reads.items():
+                outputs[name] = layout.read(inputs[0] if before else output)
             if stop_after in reads:
                 raise _StopForward
 
@@ -87,6 +110,10 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _layout(info: LayerInfo | None) -> Layout:
+    return info.layout if info is not None else Layout("map")
 
 
 def clamp_bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -158,20 +185,28 @@ class _ClampTracker:
 def discover(model) -> list[LayerInfo]:
     """Every visualizable layer of a LoadedModel in execution order, then `logits`. Modules
     called more than once per pass (shared activations) are left out: their output is
-    ambiguous. So are modules that return their input unchanged (dropout in eval mode)."""
+    ambiguous. So are modules that return their input unchanged (dropout in eval mode) and
+    outputs that are no map, token sequence or vector (windows of a partitioned map)."""
     module = model.module
-    seen: dict[str, tuple[str, tuple[int, ...]]] = {}
+    seen: dict[str, tuple[str, tuple[int, ...], Layout]] = {}
     calls: dict[str, int] = {}
     clamps = _ClampTracker()
+    last_producer: list[Producer | None] = [None]
     handles = []
 
     def hook_for(name: str):
         def hook(mod, inputs, output):
             calls[name] = calls.get(name, 0) + 1
             clamps.record(name, mod, inputs, output)
-            is_map = isinstance(output, torch.Tensor) and output.dim() in (2, 4)
-            if is_map and not any(output is i for i in inputs):
-                seen.setdefault(name, (type(mod).__name__, tuple(output.shape[1:])))
+            last_producer[0] = producer_of(mod) or last_producer[0]
+            if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3, 4):
+                return
+            if any(output is i for i in inputs) or name in seen:
+                return
+            raw = tuple(output.shape[1:])
+            layout = layout_of(raw, last_producer[0], model.input_size)
+            if layout is not None:
+                seen[name] = (type(mod).__name__, raw, layout)
 
         return hook
 
@@ -192,9 +227,29 @@ def discover(model) -> list[LayerInfo]:
     finally:
         for handle in handles:
             handle.remove()
-    once = [name for name in seen if calls[name] == 1]
     usable = [name for name in clamps.clamps if calls[name] == 1]
-    layers = [LayerInfo(n, *seen[n], seen[n][1][0], clamps.ending_clamp(n, usable)) for n in once]
+    layers = []
+    for name, (type_name, raw, layout) in seen.items():
+        if calls[name] != 1:
+            continue
+        shape = layout.shape(raw)
+        clamp = clamps.ending_clamp(name, usable)
+        layers.append(
+            LayerInfo(name, type_name, shape, shape[0], clamp, layout.kind, layout.prefix)
+        )
+        if layout.kind == "tokens" and layout.prefix and f"{name}.{CLASS_TOKEN}" not in calls:
+            cls = f"{name}.{CLASS_TOKEN}"
+            layers.append(
+                LayerInfo(
+                    cls,
+                    f"class token of {type_name}",
+                    shape[:1],
+                    shape[0],
+                    clamp,
+                    "cls_token",
+                    module=name,
+                )
+            )
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         layers.append(LayerInfo(LOGITS, "output", tuple(output.shape[1:]), output.shape[1]))
     return layers

@@ -199,7 +199,6 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
         input_size=(size, size),
         labels=imagenet_labels(),
         weights=str(weights_path),
-        default_layers=("stem", "blocks.*", "head"),
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from atlas.config import AtlasConfig, parse_indices
 from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import LOGITS, LayerInfo, select
+from atlas.mainpath import default_layers
 from atlas.optim.objectives import Target, channel, logit
 from atlas.optim.recipes import Recipe
 
@@ -90,13 +91,11 @@ def unit_key(
 
 
 def default_layer_patterns(model) -> tuple[str, ...]:
-    """The layers an atlas shows when none are chosen: the model's own list, else every
-    top-level module with a feature map."""
+    """The layers an atlas shows when none are chosen: the model's own list, else its main
+    path (atlas.mainpath)."""
     if model.default_layers:
         return model.default_layers
-    return tuple(
-        layer.name for layer in model.layers if "." not in layer.name and len(layer.shape) == 3
-    )
+    return tuple(default_layers(model))
 
 
 def make_plan(config: AtlasConfig, model) -> Plan:

@@ -342,16 +342,9 @@ def test_no_classes_means_no_logits(model):
 
 
 def test_default_layers_when_none_are_chosen(model):
-    assert default_layer_patterns(model) == ("conv1", "relu1", "conv2", "relu2", "conv3")
+    assert default_layer_patterns(model) == ("relu1", "relu2", "conv3")
     plan = make_plan(plan_config(), model)
-    assert plan.units_per_layer() == {
-        "conv1": 8,
-        "relu1": 8,
-        "conv2": 12,
-        "relu2": 12,
-        "conv3": 16,
-        "logits": 10,
-    }
+    assert plan.units_per_layer() == {"relu1": 8, "relu2": 12, "conv3": 16, "logits": 10}
 
 
 def test_model_default_layers_win(model):

@@ -389,6 +389,9 @@ def test_layers_in_execution_order_with_shapes_and_channels(seq):
         "shape": (6, 6, 8),
         "channels": 6,
         "pre_activation": None,
+        "kind": "map",
+        "prefix": 0,
+        "module": None,
     }
     assert seq.layers is seq.layers  # measured once
 

@@ -121,3 +121,8 @@ def tiny_clamped() -> LoadedModel:
     return dataclasses.replace(
         tiny_model(), module=ClampedNet(), spec="tinymodels:tiny_clamped", digest=""
     )
+
+
+def tiny_small() -> LoadedModel:
+    """The tiny model fed 12x12 images: conv3's map is 3x3 (for position-by-position growth)."""
+    return dataclasses.replace(tiny_model(size=12), spec="tinymodels:tiny_small", digest="")

@@ -159,13 +159,16 @@ def visualize(
     device: str | torch.device | None = None,
     on_step: Callable[[int, int], None] | None = None,
     timelapse: int = 0,
+    streams: Sequence[int] | None = None,
 ) -> list[UnitResult]:
     """Optimize one image per target in one batch; return the results in the same order.
 
     `model` is a LoadedModel. Repeating a target K times with `recipe.diversity > 0` gives K
     diverse images of it. `on_step(done, total)` is called after every step. With `timelapse`
     N > 0, the image is also kept as uint8 (on the device) at step 0, every N steps and the
-    last step, in each result's `frames`."""
+    last step, in each result's `frames`. `streams`, one seed per target, replaces the seeds
+    derived from (seed, objective, repeat): images given one stream start from the same image
+    and see the same random transforms, whatever their objectives (growth frames)."""
     if not targets:
         return []
     check_timelapse(recipe, timelapse)
@@ -181,7 +184,7 @@ def visualize(
     normalize = model.normalize.to(device)
 
     batch, channels = len(objectives), model.input_channels
-    generators = _image_generators(seed, requested)
+    generators = _image_generators(seed, requested, streams)
     stages = recipe.stages()
     total = sum(stage.steps for stage in stages)
     colour = colour_matrix(recipe.colour, channels)
@@ -283,8 +286,15 @@ def _shown(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return transforms.resize((images.clamp(0, 1) * 255).round() / 255, size)
 
 
-def _image_generators(seed: int, objectives: Sequence[Objective]) -> list[torch.Generator]:
-    """One random stream per image; repeats of one objective get streams 0, 1, 2, ..."""
+def _image_generators(
+    seed: int, objectives: Sequence[Objective], streams: Sequence[int] | None = None
+) -> list[torch.Generator]:
+    """One random stream per image; repeats of one objective get streams 0, 1, 2, ... Given
+    `streams`, image i's stream is seeded with streams[i] instead."""
+    if streams is not None:
+        if len(streams) != len(objectives):
+            raise ValueError(f"{len(streams)} streams for {len(objectives)} targets")
+        return [torch.Generator().manual_seed(stream) for stream in streams]
     repeats: Counter = Counter()
     generators = []
     for objective in objectives:

@@ -1,0 +1,125 @@
+"""How a layer's output is laid out, so that every consumer sees one (C, H, W) map.
+
+A module's output may be a (C, H, W) map (convolutions), a channels-last (H, W, C) map (Swin
+stages, ConvNeXt's inner blocks, which run Linear and LayerNorm on the last axis), or tokens
+(T, D) whose patches form a grid (ViT, DeiT), led by class and register tokens. `Layout` turns
+any of them into [B, C, H, W] (or [B, C] for vectors and class tokens).
+
+Which axis holds the channels is read from the model, measured in the dry pass of discovery:
+a reading is possible only if its positions form a grid of the input's shape (the map of an
+image, downsampled: a 56x56 grid of a 224 px input, not 56x96 or the 64x49 windows MaxViT
+partitions a map into), and where both readings are possible, the channels are the axis whose
+size is the feature count of the last Conv, BatchNorm, Linear or LayerNorm that ran, on the
+side that module works on (Conv and BatchNorm: channels first; Linear and LayerNorm: last).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+KINDS = ("map", "channels_last", "tokens", "cls_token", "vector")
+MAX_PREFIX_TOKENS = 8  # class, distillation and register tokens ahead of the patches
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to read one module output as [B, C, H, W] (maps, tokens) or [B, C] (vectors)."""
+
+    kind: str
+    prefix: int = 0  # tokens: leading tokens left out of the patch grid
+    grid: tuple[int, int] = (0, 0)  # tokens: the patch grid
+
+    def read(self, output: torch.Tensor) -> torch.Tensor:
+        if self.kind == "channels_last":
+            return output.permute(0, 3, 1, 2)
+        if self.kind == "tokens":
+            return output[:, self.prefix :].transpose(1, 2).unflatten(2, self.grid)
+        if self.kind == "cls_token":
+            return output[:, 0]
+        return output
+
+    def shape(self, raw: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape consumers see, from the module's output shape without the batch."""
+        if self.kind == "channels_last":
+            return (raw[2], raw[0], raw[1])
+        if self.kind == "tokens":
+            return (raw[1], *self.grid)
+        if self.kind == "cls_token":
+            return (raw[1],)
+        return raw
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The last feature-producing module that ran: its feature count and which side it works on."""
+
+    features: int
+    channels_last: bool
+
+
+def producer_of(module: nn.Module) -> Producer | None:
+    """The features a Conv, BatchNorm, GroupNorm, Linear or LayerNorm produces, else None."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return Producer(module.out_channels, False)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return Producer(module.num_features, False)
+    if isinstance(module, nn.GroupNorm):
+        return Producer(module.num_channels, False)
+    if isinstance(module, nn.Linear):
+        return Producer(module.out_features, True)
+    if isinstance(module, nn.LayerNorm) and type(module) is nn.LayerNorm:
+        return Producer(module.normalized_shape[-1], True)
+    # subclasses such as torchvision's LayerNorm2d permute to normalize the channels of a map
+    if isinstance(module, nn.LayerNorm):
+        return Producer(module.normalized_shape[-1], False)
+    return None
+
+
+def is_grid(height: int, width: int, input_size: tuple[int, int]) -> bool:
+    """Whether height x width positions can be the input image's grid, downsampled: the same
+    aspect ratio within rounding (a stride-2 valid convolution takes 299 to 149, then 147)."""
+    in_height, in_width = input_size
+    if height < 1 or width < 1 or height > in_height or width > in_width:
+        return False
+    expected = width * in_height / in_width
+    return abs(height - expected) <= max(1.0, 0.1 * max(height, expected))
+
+
+def _patch_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
+    """(prefix, grid) with the fewest leading tokens such that the rest tile the input's shape."""
+    in_height, in_width = input_size
+    for prefix in range(min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
+        patches = tokens - prefix
+        height = round(math.sqrt(patches * in_height / in_width))
+        for h in (height - 1, height, height + 1):
+            if h >= 1 and patches % h == 0 and is_grid(h, patches // h, input_size):
+                return prefix, (h, patches // h)
+    return None
+
+
+def layout_of(
+    shape: tuple[int, ...], producer: Producer | None, input_size: tuple[int, int]
+) -> Layout | None:
+    """How to read an output of `shape` (without the batch), or None when it is no map, token
+    sequence or vector (a partition of a map into windows, a 1-d signal)."""
+    if len(shape) == 1:
+        return Layout("vector")
+    readings: list[tuple[Layout, int]] = []  # a possible layout and its channel count
+    if len(shape) == 3:
+        if is_grid(shape[1], shape[2], input_size):
+            readings.append((Layout("map"), shape[0]))
+        if is_grid(shape[0], shape[1], input_size):
+            readings.append((Layout("channels_last"), shape[2]))
+    elif len(shape) == 2 and (found := _patch_grid(shape[0], input_size)):
+        prefix, grid = found
+        readings.append((Layout("tokens", prefix, grid), shape[1]))
+    if len(readings) == 2 and producer is not None:
+        matching = [r for r in readings if r[1] == producer.features]
+        if len(matching) == 1:
+            return matching[0][0]
+        return readings[1 if producer.channels_last else 0][0]
+    return readings[0][0] if readings else None
