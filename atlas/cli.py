@@ -81,12 +81,13 @@ def cli() -> None:
 def models_command() -> None:
     """List the built-in model specs and where their weights come from."""
     from atlas import models as model_registry
+    from atlas import tvmodels
 
     rows = model_registry.describe_builtins()
     width = max(len(row["name"]) for row in rows)
     for row in rows:
         click.echo(f"{row['name']:<{width}}  {row['input']:<9} {row['weights']}")
-    names = model_registry.torchvision_names()
+    names = tvmodels.names()
     click.echo(
         f"\nAlso any of {len(names)} torchvision classification models by name "
         f"({', '.join(names[:4])}, ...), with weights from the local torch hub cache or "
@@ -103,20 +104,27 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
     """List the visualizable layers of MODEL with their output shapes."""
     from atlas import models as model_registry
     from atlas.layers import select
+    from atlas.plan import default_layer_patterns
 
     loaded = model_registry.load(model, weights)
     layers = select(loaded, patterns) if patterns else loaded.layers
     if not layers:
         raise AtlasError(f"{model} has no layer with a feature map or vector output")
+    defaults = set(default_layer_patterns(loaded))
     if as_json:
-        click.echo(json.dumps([layer.as_dict() for layer in layers], indent=2))
+        rows = [{**layer.as_dict(), "default": layer.name in defaults} for layer in layers]
+        click.echo(json.dumps(rows, indent=2))
         return
     width = max(len(layer.name) for layer in layers)
+    click.echo(f"  {'layer':<{width}}  {'type':<24} {'kind':<13} {'shape':<14} channels")
     for layer in layers:
+        mark = "*" if layer.name in defaults else " "
         shape = "x".join(str(n) for n in layer.shape)
-        line = f"{layer.name:<{width}}  {layer.type:<24} {shape:<14} {layer.channels:<6}"
+        kind = layer.kind.replace("_", "-") + (f" +{layer.prefix}" if layer.prefix else "")
+        line = f"{mark} {layer.name:<{width}}  {layer.type:<24} {kind:<13} {shape:<14} "
         reads = f"read before {layer.pre_activation}" if layer.pre_activation else ""
-        click.echo(f"{line} {reads}".rstrip())
+        click.echo(f"{line}{layer.channels:<8} {reads}".rstrip())
+    click.echo("* an atlas's default layers (its main path); shapes as read: channels x grid")
 
 
 @cli.command("visualize")

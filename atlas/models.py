@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from atlas.errors import AtlasError, did_you_mean
+from atlas.layers import module_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,10 +113,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_weights(module: nn.Module, path: str | Path, spec: str) -> None:
-    """Load a state-dict file into `module`, or say in one sentence why it does not fit.
-    Keys and shapes are compared before loading: torch raises on a shape mismatch even with
+    """Load a state-dict file into `module`, or say in one sentence why it does not fit."""
+    apply_state(module, load_state_dict_file(path), f"weights file {path}", spec)
+
+
+def apply_state(module: nn.Module, state: dict[str, torch.Tensor], origin: str, spec: str) -> None:
+    """Load a state dict into `module`, or say in one sentence why it does not fit. Keys and
+    shapes are compared before loading: torch raises on a shape mismatch even with
     strict=False."""
-    state = load_state_dict_file(path)
     expected = {name: tensor.shape for name, tensor in module.state_dict().items()}
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
@@ -134,7 +139,7 @@ def apply_weights(module: nn.Module, path: str | Path, spec: str) -> None:
         if names
     ]
     if problems:
-        raise AtlasError(f"weights file {path} does not fit {spec}: {'; '.join(problems)}")
+        raise AtlasError(f"{origin} does not fit {spec}: {'; '.join(problems)}")
     module.load_state_dict(state)
 
 
@@ -205,86 +210,91 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
 # --- torchvision ----------------------------------------------------------------------------
 
 
-def torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _torchvision_weights(name: str, weights: str | None):
-    """The torchvision weights enum member named by `weights` (None: the model's default)."""
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(name)
-    member_name = (weights or "DEFAULT").split(".")[-1]
-    try:
-        return enum[member_name] if member_name != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        names = [m.name for m in enum]
-        raise AtlasError(
-            f"{name} has no weights {weights!r}; choose one of {', '.join(names)}, "
-            "a state-dict file, or 'random'"
-        ) from None
-
-
-def _load_torchvision(name: str, weights: str | None) -> LoadedModel:
-    import torchvision
-
-    module = torchvision.models.get_model(name, weights=None)
-    size, labels, weights_path = 224, imagenet_labels(), "random"
-    if weights and (Path(weights).exists() or Path(weights).suffix in WEIGHTS_SUFFIXES):
-        apply_weights(module, weights, name)
-        weights_path = weights
-    elif weights != "random":
-        member = _torchvision_weights(name, weights)
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(member.url).name
-        if not cached.is_file():
-            raise AtlasError(
-                f"weights {type(member).__name__}.{member.name} are not on this machine and atlas "
-                f"does not download: put {Path(member.url).name} in {cached.parent} "
-                "or pass --weights path/to/state_dict.pth"
-            )
-        apply_weights(module, cached, name)
-        weights_path = str(cached)
-        crop = getattr(member.transforms(), "crop_size", [224])
-        size = int(crop[0])
-        labels = tuple(member.meta.get("categories") or labels)
-    return LoadedModel(
-        spec=name,
-        module=module,
-        normalize=InputNormalization.mean_std(IMAGENET_MEAN, IMAGENET_STD),
-        input_size=(size, size),
-        labels=labels,
-        weights=weights_path,
-    )
-
-
 # --- factories and TorchScript ---------------------------------------------------------------
 
 
+TRIED_INPUT_SIZES = (224, 32, 28, 64, 96, 128, 256, 299)  # ImageNet, CIFAR, MNIST, others
+
+
+def input_channels_of(module: nn.Module) -> int:
+    """The channels a module takes: those of its first convolution (or 3 without one)."""
+    first = next((m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return int(first.in_channels) if first is not None else 3
+
+
+def fitting_input_size(module: nn.Module, channels: int) -> int:
+    """The first of TRIED_INPUT_SIZES the module runs on (a CIFAR net's flattened classifier
+    takes only 32 px), or 224 when none does (discovery then says why)."""
+    device = module_device(module)
+    for size in TRIED_INPUT_SIZES:
+        try:
+            with torch.no_grad():
+                module(torch.zeros(1, channels, size, size, device=device))
+            return size
+        except Exception:  # a shape error means: not this size
+            continue
+    return TRIED_INPUT_SIZES[0]
+
+
+def plain_normalization(channels: int) -> InputNormalization:
+    """ImageNet's mean and std for RGB; for other channel counts, their averages per channel."""
+    if channels == 3:
+        return InputNormalization.mean_std(IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    return InputNormalization.mean_std((mean,) * channels, (std,) * channels)
+
+
+def _call_user_code(spec: str, what: str, function: Callable):
+    """Run user code (an import, a factory); any exception it raises is one line naming it."""
+    try:
+        return function()
+    except AtlasError:
+        raise
+    except Exception as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise AtlasError(
+            f"{spec} {what} {type(error).__name__}{': ' + detail if detail else ''} "
+            "(ATLAS_DEBUG=1 shows the traceback)"
+        ) from error
+
+
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
-    """`package.module:factory`: the factory returns an nn.Module (fed 224 px RGB with ImageNet
-    normalization) or a LoadedModel for full control over size, channels and labels."""
+    """`package.module:factory`: the factory returns an nn.Module or a LoadedModel for full
+    control over size, channels, normalization and labels. A module is fed as many channels as
+    its first convolution takes, at the first size it runs on, with ImageNet's normalization."""
     module_name, _, attribute = spec.partition(":")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: factories next to atlas.toml
     try:
-        factory: Callable = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise AtlasError(f"cannot import {spec}: {error}") from error
-    built = factory()
+        imported = _call_user_code(
+            spec, "raised on import:", lambda: importlib.import_module(module_name)
+        )
+    except AtlasError as error:
+        if isinstance(error.__cause__, ModuleNotFoundError):
+            raise AtlasError(f"cannot import {spec}: {error.__cause__}") from error.__cause__
+        raise
+    if not callable(factory := getattr(imported, attribute, None)):
+        raise AtlasError(f"cannot import {spec}: {module_name} has no callable {attribute!r}")
+    built = _call_user_code(spec, "raised", factory)
     if isinstance(built, LoadedModel):
         loaded = built
     elif isinstance(built, nn.Module):
+        built.eval()
+        channels = input_channels_of(built)
+        size = fitting_input_size(built, channels)
         loaded = LoadedModel(
             spec=spec,
             module=built,
-            normalize=InputNormalization.mean_std(IMAGENET_MEAN, IMAGENET_STD),
+            normalize=plain_normalization(channels),
+            input_size=(size, size),
+            input_channels=channels,
         )
     else:
         raise AtlasError(f"{spec} returned {type(built).__name__}, not a torch module")
     loaded.spec = spec
-    if weights:
+    if weights == "random":
+        loaded.weights = "random"
+    elif weights:
         apply_weights(loaded.module, weights, spec)
         loaded.weights = weights
         loaded.digest = state_digest(loaded.module)
@@ -335,9 +345,11 @@ def load(spec: str, weights: str | None = None) -> LoadedModel:
         if not Path(spec).is_file():
             raise AtlasError(f"model file {spec} does not exist")
         return _load_torchscript(Path(spec))
-    names = torchvision_names()
+    from atlas import tvmodels
+
+    names = tvmodels.names()
     if spec in names:
-        return _load_torchvision(spec, weights)
+        return tvmodels.load(spec, weights)
     raise AtlasError(
         f"unknown model {spec!r}{did_you_mean(spec, builtin_names() + names)}; "
         "`atlas models` lists the built-in names"

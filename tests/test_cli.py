@@ -82,8 +82,8 @@ def test_layers_json(atlas):
     assert result.exit_code == 0, result.output
     layers = json.loads(result.stdout)
     assert isinstance(layers, list) and len(layers) > 20
-    fields = {"name", "type", "shape", "channels", "pre_activation"}
-    assert all(set(layer) == fields for layer in layers)
+    fields = {"name", "type", "shape", "channels", "pre_activation", "kind", "prefix", "module"}
+    assert all(set(layer) == fields | {"default"} for layer in layers)
     assert all(layer["channels"] == layer["shape"][0] for layer in layers)
     assert layers[-1] == {
         "name": "logits",
@@ -91,7 +91,16 @@ def test_layers_json(atlas):
         "shape": [1000],
         "channels": 1000,
         "pre_activation": None,
+        "kind": "vector",
+        "prefix": 0,
+        "module": None,
+        "default": False,
     }
+    assert [layer["name"] for layer in layers if layer["default"]] == [
+        "stem",
+        *(f"blocks.{i}" for i in range(16)),
+        "head",
+    ]
     by_name = {layer["name"]: layer for layer in layers}
     assert by_name["blocks.8"]["shape"] == [112, 14, 14]
     assert by_name["stem"]["shape"] == [32, 112, 112]
@@ -109,14 +118,18 @@ def test_layers_text_and_match(atlas):
     result = atlas("layers", LITE0, "--match", "blocks.8", "--match", "logits")
     assert result.exit_code == 0, result.output
     rows = [row.split() for row in result.stdout.splitlines()]
-    assert rows == [
-        ["blocks.8", "MBConvBlock", "112x14x14", "112"],
-        ["logits", "output", "1000", "1000"],
+    assert rows[0] == ["layer", "type", "kind", "shape", "channels"]
+    assert rows[1:3] == [
+        ["*", "blocks.8", "MBConvBlock", "map", "112x14x14", "112"],
+        ["logits", "output", "vector", "1000", "1000"],
     ]
+    assert rows[3][0] == "*" and "default layers" in result.stdout.splitlines()[3]
     result = atlas("layers", LITE0, "--match", "head")
-    assert result.stdout.split() == [
+    assert result.stdout.splitlines()[1].split() == [
+        "*",
         "head",
         "Sequential",
+        "map",
         "1280x7x7",
         "1280",
         *["read", "before", "head.2"],
@@ -261,7 +274,17 @@ def test_torchscript_model_layers(atlas, tmp_path):
     assert result.exception is None, repr(result.exception)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == [
-        {"name": "logits", "type": "output", "shape": [6], "channels": 6, "pre_activation": None}
+        {
+            "name": "logits",
+            "type": "output",
+            "shape": [6],
+            "channels": 6,
+            "pre_activation": None,
+            "kind": "vector",
+            "prefix": 0,
+            "module": None,
+            "default": False,
+        }
     ]
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -9,7 +10,8 @@ from clihelpers import assert_bad_input, make_runner
 from PIL import Image
 from tinymodels import tiny_small
 
-from atlas.cli import cli
+from atlas.cli import AtlasGroup, cli
+from atlas.errors import AtlasError
 from atlas.grow import frame_counts, prefix_objective
 from atlas.optim import channel, get, visualize
 from atlas.optim.objectives import BatchObjective, as_objective
@@ -207,22 +209,43 @@ def test_grow_options_without_grow_or_with_other_modes(tmp_path, extra):
 # --- ATLAS_DEBUG ---------------------------------------------------------------------------------
 
 
-def test_atlas_debug_prints_the_traceback_and_its_cause(tmp_path):
-    result = atlas("layers", "tinymodels:no_such_factory", env={"ATLAS_DEBUG": "1"})
+@click.group(cls=AtlasGroup)
+def failing() -> None:
+    """A group whose one command fails as a loader does: an AtlasError raised from a cause."""
+
+
+@failing.command("load")
+def load_command() -> None:
+    try:
+        int("not a number")
+    except ValueError as error:
+        raise AtlasError("cannot read the weights") from error
+
+
+def test_atlas_debug_prints_the_traceback_and_its_cause():
+    result = make_runner().invoke(failing, ["load"], env={"ATLAS_DEBUG": "1"})
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     assert result.stderr.startswith("Traceback (most recent call last):")
-    assert "AttributeError" in result.stderr  # the cause, chained
+    assert "ValueError: invalid literal for int()" in result.stderr  # the cause, chained
     assert "The above exception was the direct cause of the following exception" in result.stderr
-    assert "atlas.errors.AtlasError: cannot import tinymodels:no_such_factory" in result.stderr
-    last = result.stderr.splitlines()[-1]
-    assert last.startswith("error: cannot import tinymodels:no_such_factory")
+    assert "AtlasError: cannot read the weights" in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: cannot read the weights"
+
+
+def test_atlas_debug_in_the_atlas_command(tmp_path):
+    args = ["visualize", MODEL, "conv3:99", *QUICK, "--out", tmp_path]
+    result = atlas(*args, env={"ATLAS_DEBUG": "1"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Traceback (most recent call last):")
+    assert "in visualize_command" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: channel 99 is out of range")
 
 
 @pytest.mark.parametrize("value", [None, "0", ""])
 def test_without_atlas_debug_an_error_is_one_line(value):
-    result = atlas("layers", "tinymodels:no_such_factory", env={"ATLAS_DEBUG": value})
-    assert_bad_input(result, "cannot import tinymodels:no_such_factory")
+    result = make_runner().invoke(failing, ["load"], env={"ATLAS_DEBUG": value})
+    assert_bad_input(result, "cannot read the weights")
 
 
 def test_help_mentions_atlas_debug():

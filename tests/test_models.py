@@ -118,12 +118,24 @@ def test_lite0_rejects_weights_that_do_not_fit(tmp_path):
         models.load("efficientnet_lite0", str(path))
 
 
-def test_weights_with_other_shapes_are_a_clear_error_not_a_traceback(tmp_path):
+def test_a_checkpoint_with_another_class_count_builds_that_many_classes(tmp_path):
     import torchvision
 
     path = tmp_path / "ten-classes.pth"
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
-    with pytest.raises(AtlasError, match=r"2 reshaped \(fc.weight \(10, 512\) vs \(1000, 512\)"):
+    saved = torchvision.models.resnet18(num_classes=10)
+    torch.save(saved.state_dict(), path)
+    loaded = models.load("resnet18", str(path))
+    assert resolve(loaded, LOGITS).channels == 10
+    assert loaded.labels is None  # ImageNet's names would be wrong
+    assert loaded.digest == models.state_digest(saved)
+
+
+def test_weights_with_other_shapes_are_a_clear_error_not_a_traceback(tmp_path):
+    import torchvision
+
+    path = tmp_path / "wide.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(AtlasError, match=r"does not fit resnet18: 96 unexpected \(layer1.2.conv1"):
         models.load("resnet18", str(path))
 
 
