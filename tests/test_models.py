@@ -234,6 +234,25 @@ def grey():
 
 def number():
     return 42
+
+
+def plain_grey():  # a plain module whose first conv takes one channel
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(1), nn.LazyLinear(5))
+
+
+def multispectral():
+    return nn.Sequential(nn.Conv2d(13, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+
+
+def cifar():  # runs on 32 px only: its Linear takes the flattened 5x5 map
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
+    )
+
+
+def failing():
+    return {}["no such key"]
 """
 
 
@@ -287,6 +306,29 @@ def test_factory_with_a_weights_file(factories, tmp_path):
     assert loaded.weights == str(path)
     assert loaded.digest == source.digest
     assert models.load(f"{factories}:rgb").digest != source.digest
+
+
+def test_factory_inputs_are_inferred_from_the_first_convolution_and_a_size_that_runs(factories):
+    grey = models.load(f"{factories}:plain_grey")
+    assert grey.input_channels == 1
+    torch.testing.assert_close(grey.normalize(torch.full((1, 1, 1, 1), 0.449)).item(), 0.0)
+    assert {layer.name: layer.channels for layer in grey.layers}[LOGITS] == 5
+    many = models.load(f"{factories}:multispectral")
+    assert (many.input_channels, resolve(many, "0").shape) == (13, (4, 222, 222))
+    small = models.load(f"{factories}:cifar")
+    assert small.input_size == (32, 32)
+    assert resolve(small, "4").shape == (16, 10, 10)
+    random = models.load(f"{factories}:cifar", "random")  # the factory's own initialization
+    assert random.weights == "random"
+
+
+def test_a_failing_factory_is_one_line_naming_it(factories):
+    with pytest.raises(AtlasError) as raised:
+        models.load(f"{factories}:failing")
+    message = str(raised.value)
+    assert message.startswith(f"{factories}:failing raised KeyError: 'no such key'")
+    assert "ATLAS_DEBUG=1" in message and "\n" not in message
+    assert isinstance(raised.value.__cause__, KeyError)  # what ATLAS_DEBUG=1 shows
 
 
 def test_factory_errors(factories):
