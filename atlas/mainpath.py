@@ -190,7 +190,8 @@ def default_layers(model) -> list[str]:
         for name in path:
             steps = trace.steps(name)
             plain = all(not trace.steps(step) for step in steps)
-            if trace.is_chain(name) and not (plain and len(_pick(steps, trace, layers)) <= 1):
+            chain = name == "" or trace.is_chain(name)  # the model's top level is its path
+            if chain and steps and not (plain and len(_pick(steps, trace, layers)) <= 1):
                 refined += steps
                 changed = True
             else:
