@@ -14,7 +14,8 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -79,6 +80,16 @@ class LoadedModel:
         from atlas.layers import discover
 
         return discover(self)
+
+
+@contextmanager
+def seeded_init(seed: int = 0) -> Iterator[None]:
+    """Random initialization that is the same in every process (the client and each Dask
+    worker must build equal weights: workers check the digest), leaving the caller's RNG as
+    it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def state_digest(module: nn.Module) -> str:
@@ -275,7 +286,8 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
         raise
     if not callable(factory := getattr(imported, attribute, None)):
         raise AtlasError(f"cannot import {spec}: {module_name} has no callable {attribute!r}")
-    built = _call_user_code(spec, "raised", factory)
+    with seeded_init():  # a factory that initializes randomly builds the same weights anywhere
+        built = _call_user_code(spec, "raised", factory)
     if isinstance(built, LoadedModel):
         loaded = built
     elif isinstance(built, nn.Module):

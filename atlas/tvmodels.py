@@ -11,7 +11,8 @@ code is refused before the builder, which reads it without that guard, sees it.
 
 Other state-dict files load into `weights=None` builds, with the number of classes taken from
 the file (a 10-class ResNet-18 checkpoint works). `--weights random` keeps the builder's
-initialization, with the input size and class names of the model's default weights.
+initialization (seeded: every process builds the same weights), with the input size and class
+names of the model's default weights.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from atlas.models import (
     LoadedModel,
     apply_state,
     load_state_dict_file,
+    seeded_init,
 )
 
 
@@ -132,7 +134,8 @@ def load(name: str, weights: str | None) -> LoadedModel:
     member = _weights_member(name, None if weights == "random" or is_file else weights)
     labels: tuple[str, ...] | None = tuple(member.meta["categories"])
     if weights == "random":
-        module, weights_path = torchvision.models.get_model(name, weights=None), "random"
+        with seeded_init():
+            module, weights_path = torchvision.models.get_model(name, weights=None), "random"
     elif is_file:
         path = Path(weights)
         state = load_state_dict_file(path)

@@ -147,6 +147,15 @@ def resnet_random():
     return models.load("resnet18", "random")
 
 
+def test_random_torchvision_weights_are_the_same_in_every_process(resnet_random):
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    again = models.load("resnet18", "random")
+    assert again.digest == resnet_random.digest
+    assert torch.rand(1) == expected  # the caller's random stream is left alone
+
+
 def test_torchvision_model_with_random_weights(resnet_random):
     assert resnet_random.spec == "resnet18"
     assert resnet_random.weights == "random"
@@ -159,8 +168,6 @@ def test_torchvision_model_with_random_weights(resnet_random):
     assert layers["layer4"].shape == (512, 7, 7)
     assert layers["layer1.0.conv1"].shape == (64, 56, 56)
     assert names.index("layer1") < names.index("layer2") < names.index("layer4")
-    # Random weights differ per load, so do their digests.
-    assert models.load("resnet18", "random").digest != resnet_random.digest
 
 
 def test_torchvision_state_dict_file_gives_the_saved_digest(resnet_random, tmp_path):
@@ -300,12 +307,15 @@ def test_factory_returning_a_loaded_model_keeps_its_settings(factories):
 
 def test_factory_with_a_weights_file(factories, tmp_path):
     source = models.load(f"{factories}:rgb")
+    assert models.load(f"{factories}:rgb").digest == source.digest  # seeded: same everywhere
+    state = {name: tensor + 1 for name, tensor in source.module.state_dict().items()}
     path = tmp_path / "rgb.pt"
-    torch.save(source.module.state_dict(), path)
-    loaded = models.load(f"{factories}:rgb", str(path))  # fresh random init, then the file
+    torch.save(state, path)
+    loaded = models.load(f"{factories}:rgb", str(path))  # the factory's init, then the file
     assert loaded.weights == str(path)
-    assert loaded.digest == source.digest
-    assert models.load(f"{factories}:rgb").digest != source.digest
+    assert loaded.digest != source.digest
+    assert loaded.digest == models.state_digest(loaded.module)
+    torch.testing.assert_close(loaded.module.state_dict()["0.bias"], state["0.bias"])
 
 
 def test_factory_inputs_are_inferred_from_the_first_convolution_and_a_size_that_runs(factories):
