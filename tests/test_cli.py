@@ -5,6 +5,7 @@ In-process tests reuse one EfficientNet-Lite0 (loading and measuring it takes se
 --weights and the subprocess tests go through the real loading path."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from torch import nn
 from atlas import models
 from atlas.cli import cli
 from atlas.files import safe_name
+from atlas.optim.recipes import get
 
 LITE0 = "efficientnet_lite0"
 
@@ -49,14 +51,15 @@ def atlas(lite0, monkeypatch):
     return invoke
 
 
-def run_atlas(*args, cwd):
-    """`python -m atlas ARGS...` in a fresh interpreter."""
+def run_atlas(*args, cwd, env=None):
+    """`python -m atlas ARGS...` in a fresh interpreter (with `env` added to the environment)."""
     return subprocess.run(
         [sys.executable, "-m", "atlas", *(str(arg) for arg in args)],
         capture_output=True,
         text=True,
         cwd=cwd,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -339,6 +342,33 @@ def test_visualize_writes_images_and_results(atlas, lite0, tmp_path):
     assert lines[-1].endswith(f"wrote {out}")
 
 
+def test_visualize_takes_its_recipe_from_a_config(atlas, tmp_path):
+    """--config reads [recipe] (and colour_from) from an atlas.toml, checks all its settings,
+    and flags win; the rest of the file is for `atlas run`."""
+    toml = tmp_path / "atlas.toml"
+    toml.write_text(
+        'model = "efficientnet_lite0"\nlayers = ["blocks.8"]\n'
+        '[recipe]\nname = "plain"\nsteps = 2\nsize = 32\nscale = [1, 1]\n'
+    )
+    out = tmp_path / "out"
+    result = atlas("visualize", LITE0, "logits:hen", "--config", toml, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())
+    assert (summary["recipe"], summary["steps"]) == ("plain", 2)
+    assert summary["recipe_hash"] == get("plain", steps=2, size=32).hash
+    flags = ["--recipe", "fourier", "--steps", 1]  # the table's other settings still apply
+    result = atlas("visualize", LITE0, "logits:hen", "--config", toml, *flags, "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())
+    assert (summary["recipe"], summary["steps"]) == ("fourier", 1)
+    assert summary["recipe_hash"] == get("fourier", steps=1, size=32, scale=(1.0, 1.0)).hash
+    toml.write_text(toml.read_text().replace("layers", "layerz"))
+    assert_bad_input(
+        atlas("visualize", LITE0, "logits:hen", "--config", toml, "--out", out),
+        "unknown setting 'layerz'",
+    )
+
+
 def test_visualize_png_samples(atlas, tmp_path):
     result = atlas(
         "visualize",
@@ -394,3 +424,41 @@ def test_visualize_samples_of_a_class(atlas, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert len(list(tmp_path.glob("*.webp"))) == 2
+
+
+USER_MODELS = """
+from torch import nn
+
+
+def grey():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def broken():
+    return {}["fc"]
+"""
+
+
+def test_a_grey_scale_factory_of_the_user_s_own_works_from_the_cli(tmp_path):
+    (tmp_path / "mymodels.py").write_text(USER_MODELS)
+    process = run_atlas("layers", "mymodels:grey", "--json", cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    layers = {layer["name"]: layer for layer in json.loads(process.stdout)}
+    assert layers["3"]["shape"] == [6, 222, 222] and layers["3"]["default"]  # after its ReLU
+    args = ["visualize", "mymodels:grey", "2:5", "--steps", "2", "--size", "32", "--out", "out"]
+    process = run_atlas(*args, cwd=tmp_path)
+    assert process.returncode == 0, process.stderr
+    assert Image.open(tmp_path / "out" / "2_5.webp").size == (32, 32)
+
+
+def test_a_factory_that_raises_is_one_line_naming_it_and_exit_2(tmp_path):
+    (tmp_path / "mymodels.py").write_text(USER_MODELS)
+    process = run_atlas("layers", "mymodels:broken", cwd=tmp_path)
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.splitlines() == [
+        "error: mymodels:broken raised KeyError: 'fc' (ATLAS_DEBUG=1 shows the traceback)"
+    ]
+    process = run_atlas("layers", "mymodels:broken", cwd=tmp_path, env={"ATLAS_DEBUG": "1"})
+    assert process.returncode == 2
+    assert 'return {}["fc"]' in process.stderr  # the user's own line, in the traceback
