@@ -319,9 +319,10 @@ def _load_torchscript(path: Path) -> LoadedModel:
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0].split('. ')[0]}"
         raise AtlasError(
-            f"{path} is not a TorchScript file; for a state dict, name the architecture as "
-            "the model and pass this file with --weights"
+            f"{path} is not a TorchScript file ({reason}); for a state dict, name the "
+            "architecture as the model and pass this file with --weights"
         ) from error
     return LoadedModel(
         spec=str(path),
