@@ -133,11 +133,16 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--weights", help="State-dict file (or torchvision weights name).")
 @click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="Take the recipe ([recipe] and colour_from) from this atlas.toml; flags override it.",
+)
+@click.option(
     "--recipe",
     "recipe_name",
-    default=DEFAULT_RECIPE,
-    show_default=True,
     type=click.Choice(sorted(PRESETS)),
+    help=f"Recipe preset (default: the config's, else {DEFAULT_RECIPE}).",
 )
 @click.option("--steps", type=click.IntRange(min=1))
 @click.option("--size", type=click.IntRange(min=8), help="Optimized image size in px.")
@@ -190,6 +195,7 @@ def visualize_command(
     targets,
     out,
     weights,
+    config_file,
     recipe_name,
     steps,
     size,
@@ -209,11 +215,9 @@ def visualize_command(
     """Visualize a few TARGETS of MODEL: blocks.8:3 (channel), blocks.8:3@3,3 (neuron),
     blocks.8:3@centre, blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or
     logits:hen (class). With --grow, channel targets only, grown neuron by neuron."""
+    from atlas import config, quick
     from atlas import models as model_registry
-    from atlas import quick
     from atlas.files import writable_folder
-    from atlas.optim import get
-    from atlas.optim.param import colour_matrix_from_folder
     from atlas.optim.recipes import DEFAULT_DIVERSITY
     from atlas.optim.render import check_targets
     from atlas.targets import parse_target
@@ -222,10 +226,17 @@ def visualize_command(
         raise AtlasError("--grow-step and --batch apply only with --grow")
     if grow and (samples > 1 or timelapse):
         raise AtlasError("--grow makes one image per prefix of the map: drop --samples/--timelapse")
-    if diversity is None and samples > 1:
-        diversity = DEFAULT_DIVERSITY
-    colour = colour_matrix_from_folder(colour_from) if colour_from else None
-    recipe = get(recipe_name, steps=steps, size=size, lr=lr, diversity=diversity, colour=colour)
+    recipe = config.load_recipe(
+        config_file,
+        recipe_name,
+        colour_from=colour_from,
+        steps=steps,
+        size=size,
+        lr=lr,
+        diversity=diversity,
+    )
+    if samples > 1 and diversity is None and recipe.diversity == 0:
+        recipe = recipe.replace(diversity=DEFAULT_DIVERSITY)
     loaded = model_registry.load(model, weights)
     parsed = [parse_target(text, loaded, negative=negative) for text in targets]
     if grow:
@@ -310,6 +321,11 @@ def run_options(function: Callable) -> Callable:
             type=click.IntRange(min=0),
             metavar="N",
             help="Keep a frame every N steps: an animated WebP per unit (0: off).",
+        ),
+        click.option(
+            "--colour-from",
+            type=click.Path(exists=True, file_okay=False),
+            help="Decorrelate colour with the statistics of this folder of images.",
         ),
         click.option(
             "--exemplars",

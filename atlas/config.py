@@ -13,13 +13,16 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     timelapse = 0                         # keep a frame every N steps: an animated WebP per unit
     exemplars = "photos/"                 # a folder of images: each unit's top ones are shown
     exemplars_top = 6
+    colour_from = "photos/"               # decorrelate colour by these images' statistics: the
+                                          # recipe's colour becomes their matrix (in the hash)
     out = "atlas-out"
     scheduler = "local"                   # local | inline | tcp://host:port
     scheduler_file = ""
 
     [recipe]
     name = "fourier"
-    steps = 512                           # any Recipe field
+    steps = 512                           # any Recipe field; arrays for tuples
+    octaves = [{ share = 1, scale = 0.5, lr = [0.08, 0.05], blur = [1.0, 0.5] }]
 
     [channels_per_layer]
     "blocks.8" = "0-15"
@@ -28,7 +31,10 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,31 +131,142 @@ _TYPES = {
     **dict.fromkeys(("scheduler_file", "exemplars"), str),
     "layers": tuple,
 }
-_KEYS = {f.name for f in dataclasses.fields(AtlasConfig)} - {"force", "prune"}
+# colour_from is read into the recipe (its colour matrix), not kept as a setting of its own
+_KEYS = {f.name for f in dataclasses.fields(AtlasConfig)} - {"force", "prune"} | {"colour_from"}
 
 
-def build(config_file: str | None = None, **flags) -> AtlasConfig:
-    """Merge atlas.toml (if any) with flags (None means 'not given') into one AtlasConfig."""
+def read_settings(config_file: str | None) -> dict:
+    """The settings of an atlas.toml (none without one); unknown names raise AtlasError."""
     values: dict = _read_toml(config_file) if config_file else {}
     unknown = set(values) - _KEYS
     if unknown:
         key = sorted(unknown)[0]
         raise AtlasError(f"unknown setting {key!r} in {config_file}{did_you_mean(key, _KEYS)}")
-    recipe_table = values.pop("recipe", {})
-    if isinstance(recipe_table, str):
-        recipe_table = {"name": recipe_table}
-    per_layer = values.pop("channels_per_layer", {})
-    if not isinstance(recipe_table, dict) or not isinstance(per_layer, dict):
+    return values
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def _arms(kind) -> tuple:
+    """The types a field may take: those of a union (less None), or the one type."""
+    arms = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    return tuple(arm for arm in arms if arm is not type(None))
+
+
+def _kind_name(kind) -> str:
+    """'a number', 'a list of 2 numbers', 'a string or a list of numbers': for messages."""
+    names = []
+    for arm in _arms(kind):
+        args = typing.get_args(arm)
+        if typing.get_origin(arm) is tuple:
+            count = "" if args[-1] is Ellipsis else f"{len(args)} "
+            items = "tables" if dataclasses.is_dataclass(args[0]) else "numbers"
+            names.append(f"a list of {count}{items}")
+        else:
+            names.append(_KIND_NAMES.get(arm, "a table"))
+    return " or ".join(names)
+
+
+def _coerce(value, kind, name: str):
+    """A TOML value as the type `kind` of a Recipe or Octave field: arrays as tuples, tables as
+    Octaves, integers where numbers are meant (`lr = 1` and `lr = 1.0` hash alike)."""
+    for arm in _arms(kind):
+        args = typing.get_args(arm)
+        if typing.get_origin(arm) is tuple and isinstance(value, list):
+            items = args[:1] * len(value) if args[-1] is Ellipsis else args
+            if len(items) == len(value):
+                return tuple(
+                    _coerce(item, item_kind, f"{name}[{i}]")
+                    for i, (item, item_kind) in enumerate(zip(value, items, strict=True))
+                )
+        elif dataclasses.is_dataclass(arm) and isinstance(value, dict):
+            return _from_table(arm, value, name)
+        elif arm is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        elif arm in (int, str) and type(value) is arm:
+            return value
+    raise AtlasError(f"bad recipe setting: {name} must be {_kind_name(kind)}")
+
+
+def _from_table(cls: type, table: dict, name: str):
+    """A dataclass (an Octave) from a TOML table, every value coerced to its field's type."""
+    kinds = _field_types(cls)
+    unknown = sorted(set(table) - set(kinds))
+    if unknown:
+        hint = did_you_mean(unknown[0], kinds)
+        raise AtlasError(f"bad recipe setting: {name} has no setting {unknown[0]!r}{hint}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    missing = [key for key in required if key not in table]
+    if missing:
+        raise AtlasError(f"bad recipe setting: {name} needs {', '.join(missing)}")
+    return cls(**{key: _coerce(value, kinds[key], f"{name}.{key}") for key, value in table.items()})
+
+
+def _recipe(values: dict, config_file, name, overrides: dict, colour_from) -> Recipe:
+    """The recipe of atlas.toml settings (popped from `values`): the [recipe] table, a preset
+    name and Recipe fields, and colour_from; the flags' name, overrides and colour_from win.
+    A colour folder becomes its matrix, so the recipe hash follows the images, not the path."""
+    table = values.pop("recipe", {})
+    table = {"name": table} if isinstance(table, str) else table
+    if not isinstance(table, dict):
+        raise AtlasError("[recipe] must be a table or a preset name")
+    table = dict(table)
+    file_name = table.pop("name", DEFAULT)
+    preset = name or file_name  # a --recipe flag wins over the file's name
+    if not isinstance(preset, str):
+        raise AtlasError("the recipe name must be a preset name")
+    file_folder = values.pop("colour_from", None)
+    if file_folder is not None and not isinstance(file_folder, str):
+        raise AtlasError("colour_from must be str")
+    if file_folder and "colour" in table:
         raise AtlasError(
-            "[recipe] and [channels_per_layer] must be tables (recipe may also be a preset name)"
+            f"{config_file} sets both colour_from and [recipe] colour: keep one of them"
         )
-    recipe_flags = flags.pop("recipe_overrides", {}) or {}
-    table_name = recipe_table.pop("name", DEFAULT)
-    recipe_name = flags.pop("recipe", None) or table_name
+    kinds = _field_types(Recipe)
+    table = {k: _coerce(v, kinds[k], k) if k in kinds else v for k, v in table.items()}
     try:
-        recipe = get(recipe_name, **{**recipe_table, **recipe_flags})
+        recipe = get(preset, **{**table, **overrides})
     except TypeError as error:
         raise AtlasError(f"bad recipe setting: {error}") from None
+    folder = colour_from or file_folder
+    if not folder:
+        return recipe
+    from atlas.optim.param import colour_matrix_from_folder
+
+    if not Path(folder).is_dir():
+        raise AtlasError(f"colour_from folder {folder} does not exist")
+    return recipe.replace(colour=colour_matrix_from_folder(folder))
+
+
+def load_recipe(
+    config_file: str | None, name: str | None = None, *, colour_from=None, **overrides
+) -> Recipe:
+    """The recipe an atlas.toml describes ([recipe] and colour_from; every other setting is
+    checked but unused), or the preset `name` (default fourier) without one; flags on top:
+    `name`, `colour_from` and Recipe fields (None: not given). For `atlas visualize`."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return _recipe(read_settings(config_file), config_file, name, given, colour_from)
+
+
+def build(config_file: str | None = None, **flags) -> AtlasConfig:
+    """Merge atlas.toml (if any) with flags (None means 'not given') into one AtlasConfig."""
+    values = read_settings(config_file)
+    per_layer = values.pop("channels_per_layer", {})
+    if not isinstance(per_layer, dict):
+        raise AtlasError("[channels_per_layer] must be a table")
+    recipe = _recipe(
+        values,
+        config_file,
+        flags.pop("recipe", None),
+        flags.pop("recipe_overrides", {}) or {},
+        flags.pop("colour_from", None),
+    )
     for key, value in flags.items():
         if value is not None and value != ():
             values[key] = value

@@ -4,16 +4,21 @@ Everything here runs on the tiny model with no optimization at all: planning is 
 
 import dataclasses
 import random
+import re
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tinymodels import tiny_model
 
 from atlas import config as config_module
 from atlas.config import AtlasConfig, parse_indices
 from atlas.errors import AtlasError
 from atlas.models import state_digest
-from atlas.optim.recipes import DEFAULT, get
+from atlas.optim.param import colour_matrix_from_folder
+from atlas.optim.recipes import DEFAULT, Octave, get
 from atlas.plan import (
     ENGINE_VERSION,
     Task,
@@ -236,6 +241,100 @@ def test_boolean_samples_are_refused(tmp_path):
 def test_non_table_sections_are_refused_cleanly(tmp_path, line):
     with pytest.raises(AtlasError):
         build(tmp_path, f'model = "m"\nout = "o"\n{line}\n')
+
+
+# --- [recipe] values from TOML, colour_from ------------------------------------------------------
+
+OCTAVE_TOML = """\
+model = "m"
+out = "o"
+[recipe]
+name = "octaves"
+lr = 1
+scale = [0.9, 1]
+octaves = [
+  { share = 1, scale = 0.5, lr = [0.1, 0.05] },
+  { share = 2, scale = 1, lr = [0.05, 0.01], blur = [1, 0] },
+]
+"""
+
+
+def test_toml_arrays_and_tables_become_the_recipes_own_types(tmp_path):
+    recipe = build(tmp_path, OCTAVE_TOML).recipe
+    octaves = (
+        Octave(share=1.0, scale=0.5, lr=(0.1, 0.05)),
+        Octave(share=2.0, scale=1.0, lr=(0.05, 0.01), blur=(1.0, 0.0)),
+    )
+    expected = get("octaves", lr=1.0, scale=(0.9, 1.0), octaves=octaves)
+    assert recipe == expected
+    assert recipe.hash == expected.hash  # `lr = 1` and `lr = 1.0` are one recipe
+    assert hash(recipe) == hash(expected)
+    assert [(stage.steps, stage.size) for stage in recipe.stages()] == [(171, 64), (341, 128)]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("octaves = [{ share = 1, scal = 1, lr = [1, 1] }]", "octaves[0] has no setting 'scal'"),
+        ("octaves = [{ share = 1, scale = 1 }]", "octaves[0] needs lr"),
+        ("octaves = [{ share = 1, scale = 1, lr = [1] }]", "octaves[0].lr must be a list of 2"),
+        ("octaves = [{ share = 1, scale = 'big', lr = [1, 1] }]", "scale must be a number"),
+        ("octaves = 3", "octaves must be a list of tables"),
+        ("scale = [1, 2, 3]", "scale must be a list of 2 numbers"),
+        ("steps = 1.5", "steps must be an integer"),
+        ("steps = true", "steps must be an integer"),
+        ("diversity_layer = 3", "diversity_layer must be a string"),
+        ("name = 3", "the recipe name must be a preset name"),
+    ],
+)
+def test_bad_recipe_values_are_one_clear_error(tmp_path, line, message):
+    with pytest.raises(AtlasError, match=re.escape(message)):
+        build(tmp_path, f'model = "m"\nout = "o"\n[recipe]\n{line}\n')
+
+
+def photos(folder, tint, count=4):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        rgb = rng.random((16, 16, 1)) * np.array(tint) + 0.1 * rng.random((16, 16, 3))
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return str(folder)
+
+
+def test_colour_from_becomes_the_recipes_colour_matrix_keyed_by_the_images(tmp_path):
+    warm = photos(tmp_path / "warm", (0.9, 0.6, 0.3))
+    same = shutil.copytree(warm, tmp_path / "elsewhere")
+    cold = photos(tmp_path / "cold", (0.2, 0.5, 0.9))
+    from_toml = build(tmp_path, f'model = "m"\nout = "o"\ncolour_from = "{warm}"\n').recipe
+    assert from_toml.colour == colour_matrix_from_folder(warm)
+    hashes = [build(model="m", out="o", colour_from=str(f)).recipe.hash for f in (same, cold)]
+    assert from_toml.hash == hashes[0] != hashes[1]  # the path is not in the key
+    # a --colour-from flag wins over the file's colour_from
+    flagged = build(tmp_path, f'model = "m"\nout = "o"\ncolour_from = "{warm}"\n', colour_from=cold)
+    assert flagged.recipe.hash == hashes[1]
+
+
+def test_colour_from_errors(tmp_path):
+    warm = photos(tmp_path / "warm", (0.9, 0.6, 0.3))
+    both = f'model = "m"\nout = "o"\ncolour_from = "{warm}"\n[recipe]\ncolour = "none"\n'
+    with pytest.raises(AtlasError, match="sets both colour_from and \\[recipe\\] colour"):
+        build(tmp_path, both)
+    with pytest.raises(AtlasError, match="colour_from folder .*nowhere does not exist"):
+        build(model="m", out="o", colour_from=str(tmp_path / "nowhere"))
+    with pytest.raises(AtlasError, match="colour_from must be str"):
+        build(tmp_path, 'model = "m"\nout = "o"\ncolour_from = 3\n')
+
+
+def test_load_recipe_reads_only_the_recipe_but_checks_every_setting(tmp_path):
+    path = write(tmp_path, TOML)
+    assert config_module.load_recipe(None) == get(DEFAULT)
+    assert config_module.load_recipe(None, "plain", steps=4) == get("plain", steps=4)
+    assert config_module.load_recipe(path) == get("plain", steps=17, size=40)
+    assert config_module.load_recipe(path, "fourier", steps=3, lr=None) == get(
+        "fourier", steps=3, size=40
+    )
+    with pytest.raises(AtlasError, match="unknown setting 'layerz'"):
+        config_module.load_recipe(write(tmp_path, TOML.replace("layers", "layerz")))
 
 
 # --- parse_indices ----------------------------------------------------------------------------
