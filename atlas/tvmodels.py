@@ -125,12 +125,20 @@ def _normalization(member) -> InputNormalization:
     return InputNormalization.mean_std(mean, std)
 
 
+def _names_a_file(weights: str) -> bool:
+    """A path rather than a weights name: it exists, holds a folder, or ends like a weights
+    file (`ckpt.pth.tar` too), so a missing file is reported as missing."""
+    path = Path(weights)
+    suffixes = {suffix.lower() for suffix in path.suffixes}
+    return path.exists() or "/" in weights or bool(suffixes & WEIGHTS_SUFFIXES)
+
+
 def load(name: str, weights: str | None) -> LoadedModel:
     """The torchvision model `name` with `weights`: a weights name (default: the model's
     default weights, from the local hub cache), a state-dict file, or 'random'."""
     import torchvision
 
-    is_file = bool(weights) and (Path(weights).exists() or Path(weights).suffix in WEIGHTS_SUFFIXES)
+    is_file = bool(weights) and _names_a_file(weights)
     member = _weights_member(name, None if weights == "random" or is_file else weights)
     labels: tuple[str, ...] | None = tuple(member.meta["categories"])
     if weights == "random":

@@ -657,3 +657,12 @@ def test_task_key_is_stable(model):
     assert reordered.key != first[0].key
     other = make_plan(dataclasses.replace(config, seed=3), model)
     assert make_tasks(other, list(other.units), "cpu")[0].key != first[0].key
+
+
+def test_octave_steps_always_add_up_and_the_last_octave_always_runs():
+    octaves = tuple(Octave(1.0, 0.1 + k * 0.045, (0.05, 0.05)) for k in range(21))
+    few = get("octaves", steps=11, octaves=octaves).stages()
+    assert sum(stage.steps for stage in few) == 11
+    assert few[-1].size == round(128 * octaves[-1].scale)  # the largest octave is reached
+    # where rounding each octave already worked, the split is what it always was
+    assert [stage.steps for stage in get("octaves", steps=512).stages()] == [171, 171, 170]

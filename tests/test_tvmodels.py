@@ -113,3 +113,9 @@ def test_a_cached_file_holding_code_is_refused_before_the_builder_reads_it(hub):
     torch.save({"fc.weight": torch.zeros(2), "hook": print}, path)  # pickles a function
     with pytest.raises(AtlasError, match="not a PyTorch state dict"):
         models.load("resnet18")
+
+
+@pytest.mark.parametrize("weights", ["ckpt.pth.tar", "runs/7/model.ckpt", "runs/last"])
+def test_a_missing_weights_file_is_reported_as_missing_not_as_a_weights_name(weights):
+    with pytest.raises(AtlasError, match=f"weights file {weights} does not exist"):
+        models.load("resnet18", weights)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from atlas.errors import AtlasError, did_you_mean
 
@@ -127,15 +128,19 @@ class Recipe:
         if not self.octaves:
             return [Stage(self.steps, self.size, (self.lr, self.lr), (self.blur_sigma,) * 2)]
         total_share = sum(o.share for o in self.octaves)
-        stages, used = [], 0
-        for i, octave in enumerate(self.octaves):
-            last = i == len(self.octaves) - 1
-            steps = self.steps - used if last else round(self.steps * octave.share / total_share)
-            used += steps
-            size = max(8, round(self.size * octave.scale))
-            if steps > 0:
-                stages.append(Stage(steps, size, octave.lr, octave.blur))
-        return stages
+        shares = [octave.share / total_share for octave in self.octaves]
+        counts = [round(self.steps * share) for share in shares[:-1]]
+        if sum(counts) > self.steps - 1:
+            # rounded one by one, they would use up the steps before the last (largest) octave:
+            # round the octaves' boundaries instead, so the steps add up and the last one runs
+            bounds = [min(round(self.steps * c), self.steps - 1) for c in accumulate(shares[:-1])]
+            counts = [end - start for start, end in zip([0, *bounds[:-1]], bounds, strict=True)]
+        counts.append(self.steps - sum(counts))
+        return [
+            Stage(steps, max(8, round(self.size * octave.scale)), octave.lr, octave.blur)
+            for steps, octave in zip(counts, self.octaves, strict=True)
+            if steps > 0
+        ]
 
     def replace(self, **overrides) -> Recipe:
         """A copy with some settings changed; unknown names raise AtlasError."""
