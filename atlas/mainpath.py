@@ -11,9 +11,11 @@ One rule for every architecture, measured by one dry forward pass with gradients
    one layer (a conv, its norm and activation: EfficientNet-Lite's `stem`).
 2. Along the path, a module that mixes features (any module with weights but a norm) starts a
    *run*, and the parameter-free modules and norms after it join the run: one layer is shown
-   per run, the output after its last activation when one comes before any pooling (VGG's
-   conv layers after their ReLU), else the mixing module itself. So a BatchNorm or activation
-   that repeats the same tensor is never shown twice, and pooling over the last map never.
+   per run, the output after its last activation before any pooling (VGG's conv layers after
+   their ReLU) or, after a lone convolution, after its norm (what the network passes on; a
+   negative BatchNorm scale would flip the unit), else the mixing module itself (a block
+   followed by the model's final norm). So a BatchNorm or activation that repeats the same
+   tensor is never shown twice, and pooling over the last map never.
 
 So VGG16 shows its 13 conv layers after their ReLU, ResNet-50 its stem and 16 bottlenecks,
 ViT-B/16 its patch embedding and 12 encoder blocks, Swin-T its patch embedding, 4 stages and
@@ -161,6 +163,7 @@ def _pick(path: list[str], trace: _Trace, layers: dict) -> list[str]:
     for run in runs:
         choice = run[0] if _is_map(layers.get(run[0])) else None
         grid = layers[choice].shape[1:] if choice else None
+        bare = not trace.steps(run[0])  # a lone conv: its norm is what the network passes on
         for name in run[1:]:
             info = layers.get(name)
             if not _is_map(info) or (grid and info.shape[1:] != grid):
@@ -168,7 +171,8 @@ def _pick(path: list[str], trace: _Trace, layers: dict) -> list[str]:
                     break  # pooling: the run's map ends here
                 continue
             grid = info.shape[1:]
-            if choice is None or _is_activation(trace.calls[name].module):
+            module = trace.calls[name].module
+            if choice is None or _is_activation(module) or (bare and isinstance(module, _NORMS)):
                 choice = name
         if choice is not None:
             picked.append(choice)

@@ -69,3 +69,10 @@ def test_a_norm_after_a_block_is_not_shown_again():
     model = nn.Sequential(Residual(3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.Identity())
     model[0].conv = nn.Conv2d(3, 3, 3, padding=1)
     assert default_layers(wrap(model)) == ["0", "2"]
+
+
+def test_a_lone_convolution_is_shown_after_its_norm():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU()
+    )
+    assert default_layers(wrap(model)) == ["1", "4"]
