@@ -14,9 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
-import atlas
 from atlas.errors import AtlasError
 from atlas.files import (
     atomic_write_bytes,
@@ -32,9 +29,9 @@ from atlas.optim.render import (
     UnitResult,
     check_targets,
     image_seed,
-    resolve_device,
     visualize,
 )
+from atlas.quick import run_facts
 
 
 def map_size(model, target: Target) -> tuple[int, int]:
@@ -177,19 +174,7 @@ def run(
                 "frames": frames,
             }
         )
-    summary = {
-        "model": model.spec,
-        "weights_digest": model.digest,
-        "recipe": recipe.name,
-        "recipe_hash": recipe.hash,
-        "steps": sum(stage.steps for stage in recipe.stages()),
-        "seconds": round(seconds, 3),
-        "device": str(resolve_device(device)),
-        "atlas_version": atlas.__version__,
-        "torch_version": torch.__version__,
-        "grow": True,
-        "units": records,
-    }
+    summary = {**run_facts(model, recipe, seconds, device), "grow": True, "units": records}
     atomic_write_json(out / "results.json", summary)
     return summary
 

@@ -84,7 +84,14 @@ def run(
                 for r, names in zip(group, names_per_sample, strict=True)
             ]
         records.append(record)
-    summary = {
+    summary = {**run_facts(model, recipe, seconds, device), "units": records}
+    atomic_write_json(out / "results.json", summary)
+    return summary
+
+
+def run_facts(model, recipe: Recipe, seconds: float, device: str | None) -> dict:
+    """What results.json says about a run beside its units: model, recipe, time, versions."""
+    return {
         "model": model.spec,
         "weights_digest": model.digest,
         "recipe": recipe.name,
@@ -94,7 +101,4 @@ def run(
         "device": str(resolve_device(device)),
         "atlas_version": atlas.__version__,
         "torch_version": torch.__version__,
-        "units": records,
     }
-    atomic_write_json(out / "results.json", summary)
-    return summary
