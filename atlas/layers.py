@@ -201,6 +201,8 @@ def discover(model) -> list[LayerInfo]:
             last_producer[0] = producer_of(mod) or last_producer[0]
             if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3, 4):
                 return
+            if output.shape[0] != 1:  # windows of the image folded into the batch, not a layer
+                return
             if any(output is i for i in inputs) or name in seen:
                 return
             raw = tuple(output.shape[1:])

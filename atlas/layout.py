@@ -79,14 +79,22 @@ def producer_of(module: nn.Module) -> Producer | None:
     return None
 
 
+MAX_UPSAMPLING = 4  # maps may be larger than the input (padding, decoders), up to this factor
+
+
 def is_grid(height: int, width: int, input_size: tuple[int, int]) -> bool:
-    """Whether height x width positions can be the input image's grid, downsampled: the same
+    """Whether height x width positions can be the input image's grid, resampled: the same
     aspect ratio within rounding (a stride-2 valid convolution takes 299 to 149, then 147)."""
     in_height, in_width = input_size
-    if height < 1 or width < 1 or height > in_height or width > in_width:
+    if not (1 <= height <= MAX_UPSAMPLING * in_height and 1 <= width <= MAX_UPSAMPLING * in_width):
         return False
     expected = width * in_height / in_width
     return abs(height - expected) <= max(1.0, 0.1 * max(height, expected))
+
+
+def _is_patch_grid(height: int, width: int, input_size: tuple[int, int]) -> bool:
+    """Patches tile the image exactly: the aspect ratio within less than one patch."""
+    return abs(height - width * input_size[0] / input_size[1]) < 1
 
 
 def _patch_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, tuple[int, int]] | None:
@@ -96,7 +104,7 @@ def _patch_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, tuple[in
         patches = tokens - prefix
         height = round(math.sqrt(patches * in_height / in_width))
         for h in (height - 1, height, height + 1):
-            if h >= 1 and patches % h == 0 and is_grid(h, patches // h, input_size):
+            if h >= 1 and patches % h == 0 and _is_patch_grid(h, patches // h, input_size):
                 return prefix, (h, patches // h)
     return None
 

@@ -29,6 +29,10 @@ CONV, LINEAR = Producer(96, False), Producer(96, True)
         ((16, 16, 16), Producer(16, False), 32, Layout("map")),  # both fit: the conv decides
         ((16, 16, 16), Producer(16, True), 32, Layout("channels_last")),
         ((10,), None, 224, Layout("vector")),
+        ((3, 230, 230), None, 224, Layout("map")),  # padding makes a map larger than the input
+        ((8, 448, 448), CONV, 224, Layout("map")),  # so does upsampling
+        ((21, 64), LINEAR, 32, Layout("tokens", 5, (4, 4))),  # class + 4 registers, not 4x5
+        ((512, 196), Producer(196, True), 224, None),  # an MLP-Mixer's token mixing
     ],
 )
 def test_layout_is_read_from_the_grid_and_the_producing_module(shape, producer, size, expected):
@@ -152,3 +156,22 @@ def test_exemplar_boxes_land_on_the_patch_that_fires(vit):
     assert by_image == dict(enumerate(spots))
     left, top, right, bottom = patch_box(2, 1, (4, 4), 2.0, (16, 16))
     assert (left, top, right, bottom) == (4, 8, 8, 12)  # the input pixels of patch (2, 1)
+
+
+class FoldsWindowsIntoTheBatch(nn.Module):
+    """Attention over 4 windows of 4x4 tokens, run as a batch of 4 (as Swin codes do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.attend = nn.Linear(6, 6)
+
+    def forward(self, x):
+        maps = self.embed(x)  # N x 6 x 8 x 8
+        windows = maps.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 4, 5, 1).reshape(-1, 16, 6)
+        return self.attend(windows).reshape(len(x), -1).mean(1, keepdim=True)
+
+
+def test_outputs_with_windows_folded_into_the_batch_are_no_layers():
+    names = [layer.name for layer in wrap(FoldsWindowsIntoTheBatch(), 16).layers]
+    assert names == ["embed", "logits"]  # not `attend`, whose 4 rows are windows of one image
