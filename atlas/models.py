@@ -8,6 +8,7 @@ come from the network: they are bundled, a local file, or torchvision's local hu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import is_lazy
 
 from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import module_device
@@ -132,13 +135,16 @@ def apply_state(module: nn.Module, state: dict[str, torch.Tensor], origin: str, 
     """Load a state dict into `module`, or say in one sentence why it does not fit. Keys and
     shapes are compared before loading: torch raises on a shape mismatch even with
     strict=False."""
-    expected = {name: tensor.shape for name, tensor in module.state_dict().items()}
+    expected = {  # a lazy module's parameters take the file's shapes
+        name: None if is_lazy(tensor) else tensor.shape
+        for name, tensor in module.state_dict().items()
+    }
     missing = [name for name in expected if name not in state]
     unexpected = [name for name in state if name not in expected]
     reshaped = [
         f"{name} {tuple(tensor.shape)} vs {tuple(expected[name])}"
         for name, tensor in state.items()
-        if name in expected and tensor.shape != expected[name]
+        if expected.get(name) is not None and tensor.shape != expected[name]
     ]
     problems = [
         f"{len(names)} {what} ({names[0]}, ...)"
@@ -203,7 +209,8 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
     from efficientnet_lite_pytorch import EfficientNet
 
     size = LITE_VARIANTS[name][0]
-    upstream = EfficientNet.from_name(name.replace("_", "-"))
+    with seeded_init():  # random weights: the same in every process
+        upstream = EfficientNet.from_name(name.replace("_", "-"))
     weights_path = "random"
     if weights != "random":
         weights_path = Path(weights) if weights else _lite_weights_file(name)
@@ -227,24 +234,37 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
 TRIED_INPUT_SIZES = (224, 32, 28, 64, 96, 128, 256, 299)  # ImageNet, CIFAR, MNIST, others
 
 
-def input_channels_of(module: nn.Module) -> int:
-    """The channels a module takes: those of its first convolution (or 3 without one)."""
-    first = next((m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    return int(first.in_channels) if first is not None else 3
+def has_uninitialized_params(module: nn.Module) -> bool:
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
-def fitting_input_size(module: nn.Module, channels: int) -> int:
-    """The first of TRIED_INPUT_SIZES the module runs on (a CIFAR net's flattened classifier
-    takes only 32 px), or 224 when none does (discovery then says why)."""
+def _channel_guesses(module: nn.Module) -> list[int]:
+    """The channels a module may take: its first built convolution's, then RGB, then grey."""
+    convs = (m for m in module.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    first = next((m.in_channels for m in convs if not has_uninitialized_params(m)), None)
+    return list(dict.fromkeys([c for c in (first, 3, 1) if c]))
+
+
+def fitting_input(module: nn.Module) -> tuple[int, int]:
+    """(channels, size): the first of the guessed channel counts and TRIED_INPUT_SIZES that the
+    module runs on (a CIFAR net's flattened classifier takes only 32 px), or the first guess
+    at 224 when none does (discovery then says why). Lazy modules are tried on copies and
+    built once, at the size found."""
     device = module_device(module)
-    for size in TRIED_INPUT_SIZES:
-        try:
-            with torch.no_grad():
-                module(torch.zeros(1, channels, size, size, device=device))
-            return size
-        except Exception:  # a shape error means: not this size
-            continue
-    return TRIED_INPUT_SIZES[0]
+    lazy = any(has_uninitialized_params(m) for m in module.modules())
+    for channels in _channel_guesses(module):
+        for size in TRIED_INPUT_SIZES:
+            trial = copy.deepcopy(module) if lazy else module
+            try:
+                with torch.no_grad():
+                    trial(torch.zeros(1, channels, size, size, device=device))
+            except Exception:  # a shape error means: not this input
+                continue
+            if lazy:
+                with torch.no_grad(), seeded_init():
+                    module(torch.zeros(1, channels, size, size, device=device))
+            return channels, size
+    return _channel_guesses(module)[0], TRIED_INPUT_SIZES[0]
 
 
 def plain_normalization(channels: int) -> InputNormalization:
@@ -288,12 +308,16 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
         raise AtlasError(f"cannot import {spec}: {module_name} has no callable {attribute!r}")
     with seeded_init():  # a factory that initializes randomly builds the same weights anywhere
         built = _call_user_code(spec, "raised", factory)
+    if not isinstance(built, LoadedModel | nn.Module):
+        raise AtlasError(f"{spec} returned {type(built).__name__}, not a torch module")
+    module = built.module if isinstance(built, LoadedModel) else built
+    if weights and weights != "random":  # first: lazy modules take their sizes from the file
+        apply_weights(module, weights, spec)
     if isinstance(built, LoadedModel):
         loaded = built
-    elif isinstance(built, nn.Module):
-        built.eval()
-        channels = input_channels_of(built)
-        size = fitting_input_size(built, channels)
+        loaded.digest = state_digest(module) if weights and weights != "random" else loaded.digest
+    else:
+        channels, size = fitting_input(built.eval())
         loaded = LoadedModel(
             spec=spec,
             module=built,
@@ -301,15 +325,8 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
             input_size=(size, size),
             input_channels=channels,
         )
-    else:
-        raise AtlasError(f"{spec} returned {type(built).__name__}, not a torch module")
     loaded.spec = spec
-    if weights == "random":
-        loaded.weights = "random"
-    elif weights:
-        apply_weights(loaded.module, weights, spec)
-        loaded.weights = weights
-        loaded.digest = state_digest(loaded.module)
+    loaded.weights = weights or loaded.weights
     return loaded
 
 

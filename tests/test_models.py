@@ -260,6 +260,27 @@ def cifar():  # runs on 32 px only: its Linear takes the flattened 5x5 map
 
 def failing():
     return {}["no such key"]
+
+
+def lazy_cifar():  # lazy layers: their sizes come from the first input (or a weights file)
+    return nn.Sequential(
+        nn.LazyConv2d(6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(10),
+        nn.Linear(10, 4),
+    )
+
+
+class HeadFirst(nn.Module):  # registers its 32-channel classifier conv before its grey stem
+    def __init__(self):
+        super().__init__()
+        self.classify = nn.Conv2d(32, 5, 1)
+        self.stem = nn.Conv2d(1, 32, 3)
+
+    def forward(self, x):
+        return self.classify(self.stem(x)).mean((2, 3))
+
+
+def head_first():
+    return HeadFirst()
 """
 
 
@@ -330,6 +351,23 @@ def test_factory_inputs_are_inferred_from_the_first_convolution_and_a_size_that_
     assert resolve(small, "4").shape == (16, 10, 10)
     random = models.load(f"{factories}:cifar", "random")  # the factory's own initialization
     assert random.weights == "random"
+
+
+def test_lazy_factories_and_convolutions_registered_out_of_order(factories, tmp_path):
+    lazy = models.load(f"{factories}:lazy_cifar")
+    assert (lazy.input_channels, lazy.input_size) == (3, (224, 224))  # lazy: any size runs
+    assert models.load(f"{factories}:lazy_cifar").digest == lazy.digest  # built seeded
+    small = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(6 * 14 * 14, 10), torch.nn.Linear(10, 4),
+    )  # fmt: skip
+    path = tmp_path / "cifar.pt"
+    torch.save(small.state_dict(), path)
+    trained = models.load(f"{factories}:lazy_cifar", str(path))  # the file sizes its layers
+    assert trained.input_size == (32, 32)
+    assert trained.digest == models.state_digest(small)
+    grey = models.load(f"{factories}:head_first")
+    assert grey.input_channels == 1
 
 
 def test_a_failing_factory_is_one_line_naming_it(factories):
