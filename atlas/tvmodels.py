@@ -4,20 +4,23 @@ Named weights go through `torchvision.models.get_model(name, weights=member)`, s
 setting the builder makes when it is given weights is torchvision's: GoogLeNet's and
 InceptionV3's `transform_input` and aux-logit handling, the number of classes, ViT's image
 size. Built with `weights=None` and loaded afterwards, GoogLeNet's first conv sees other input
-(max abs difference 0.53 in one check). Weights are never downloaded: the builder finds them
-in the local hub cache, or, for a state-dict file named like torchvision's own, in a private
-cache that links to it. Every file is first read with `weights_only=True`, so a file holding
-code is refused before the builder, which reads it without that guard, sees it.
+(max abs difference 0.53 in one check). Weights are never downloaded: atlas reads the file
+(from the local hub cache, or a state-dict file) with `weights_only=True`, unwrapped as every
+state-dict file is, and hands it to the builder in place of the builder's own download.
 
-Other state-dict files load into `weights=None` builds, with the number of classes taken from
-the file (a 10-class ResNet-18 checkpoint works). `--weights random` keeps the builder's
-initialization (seeded: every process builds the same weights), with the input size and class
-names of the model's default weights.
+A state-dict file is built the same way, as torchvision builds the pretrained model named like
+the file (else the default one), since most checkpoints are fine-tuned from those (a
+fine-tuned GoogLeNet, which lost the aux heads that build drops, included); one that does not
+fit that build (a checkpoint of 10 classes) loads into a `weights=None` build with the file's
+number of classes. So GoogLeNet and InceptionV3 files are read with `transform_input=True`,
+as torchvision's pretrained ones are, even when trained from scratch: their keys cannot tell.
+`--weights random` keeps the builder's initialization (seeded: every process builds the same
+weights), with the input size and class names of the model's default weights.
 """
 
 from __future__ import annotations
 
-import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,43 +75,41 @@ def _member_for_file(name: str, path: Path):
 
 
 @contextmanager
-def _hub_holding(path: Path):
-    """A hub cache in which `path` is found under its own name (the real one if it is there)."""
-    real = Path(torch.hub.get_dir())
-    if (real / "checkpoints" / path.name).resolve() == path.resolve():
+def _serving(member, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """torchvision's builder, given `member`, takes `state` (already read safely) instead of
+    reading the weights' file itself (which it does without `weights_only`)."""
+    enum = type(member)
+    own = enum.__dict__.get("get_state_dict")
+    enum.get_state_dict = lambda _self, *_args, **_kwargs: state
+    try:
         yield
-        return
-    with tempfile.TemporaryDirectory(prefix="atlas-hub-") as private:
-        (Path(private) / "checkpoints").mkdir()
-        (Path(private) / "checkpoints" / path.name).symlink_to(path.resolve())
-        torch.hub.set_dir(private)
-        try:
-            yield
-        finally:
-            torch.hub.set_dir(str(real))
+    finally:
+        if own is None:
+            del enum.get_state_dict
+        else:
+            enum.get_state_dict = own
 
 
-def _build_with(name: str, member, path: Path) -> nn.Module:
-    """torchvision's builder given `member`, reading the weights from `path`."""
+def _build_with(name: str, member, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """torchvision's builder given `member` and these weights; None when they do not fit it."""
     import torchvision
 
-    load_state_dict_file(path)  # refuses code and corrupt files, with a clear message
     try:
-        with _hub_holding(path):
+        with _serving(member, state):
             return torchvision.models.get_model(name, weights=member)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise AtlasError(f"weights file {path} does not fit {name}: {first}") from error
+    except RuntimeError:  # load_state_dict: missing, unexpected or reshaped tensors
+        return None
 
 
 def _classes_in(state: dict[str, torch.Tensor], module: nn.Module) -> int | None:
-    """The class count of a checkpoint whose classifier (the module's last Linear) differs."""
-    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-    weight = state.get(f"{linears[-1]}.weight") if linears else None
-    if weight is None or weight.dim() != 2:
+    """The class count of a checkpoint whose classifier (the module's last Linear or conv,
+    SqueezeNet's is a conv) has another number of outputs than the module's."""
+    heads = [n for n, m in module.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    weight = state.get(f"{heads[-1]}.weight") if heads else None
+    own = module.get_submodule(heads[-1]).weight.shape[0] if heads else None
+    if weight is None or weight.dim() < 2 or weight.shape[0] == own:
         return None
-    own = dict(module.named_modules())[linears[-1]].out_features
-    return int(weight.shape[0]) if weight.shape[0] != own else None
+    return int(weight.shape[0])
 
 
 def _input_size(member, module: nn.Module) -> int:
@@ -133,6 +134,34 @@ def _names_a_file(weights: str) -> bool:
     return path.exists() or "/" in weights or bool(suffixes & WEIGHTS_SUFFIXES)
 
 
+def _from_file(name: str, path: Path, member) -> tuple[nn.Module, object, bool]:
+    """(module, the weights member whose settings it has, whether its classes are the
+    member's) for a state-dict file: built as torchvision builds its pretrained model (the
+    member named like the file, else the default; most checkpoints are fine-tuned from those),
+    else, when the file does not fit that, built without weights, with the file's classes."""
+    import torchvision
+
+    state = load_state_dict_file(path)
+    member = _member_for_file(name, path) or member
+    module = _build_with(name, member, state)
+    if module is not None:
+        return module, member, True
+    with seeded_init():
+        plain = torchvision.models.get_model(name, weights=None)
+    # a fine-tuned GoogLeNet lacks the aux heads the builder loads and then drops: lend them
+    # from a plain build, and keep the result only if the builder dropped every lent tensor
+    lent = {key: value for key, value in plain.state_dict().items() if key not in state}
+    module = _build_with(name, member, {**state, **lent}) if lent else None
+    if module is not None and not set(lent) & set(module.state_dict()):
+        return module, member, True
+    module = plain
+    classes = _classes_in(state, module)
+    if classes is not None:
+        module = torchvision.models.get_model(name, weights=None, num_classes=classes)
+    apply_state(module, state, f"weights file {path}", name)
+    return module, member, classes is None
+
+
 def load(name: str, weights: str | None) -> LoadedModel:
     """The torchvision model `name` with `weights`: a weights name (default: the model's
     default weights, from the local hub cache), a state-dict file, or 'random'."""
@@ -140,24 +169,13 @@ def load(name: str, weights: str | None) -> LoadedModel:
 
     is_file = bool(weights) and _names_a_file(weights)
     member = _weights_member(name, None if weights == "random" or is_file else weights)
-    labels: tuple[str, ...] | None = tuple(member.meta["categories"])
+    same_classes = True
     if weights == "random":
         with seeded_init():
             module, weights_path = torchvision.models.get_model(name, weights=None), "random"
     elif is_file:
-        path = Path(weights)
-        state = load_state_dict_file(path)
-        named = _member_for_file(name, path)
-        if named is not None:
-            member, module = named, _build_with(name, named, path)
-        else:
-            module = torchvision.models.get_model(name, weights=None)
-            classes = _classes_in(state, module)
-            if classes is not None:
-                module = torchvision.models.get_model(name, weights=None, num_classes=classes)
-                labels = None
-            apply_state(module, state, f"weights file {path}", name)
-        weights_path = str(path)
+        module, member, same_classes = _from_file(name, Path(weights), member)
+        weights_path = weights
     else:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / _file_name(member)
         if not cached.is_file():
@@ -166,13 +184,16 @@ def load(name: str, weights: str | None) -> LoadedModel:
                 f"does not download: put {_file_name(member)} in {cached.parent} "
                 "or pass --weights path/to/state_dict.pth"
             )
-        module, weights_path = _build_with(name, member, cached), str(cached)
+        module = _build_with(name, member, load_state_dict_file(cached))
+        if module is None:
+            raise AtlasError(f"weights file {cached} does not fit {name}")
+        weights_path = str(cached)
     size = _input_size(member, module)
     return LoadedModel(
         spec=name,
         module=module,
         normalize=_normalization(member),
         input_size=(size, size),
-        labels=labels,
+        labels=tuple(member.meta["categories"]) if same_classes else None,
         weights=weights_path,
     )

@@ -119,3 +119,30 @@ def test_a_cached_file_holding_code_is_refused_before_the_builder_reads_it(hub):
 def test_a_missing_weights_file_is_reported_as_missing_not_as_a_weights_name(weights):
     with pytest.raises(AtlasError, match=f"weights file {weights} does not exist"):
         models.load("resnet18", weights)
+
+
+def test_a_fine_tuned_googlenet_file_gets_the_pretrained_build(hub, tmp_path):
+    hub("googlenet")
+    fine_tuned = models.load("googlenet").module  # the pretrained build: no aux heads
+    torch.save({"state_dict": fine_tuned.state_dict()}, tmp_path / "fine-tuned.pth")
+    loaded = models.load("googlenet", str(tmp_path / "fine-tuned.pth"))
+    assert loaded.module.transform_input is True and loaded.module.aux1 is None
+    assert loaded.digest == models.state_digest(fine_tuned)
+    truncated = {k: v for k, v in fine_tuned.state_dict().items() if not k.startswith("conv1")}
+    torch.save(truncated, tmp_path / "truncated.pth")  # missing real layers are not lent
+    with pytest.raises(AtlasError, match="does not fit googlenet: .*missing .conv1"):
+        models.load("googlenet", str(tmp_path / "truncated.pth"))
+
+
+def test_a_wrapped_checkpoint_named_like_torchvision_s_is_unwrapped_too(hub, tmp_path):
+    source = torchvision.models.resnet18()
+    path = tmp_path / published_file("resnet18")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    assert models.load("resnet18", str(path)).digest == models.state_digest(source)
+
+
+def test_a_squeezenet_checkpoint_of_ten_classes_builds_ten(tmp_path):
+    source = torchvision.models.squeezenet1_1(num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "ten.pth")
+    loaded = models.load("squeezenet1_1", str(tmp_path / "ten.pth"))
+    assert resolve(loaded, LOGITS).channels == 10 and loaded.labels is None
