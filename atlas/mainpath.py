@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from atlas.errors import AtlasError
 from atlas.layers import module_device
 
 MIN_LAYERS = 8  # refine the path while it shows fewer layers than this (stages -> blocks)
@@ -100,6 +101,12 @@ class _Trace:
         try:
             with torch.enable_grad():
                 self.output = module(model.normalize.to(device)(image))
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise AtlasError(
+                f"{model.spec} failed with gradients on (finding its main path): "
+                f"{type(error).__name__}: {first}"
+            ) from error
         finally:
             for handle in handles:
                 handle.remove()

@@ -1,8 +1,10 @@
 """The main-path rule for default layers, on small models whose answer is known."""
 
+import pytest
 import torch
 from torch import nn
 
+from atlas.errors import AtlasError
 from atlas.mainpath import default_layers
 from atlas.models import InputNormalization, LoadedModel
 
@@ -76,3 +78,21 @@ def test_a_lone_convolution_is_shown_after_its_norm():
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU()
     )
     assert default_layers(wrap(model)) == ["1", "4"]
+
+
+class NoGradients(nn.Module):
+    """Runs in the dry pass of discovery (no gradients) but fails with gradients on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("cannot resize variables that require grad")
+        return self.conv(x)
+
+
+def test_a_model_that_fails_with_gradients_is_one_clear_error():
+    with pytest.raises(AtlasError, match="test failed with gradients on .* RuntimeError: cannot"):
+        default_layers(wrap(NoGradients()))
