@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from atlas.errors import AtlasError, did_you_mean
-from atlas.layout import Layout, Producer, layout_of, producer_of
+from atlas.layout import Layout, Producer, is_ambiguous, layout_of, producer_of
 from atlas.names import LOGITS
 
 CLASS_TOKEN = "cls"  # `<token layer>.cls`: the class token of a token layer
@@ -188,7 +188,7 @@ def discover(model) -> list[LayerInfo]:
     ambiguous. So are modules that return their input unchanged (dropout in eval mode) and
     outputs that are no map, token sequence or vector (windows of a partitioned map)."""
     module = model.module
-    seen: dict[str, tuple[str, tuple[int, ...], Layout]] = {}
+    seen: dict[str, tuple[str, tuple[int, ...], Producer | None]] = {}
     calls: dict[str, int] = {}
     clamps = _ClampTracker()
     last_producer: list[Producer | None] = [None]
@@ -205,10 +205,7 @@ def discover(model) -> list[LayerInfo]:
                 return
             if any(output is i for i in inputs) or name in seen:
                 return
-            raw = tuple(output.shape[1:])
-            layout = layout_of(raw, last_producer[0], model.input_size)
-            if layout is not None:
-                seen[name] = (type(mod).__name__, raw, layout)
+            seen[name] = (type(mod).__name__, tuple(output.shape[1:]), last_producer[0])
 
         return hook
 
@@ -230,9 +227,12 @@ def discover(model) -> list[LayerInfo]:
         for handle in handles:
             handle.remove()
     usable = [name for name in clamps.clamps if calls[name] == 1]
+    ambiguous = [name for name, (_, raw, _) in seen.items() if is_ambiguous(raw, model.input_size)]
+    taller = _taller_outputs(model, ambiguous) if ambiguous else {}
     layers = []
-    for name, (type_name, raw, layout) in seen.items():
-        if calls[name] != 1:
+    for name, (type_name, raw, producer) in seen.items():
+        layout = layout_of(raw, producer, model.input_size, taller.get(name))
+        if calls[name] != 1 or layout is None:
             continue
         shape = layout.shape(raw)
         clamp = clamps.ending_clamp(name, usable)
@@ -255,6 +255,37 @@ def discover(model) -> list[LayerInfo]:
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         layers.append(LayerInfo(LOGITS, "output", tuple(output.shape[1:]), output.shape[1]))
     return layers
+
+
+def _taller_outputs(model, names: list[str]) -> dict[str, tuple[int, ...]]:
+    """The output shapes of `names` for an input a quarter taller, where the model runs on one
+    (models built for one size do not): the axis that grows is the height."""
+    height, width = model.input_size
+    taller = (height + max(16, -(-height // 4 // 16) * 16), width)
+    modules = dict(model.module.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output) -> None:
+            shapes.setdefault(name, tuple(output.shape[1:]))
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in names]
+    device = module_device(model.module)
+    try:
+        with torch.no_grad():
+            model.module(
+                model.normalize.to(device)(
+                    torch.zeros(1, model.input_channels, *taller, device=device)
+                )
+            )
+    except Exception:  # a model built for one input size: decide without it
+        return {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
 
 
 def resolve(model, name: str) -> LayerInfo:

@@ -7,10 +7,12 @@ any of them into [B, C, H, W] (or [B, C] for vectors and class tokens).
 
 Which axis holds the channels is read from the model, measured in the dry pass of discovery:
 a reading is possible only if its positions form a grid of the input's shape (the map of an
-image, downsampled: a 56x56 grid of a 224 px input, not 56x96 or the 64x49 windows MaxViT
-partitions a map into), and where both readings are possible, the channels are the axis whose
-size is the feature count of the last Conv, BatchNorm, Linear or LayerNorm that ran, on the
-side that module works on (Conv and BatchNorm: channels first; Linear and LayerNorm: last).
+image, resampled: a 56x56 grid of a 224 px input, not 56x96 or the 64x49 windows MaxViT
+partitions a map into). Where both readings are possible (96x96x96 in ConvNeXt at 384 px), a
+second dry pass with a taller input shows which axis is the height; for a model that runs at
+one size only, the channels are the axis whose size is the feature count of the last Conv,
+BatchNorm, Linear or LayerNorm that ran, on the side that module works on (Conv and
+BatchNorm: channels first; Linear and LayerNorm: last).
 """
 
 from __future__ import annotations
@@ -109,14 +111,9 @@ def _patch_grid(tokens: int, input_size: tuple[int, int]) -> tuple[int, tuple[in
     return None
 
 
-def layout_of(
-    shape: tuple[int, ...], producer: Producer | None, input_size: tuple[int, int]
-) -> Layout | None:
-    """How to read an output of `shape` (without the batch), or None when it is no map, token
-    sequence or vector (a partition of a map into windows, a 1-d signal)."""
-    if len(shape) == 1:
-        return Layout("vector")
-    readings: list[tuple[Layout, int]] = []  # a possible layout and its channel count
+def _readings(shape: tuple[int, ...], input_size: tuple[int, int]) -> list[tuple[Layout, int]]:
+    """Each possible layout of an output of `shape`, with its channel count."""
+    readings: list[tuple[Layout, int]] = []
     if len(shape) == 3:
         if is_grid(shape[1], shape[2], input_size):
             readings.append((Layout("map"), shape[0]))
@@ -125,6 +122,32 @@ def layout_of(
     elif len(shape) == 2 and (found := _patch_grid(shape[0], input_size)):
         prefix, grid = found
         readings.append((Layout("tokens", prefix, grid), shape[1]))
+    return readings
+
+
+def is_ambiguous(shape: tuple[int, ...], input_size: tuple[int, int]) -> bool:
+    """Whether both a channels-first and a channels-last reading fit (a 96x96x96 output)."""
+    return len(_readings(shape, input_size)) == 2
+
+
+def layout_of(
+    shape: tuple[int, ...],
+    producer: Producer | None,
+    input_size: tuple[int, int],
+    taller: tuple[int, ...] | None = None,
+) -> Layout | None:
+    """How to read an output of `shape` (without the batch), or None when it is no map, token
+    sequence or vector (a partition of a map into windows, a 1-d signal). `taller` is the
+    same output for a taller input, when measured: the axis that grew is the height."""
+    if len(shape) == 1:
+        return Layout("vector")
+    readings = _readings(shape, input_size)
+    if len(readings) == 2 and taller is not None and len(taller) == 3:
+        grew = [new > old for old, new in zip(shape, taller, strict=True)]
+        height_axis = {"map": 1, "channels_last": 0}
+        fitting = [r for r in readings if grew == [i == height_axis[r[0].kind] for i in range(3)]]
+        if len(fitting) == 1:
+            return fitting[0][0]
     if len(readings) == 2 and producer is not None:
         matching = [r for r in readings if r[1] == producer.features]
         if len(matching) == 1:

@@ -175,3 +175,32 @@ class FoldsWindowsIntoTheBatch(nn.Module):
 def test_outputs_with_windows_folded_into_the_batch_are_no_layers():
     names = [layer.name for layer in wrap(FoldsWindowsIntoTheBatch(), 16).layers]
     assert names == ["embed", "logits"]  # not `attend`, whose 4 rows are windows of one image
+
+
+class SquareBlock(nn.Module):
+    """A ConvNeXt-like block whose output is 16 channels of 16x16: both readings fit, and the
+    last module to run is a Linear, though the block returns its map channels first."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.mix = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.mix(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SquareOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = SquareBlock()
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean((2, 3)))
+
+
+def test_when_both_readings_fit_a_taller_input_shows_which_axis_is_the_height():
+    kinds = {layer.name: layer.kind for layer in wrap(SquareOutput(), 32).layers}
+    assert kinds["block.mix"] == "channels_last"  # the Linear's own output, 16x16x16
+    assert kinds["block"] == "map"  # permuted back: the Linear ran last, but the map is NCHW
