@@ -33,12 +33,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from atlas.errors import AtlasError, did_you_mean
 from atlas.optim.recipes import DEFAULT, Recipe, check_timelapse, get

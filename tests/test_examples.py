@@ -10,11 +10,11 @@ import re
 import shlex
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomllib
 import torch
 import torchvision
 from clihelpers import assert_bad_input, make_runner
