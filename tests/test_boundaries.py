@@ -1,0 +1,27 @@
+"""Which module may import which: the engine knows no Dask, HTML or CLI; the store and the site
+never load torch. Each check imports in a fresh interpreter, so earlier imports cannot hide one."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("atlas.optim", ("dask", "distributed", "jinja2", "click")),
+        ("atlas.layers", ("dask", "distributed", "jinja2", "click")),
+        ("atlas.mainpath", ("dask", "distributed", "jinja2", "click")),
+        ("atlas.store", ("torch",)),
+        ("atlas.site", ("torch",)),
+    ],
+)
+def test_module_does_not_import(module, forbidden):
+    code = (
+        f"import sys, {module}; "
+        f"loaded = [name for name in {forbidden!r} if name in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert process.returncode == 0, process.stderr.splitlines()[-1:]
