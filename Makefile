@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ format: $(VENV)/.installed
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The edit loop, under a minute: no real weights, torchvision builds, processes or browser.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Issue 5's benchmark: atlas against Lucent and a naive loop, side by side, and a projection for
 # the full Lite0 atlas; about 8 minutes on a 2-core CPU. Options: make bench BENCH_ARGS="--steps 128"

@@ -9,3 +9,23 @@ from atlas.models import LoadedModel
 @pytest.fixture
 def tiny() -> LoadedModel:
     return tiny_model()
+
+
+# what `make test-fast` leaves out: real weights, torchvision builds, processes, the browser
+SLOW_FILES = {
+    "test_cli.py",
+    "test_examples.py",
+    "test_execute.py",
+    "test_families.py",
+    "test_boundaries.py",
+    "test_integration.py",
+    "test_models.py",
+    "test_site_browser.py",
+    "test_tvmodels.py",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
