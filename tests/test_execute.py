@@ -239,5 +239,6 @@ def test_unreachable_schedulers_are_clear_errors(tmp_path, flags, message):
     )
     output, _ = run.communicate(timeout=120)
     assert run.returncode == 2, output
-    assert output.strip().splitlines()[-1].startswith("error: " + message[:0]), output
-    assert message in output and "Traceback" not in output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, output
+    assert "Traceback" not in output

@@ -81,7 +81,8 @@ def test_target_ids_are_stable():
 def test_batch_objective_weights_terms_per_image():
     acts = {"conv2": torch.arange(2 * 4 * 2 * 2, dtype=torch.float32).view(2, 4, 2, 2)}
     objectives = [channel("conv2", 1) * 2.0, channel("conv2", 1) - neuron("conv2", 0, (1, 1))]
-    values = BatchObjective([o if isinstance(o, Objective) else o for o in objectives])(acts)
+    assert all(isinstance(o, Objective) for o in objectives)  # arithmetic made objectives
+    values = BatchObjective(objectives)(acts)
     row0_channel1 = acts["conv2"][0, 1].mean()
     row1 = acts["conv2"][1, 1].mean() - acts["conv2"][1, 0, 1, 1]
     assert torch.allclose(values, torch.stack([2 * row0_channel1, row1]))
