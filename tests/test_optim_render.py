@@ -173,3 +173,21 @@ def test_a_clamped_layer_and_the_layers_inside_it_in_one_batch():
     results = visualize(model, targets, get("fourier", steps=4, size=32))
     assert [r.id for r in results] == ["head:0", "head.1:0", "head.0:0"]
     assert 0 <= results[1].objective_best <= 6  # the clamp itself, asked for, is saturated
+
+
+def test_visualize_leaves_the_caller_s_random_generators_alone(tiny):
+    import random
+
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    first = visualize(tiny, [channel("conv2", 0)], get("plain", steps=3, size=32), seed=1)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    again = visualize(tiny, [channel("conv2", 0)], get("plain", steps=3, size=32), seed=1)
+    assert (first[0].image == again[0].image).all()  # its own streams still make it repeatable

@@ -9,7 +9,6 @@ loop never waits for the GPU: objective history and best images stay on the devi
 from __future__ import annotations
 
 import hashlib
-import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -58,12 +57,6 @@ def image_seed(seed: int, objective: Objective, repeat: int) -> int:
     """A per-image seed that depends on the unit, not on its position in the batch."""
     text = f"{seed}|{objective!r}|{repeat}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") & (2**63 - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _with_diversity(model, objectives: list[Objective], recipe: Recipe) -> list[Objective]:
@@ -177,7 +170,6 @@ def visualize(
     hooked, stop_after = needed_layers(model, objectives)
     _check_indices(model, objectives)
     device = resolve_device(device)
-    seed_everything(seed)
     on_cuda = device.type == "cuda"
     # folded BatchNorm (1.5x) and channels_last (1.2x per step on a 2-core CPU, bench/speed.py)
     module = running_module(model, hooked).to(device, memory_format=torch.channels_last)
