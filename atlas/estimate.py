@@ -38,13 +38,13 @@ def _calibrate(model, plan: Plan, layer: str, device: str) -> float:
     )
     intervals = sorted(b - a for a, b in itertools.pairwise(stamps))
     per_step = intervals[len(intervals) // 2]  # robust to other load on shared machines
-    steps = sum(stage.steps for stage in plan.config.recipe.stages())
+    steps = plan.config.recipe.steps
     return per_step * steps / len(units)
 
 
 def estimate(plan: Plan, model, records: list[dict], *, calibrate: bool, device: str = "cpu"):
     """One LayerEstimate per planned layer."""
-    steps = sum(stage.steps for stage in plan.config.recipe.stages())
+    steps = plan.config.recipe.steps
     estimates = []
     for layer in plan.units_per_layer():
         earlier = _from_records([r for r in records if r.get("layer") == layer], steps)

@@ -44,7 +44,7 @@ def plan_summary(config, *, calibrate: bool) -> dict:
         "model": model.spec,
         "digest": model.digest,
         "recipe": recipe.name,
-        "steps": sum(stage.steps for stage in recipe.stages()),
+        "steps": recipe.steps,
         "size": recipe.size,
         "samples": config.samples,
         "seed": config.seed,

@@ -96,7 +96,7 @@ def run_facts(model, recipe: Recipe, seconds: float, device: str | None) -> dict
         "weights_digest": model.digest,
         "recipe": recipe.name,
         "recipe_hash": recipe.hash,
-        "steps": sum(stage.steps for stage in recipe.stages()),
+        "steps": recipe.steps,
         "seconds": round(seconds, 3),
         "device": str(resolve_device(device)),
         "atlas_version": atlas.__version__,

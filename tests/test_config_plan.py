@@ -666,3 +666,12 @@ def test_octave_steps_always_add_up_and_the_last_octave_always_runs():
     assert few[-1].size == round(128 * octaves[-1].scale)  # the largest octave is reached
     # where rounding each octave already worked, the split is what it always was
     assert [stage.steps for stage in get("octaves", steps=512).stages()] == [171, 171, 170]
+
+
+@pytest.mark.parametrize("octave_count", [1, 2, 3, 5, 21])
+def test_the_stages_of_any_recipe_add_up_to_its_steps(octave_count):
+    octaves = tuple(Octave(1.0 + k % 3, 0.5 + k / 50, (0.05, 0.05)) for k in range(octave_count))
+    for steps in range(1, 60):
+        stages = get("octaves", steps=steps, octaves=octaves).stages()
+        assert sum(stage.steps for stage in stages) == steps
+        assert stages[-1].size == round(128 * octaves[-1].scale)  # the last octave always runs

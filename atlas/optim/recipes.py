@@ -124,7 +124,8 @@ class Recipe:
         return bool(self.pad or self.jitter or self.rotate or self.scale != (1.0, 1.0))
 
     def stages(self) -> list[Stage]:
-        """The schedule: one stage, or one per octave (steps and sizes follow steps and size)."""
+        """The schedule: one stage, or one per octave (steps and sizes follow steps and size).
+        Their steps always add up to `steps`, so `steps` is the total everywhere."""
         if not self.octaves:
             return [Stage(self.steps, self.size, (self.lr, self.lr), (self.blur_sigma,) * 2)]
         total_share = sum(o.share for o in self.octaves)
@@ -210,7 +211,7 @@ def check_timelapse(recipe: Recipe, every: int) -> None:
     """A timelapse keeps its frames on the device, so their number is bounded."""
     if every < 0:
         raise AtlasError("timelapse must be 0 (off) or a number of steps")
-    total = sum(stage.steps for stage in recipe.stages())
+    total = recipe.steps
     frames = len(range(0, total, every)) + ((total - 1) % every != 0) if every else 0
     if frames > MAX_TIMELAPSE_FRAMES:
         fewest = -(-total // (MAX_TIMELAPSE_FRAMES - 1))

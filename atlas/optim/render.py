@@ -178,7 +178,7 @@ def visualize(
     batch, channels = len(objectives), model.input_channels
     generators = _image_generators(seed, requested, streams)
     stages = recipe.stages()
-    total = sum(stage.steps for stage in stages)
+    total = recipe.steps
     colour = colour_matrix(recipe.colour, channels)
 
     def new_param(size: int) -> ImageParam:
