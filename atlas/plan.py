@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from atlas.config import AtlasConfig, parse_indices
 from atlas.errors import AtlasError, did_you_mean
-from atlas.layers import LOGITS, LayerInfo, select
+from atlas.layers import LayerInfo, select
 from atlas.mainpath import default_layers
+from atlas.names import LOGITS
 from atlas.optim.objectives import Target, channel, logit
 from atlas.optim.recipes import Recipe
 

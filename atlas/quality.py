@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlas.layers import LOGITS, capture, module_device, run_forward
+from atlas.layers import capture, module_device, run_forward
+from atlas.names import LOGITS
 from atlas.optim.objectives import BatchObjective, Objective, Target, as_objective
 from atlas.optim.render import check_targets, needed_layers
 from atlas.optim.transforms import resize

@@ -16,8 +16,9 @@ from torch import nn
 
 from atlas import models
 from atlas.errors import AtlasError
-from atlas.layers import LOGITS, LayerInfo, capture, resolve, run_forward, select
+from atlas.layers import LayerInfo, capture, resolve, run_forward, select
 from atlas.models import LoadedModel, state_digest
+from atlas.names import LOGITS
 
 # --- the bundled EfficientNet-Lite0 ------------------------------------------------------------
 

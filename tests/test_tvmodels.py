@@ -8,7 +8,8 @@ import torchvision
 
 from atlas import models
 from atlas.errors import AtlasError
-from atlas.layers import LOGITS, resolve
+from atlas.layers import resolve
+from atlas.names import LOGITS
 
 # what torchvision's builder constructs before it loads each model's weights
 AS_BUILT_FOR_WEIGHTS = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atlas.layers import LOGITS
+from atlas.names import LOGITS
 
 KINDS = ("channel", "neuron", "region", "layer", "logit")
 

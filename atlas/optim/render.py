@@ -20,8 +20,9 @@ import torch
 from atlas.errors import AtlasError
 from atlas.fold import running_module
 from atlas.layers import capture, deepest, resolve, run_forward
+from atlas.names import LOGITS
 from atlas.optim import transforms
-from atlas.optim.objectives import LOGITS, BatchObjective, Objective, Target, as_objective
+from atlas.optim.objectives import BatchObjective, Objective, Target, as_objective
 from atlas.optim.objectives import diversity as diversity_term
 from atlas.optim.param import ImageParam, colour_matrix
 from atlas.optim.recipes import Recipe, check_timelapse
