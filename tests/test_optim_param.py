@@ -133,3 +133,9 @@ def test_settings_added_later_leave_stored_keys_alone():
     assert get("fourier").hash == "3792892c1e025aee"
     assert get("fourier", optimizer="nadam").hash != get("fourier").hash
     assert get("maco", contrast=2.0).hash != get("maco").hash
+
+
+@pytest.mark.parametrize(("setting", "name"), [("kind", "fourrier"), ("squash", "tanh")])
+def test_an_unknown_parameterization_or_squash_raises_instead_of_falling_back(setting, name):
+    with pytest.raises(AtlasError, match=f"unknown .*{name!r}; choose one of"):
+        ImageParam(1, 3, 8, **{setting: name})

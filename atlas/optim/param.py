@@ -10,7 +10,8 @@ upscaling work for pixels and Fourier (a phase keeps its magnitude, so recipes r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def colour_matrix_from_folder(folder: str | Path, max_images: int = 500) -> tupl
 class PixelLatent(nn.Module):
     """One free value per pixel."""
 
-    def __init__(self, batch: int, channels: int, size: int):
+    def __init__(self, batch: int, channels: int, size: int, **_settings: float):
         super().__init__()
         self.latent = nn.Parameter(torch.zeros(batch, channels, size, size))
 
@@ -79,6 +80,10 @@ class PixelLatent(nn.Module):
     @torch.no_grad()
     def inverse(self, image: torch.Tensor) -> None:
         self.latent.copy_(image)
+
+    @torch.no_grad()
+    def initialize(self, noise: torch.Tensor, scale: float, encode: Callable) -> None:
+        encode(0.5 + noise * scale)  # grey plus noise, as an image
 
 
 def falloff(size: int, decay: float) -> torch.Tensor:
@@ -93,7 +98,7 @@ class FourierLatent(nn.Module):
     """A real-FFT spectrum whose coefficients are scaled by 1 / f^decay: equal steps on every
     coefficient then change low frequencies most, which suppresses high-frequency noise."""
 
-    def __init__(self, batch: int, channels: int, size: int, decay: float):
+    def __init__(self, batch: int, channels: int, size: int, *, decay: float, **_settings: float):
         super().__init__()
         self.size = size
         self.register_buffer("scale", falloff(size, decay))
@@ -108,6 +113,10 @@ class FourierLatent(nn.Module):
         coefficients = torch.fft.rfft2(image * 4, norm="ortho") / self.scale
         self.spectrum.copy_(torch.view_as_real(coefficients))
 
+    @torch.no_grad()
+    def initialize(self, noise: torch.Tensor, scale: float, encode: Callable) -> None:
+        self.spectrum.copy_(noise * scale)  # grey plus noise in the spectrum
+
 
 class PhaseLatent(nn.Module):
     """A spectrum whose magnitude is fixed at 1 / f^decay (the falloff of natural images) and
@@ -115,7 +124,7 @@ class PhaseLatent(nn.Module):
     energy in high frequencies, so it cannot turn into noise however long it is optimized.
     Each channel is standardized to `contrast`, the only scale left to choose."""
 
-    def __init__(self, batch: int, channels: int, size: int, decay: float, contrast: float):
+    def __init__(self, batch: int, channels: int, size: int, *, decay: float, contrast: float):
         super().__init__()
         self.size, self.contrast = size, contrast
         magnitude = falloff(size, decay)
@@ -147,9 +156,17 @@ class PhaseLatent(nn.Module):
         self.phase.copy_(torch.fft.rfft2(image, norm="ortho").angle())
 
     @torch.no_grad()
-    def randomize(self, noise: torch.Tensor) -> None:
-        """Uniform phases from standard-normal draws (through their normal CDF)."""
+    def initialize(self, noise: torch.Tensor, scale: float, encode: Callable) -> None:
+        """Uniform phases from standard-normal draws (through their normal CDF), whatever
+        the scale."""
         self.phase.copy_(math.pi * torch.erf(noise / math.sqrt(2)))
+
+
+LATENTS: dict[str, type[nn.Module]] = {
+    "pixel": PixelLatent,
+    "fourier": FourierLatent,
+    "phase": PhaseLatent,
+}  # a parameterization: one class with forward, inverse and initialize, and one entry here
 
 
 class ColourMix(nn.Module):
@@ -167,17 +184,30 @@ class ColourMix(nn.Module):
         return torch.einsum("oc,bchw->bohw", self.inverse_matrix, rgb)
 
 
-def squash(x: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "sigmoid":
-        return torch.sigmoid(x)
-    # clip, with the gradient passed straight through so that clipped pixels can come back
+def _clip(x: torch.Tensor) -> torch.Tensor:
+    """Clipped to [0, 1], with the gradient passed straight through so clipped pixels return."""
     return x + (x.clamp(0, 1) - x).detach()
 
 
-def unsquash(image: torch.Tensor, how: str) -> torch.Tensor:
-    if how == "sigmoid":
-        return torch.logit(image.clamp(1e-4, 1 - 1e-4))
-    return image
+@dataclass(frozen=True)
+class Squash:
+    """Maps the latent's values into [0, 1], and images back."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+SQUASHES: dict[str, Squash] = {
+    "sigmoid": Squash(torch.sigmoid, lambda image: torch.logit(image.clamp(1e-4, 1 - 1e-4))),
+    "clip": Squash(_clip, lambda image: image),
+}
+
+
+def named(registry: dict, name: str, what: str):
+    """The entry `name` of a registry, or an AtlasError naming the choices."""
+    if name not in registry:
+        raise AtlasError(f"unknown {what} {name!r}; choose one of {', '.join(registry)}")
+    return registry[name]
 
 
 class ImageParam(nn.Module):
@@ -197,24 +227,20 @@ class ImageParam(nn.Module):
     ):
         super().__init__()
         self.size = size
-        self.squash = squash
-        if kind == "fourier":
-            self.latent = FourierLatent(batch, channels, size, decay)
-        elif kind == "phase":
-            self.latent = PhaseLatent(batch, channels, size, decay, contrast)
-        else:
-            self.latent = PixelLatent(batch, channels, size)
+        self.squash = named(SQUASHES, squash, "squash")
+        latent = named(LATENTS, kind, "parameterization")
+        self.latent = latent(batch, channels, size, decay=decay, contrast=contrast)
         self.colour = ColourMix(colour) if colour is not None else None
 
     def forward(self) -> torch.Tensor:
         x = self.latent()
         if self.colour is not None:
             x = self.colour(x)
-        return squash(x, self.squash)
+        return self.squash.forward(x)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> None:
-        x = unsquash(images, self.squash)
+        x = self.squash.inverse(images)
         if self.colour is not None:
             x = self.colour.inverse(x)
         self.latent.inverse(x)
@@ -224,9 +250,4 @@ class ImageParam(nn.Module):
         """The starting image from `noise`, per-image standard-normal draws shaped like the
         latent parameter: grey plus `scale` times the noise (pixels, or the spectrum for
         Fourier); a phase image starts from uniform random phases whatever the scale."""
-        if isinstance(self.latent, FourierLatent):
-            self.latent.spectrum.copy_(noise * scale)
-        elif isinstance(self.latent, PhaseLatent):
-            self.latent.randomize(noise)
-        else:
-            self.encode(0.5 + noise * scale)
+        self.latent.initialize(noise, scale, self.encode)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from atlas.errors import AtlasError, did_you_mean
+from atlas.optim.param import LATENTS, SQUASHES
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Recipe:
             (self.steps >= 1, "steps must be at least 1"),
             (8 <= self.size <= 4096, "size must be between 8 and 4096 px"),
             (self.lr > 0, "lr must be positive"),
-            (self.param in ("fourier", "pixel", "phase"), "param must be fourier, pixel or phase"),
+            (self.param in LATENTS, f"param must be one of {', '.join(LATENTS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (math.isfinite(self.contrast) and self.contrast > 0, "contrast must be positive"),
             (
@@ -91,7 +92,7 @@ class Recipe:
                 "a phase image cannot be blurred or upscaled (its magnitude is fixed): "
                 "drop blur_every and octaves",
             ),
-            (self.squash in ("sigmoid", "clip"), "squash must be sigmoid or clip"),
+            (self.squash in SQUASHES, f"squash must be one of {', '.join(SQUASHES)}"),
             (
                 self.colour in ("imagenet", "none")
                 or (isinstance(self.colour, tuple) and len(self.colour) == 9),
