@@ -1,5 +1,5 @@
-"""Which module may import which: the engine knows no Dask, HTML or CLI; the store and the site
-never load torch. Each check imports in a fresh interpreter, so earlier imports cannot hide one."""
+"""Which module may import which: the engine knows no Dask, HTML or CLI; the store, the site,
+recipes and the CLI's start never load torch. Each check imports in a fresh interpreter, so earlier imports cannot hide one."""
 
 import subprocess
 import sys
@@ -15,6 +15,8 @@ import pytest
         ("atlas.mainpath", ("dask", "distributed", "jinja2", "click")),
         ("atlas.store", ("torch",)),
         ("atlas.site", ("torch",)),
+        ("atlas.optim.recipes", ("torch",)),  # recipes and the CLI's options start fast
+        ("atlas.cli", ("torch", "dask", "jinja2")),
     ],
 )
 def test_module_does_not_import(module, forbidden):

@@ -139,3 +139,10 @@ def test_settings_added_later_leave_stored_keys_alone():
 def test_an_unknown_parameterization_or_squash_raises_instead_of_falling_back(setting, name):
     with pytest.raises(AtlasError, match=f"unknown .*{name!r}; choose one of"):
         ImageParam(1, 3, 8, **{setting: name})
+
+
+def test_recipes_name_exactly_the_registered_parameterizations_and_squashes():
+    from atlas.optim.param import LATENTS, SQUASHES
+    from atlas.optim.recipes import PARAMETERIZATIONS, SQUASH_NAMES
+
+    assert (set(PARAMETERIZATIONS), set(SQUASH_NAMES)) == (set(LATENTS), set(SQUASHES))

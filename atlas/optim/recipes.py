@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from atlas.errors import AtlasError, did_you_mean
-from atlas.optim.param import LATENTS, SQUASHES
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,10 @@ class Stage:
 
 
 OPTIMIZERS = ("adam", "nadam")
+# the names of atlas.optim.param's registries, spelled here so that recipes (and the CLI's
+# option parsing) need no torch; tests/test_optim_param.py keeps them in step
+PARAMETERIZATIONS = ("fourier", "pixel", "phase")
+SQUASH_NAMES = ("sigmoid", "clip")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,10 @@ class Recipe:
             (self.steps >= 1, "steps must be at least 1"),
             (8 <= self.size <= 4096, "size must be between 8 and 4096 px"),
             (self.lr > 0, "lr must be positive"),
-            (self.param in LATENTS, f"param must be one of {', '.join(LATENTS)}"),
+            (
+                self.param in PARAMETERIZATIONS,
+                f"param must be one of {', '.join(PARAMETERIZATIONS)}",
+            ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (math.isfinite(self.contrast) and self.contrast > 0, "contrast must be positive"),
             (
@@ -92,7 +98,7 @@ class Recipe:
                 "a phase image cannot be blurred or upscaled (its magnitude is fixed): "
                 "drop blur_every and octaves",
             ),
-            (self.squash in SQUASHES, f"squash must be one of {', '.join(SQUASHES)}"),
+            (self.squash in SQUASH_NAMES, f"squash must be one of {', '.join(SQUASH_NAMES)}"),
             (
                 self.colour in ("imagenet", "none")
                 or (isinstance(self.colour, tuple) and len(self.colour) == 9),
