@@ -1,5 +1,6 @@
 """Which module may import which: the engine knows no Dask, HTML or CLI; the store, the site,
-recipes and the CLI's start never load torch. Each check imports in a fresh interpreter, so earlier imports cannot hide one."""
+recipes and the CLI's start never load torch. Each check imports in a fresh interpreter, so
+earlier imports cannot hide one."""
 
 import subprocess
 import sys
