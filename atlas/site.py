@@ -3,6 +3,10 @@
 Pages: index.html (the model and its layers), <layer>/index.html (a grid of every unit),
 <layer>/<index>.html (one unit). Everything is relative links to files (no fetch, no network),
 so the site works from file:// and from any static host. This module never imports torch.
+
+A damaged stored file never stops a render: it is named in one `warning:` line, its unit is
+shown as missing (the next `atlas run` redoes it), and a damaged manifest is rebuilt from the
+unit files, which are the truth.
 """
 
 from __future__ import annotations
@@ -14,21 +18,23 @@ import os
 import secrets
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, exclusive_lock, remove_temporaries
 from atlas.names import LOGITS
-from atlas.store import layer_dirname
+from atlas.store import STATUSES, Store, layer_dirname, warn, webp_problem
 
 THUMB_SIZE = 128  # px; larger unit images get a downscaled WebP thumbnail
 PREVIEWS_PER_LAYER = 6
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
 def environment() -> Environment:
@@ -161,9 +167,29 @@ def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
         return image.size
 
 
-def _unit_view(out: Path, site: Path, record: dict) -> UnitView:
+def _unit_view(out: Path, site: Path, record: dict, warn: Callable[[str], None] = warn) -> UnitView:
     """Link the unit's images into the site (so that it can be published alone), make its
-    thumbnail, and describe it for the pages; paths are relative to the layer folder."""
+    thumbnail, and describe it for the pages; paths are relative to the layer folder. A unit
+    with a damaged image is named in a warning and shown as missing, not a crash."""
+    redo = f"the next atlas run redoes {record['layer']}:{record['index']}"
+    for name in [*record.get("images", []), record.get("timelapse")]:
+        if isinstance(name, str) and (problem := webp_problem(out / name)):
+            warn(f"{name} {problem}; {redo}")
+            return _missing_view(record)
+    try:
+        return _linked_view(out, site, record, warn)
+    except DECODE_ERRORS:  # a sound header over damaged pixels: Pillow tells at decode
+        warn(f"{record['images'][0]} is corrupt (cannot decode); {redo}")
+        return _missing_view(record)
+
+
+def _missing_view(record: dict) -> UnitView:
+    """A unit whose stored images cannot be shown: as planned but not computed."""
+    plain = {**record, "status": "missing", "images": [], "timelapse": None, "exemplars": []}
+    return UnitView(plain, layer_dirname(record["layer"]), [], None)
+
+
+def _linked_view(out: Path, site: Path, record: dict, warn: Callable[[str], None]) -> UnitView:
     layer_dir = layer_dirname(record["layer"])
     view = UnitView(record, layer_dir, [], None)
     for image in record.get("images", []):
@@ -175,7 +201,10 @@ def _unit_view(out: Path, site: Path, record: dict) -> UnitView:
         view.images.append(f"img/{name}")
     for item in record.get("exemplars", []):
         source = out / item["image"]
-        if source.is_file():
+        if problem := webp_problem(source):
+            if problem != "is missing":
+                warn(f"{item['image']} {problem}; the next atlas run with --exemplars redoes it")
+        else:
             link_or_copy(source, site / layer_dir / "ex" / source.name)
             view.exemplars.append({**item, "src": f"ex/{source.name}"})
     timelapse = out / record["timelapse"] if record.get("timelapse") else None
@@ -223,25 +252,32 @@ def manifest_path(out: Path) -> Path:
     return path
 
 
-def load_manifest(out: Path) -> dict:
+def load_manifest(out: Path, warn: Callable[[str], None] = warn) -> dict:
+    """OUT/manifest.json; a damaged one is rebuilt from plan.json and the unit JSONs (it only
+    gathers them, so nothing is lost), with a warning naming it."""
     path = manifest_path(out)
     try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise AtlasError(f"{path} is not valid JSON: {error}") from None
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and isinstance(manifest.get("units", []), list):
+        return manifest
+    warn("manifest.json is corrupt; rebuilt from plan.json and the unit files")
+    return Store(out, warn).write_manifest()
 
 
-def render(out: str | Path) -> Path:
+def render(out: str | Path, warn: Callable[[str], None] = warn) -> Path:
     """Render OUT/site/ from OUT/manifest.json; returns the path of index.html. Renders of one
     OUT take turns (`atlas render` may run beside the render that ends `atlas run`), so the
-    last one to finish shows the newest manifest and none deletes what another is writing."""
+    last one to finish shows the newest manifest and none deletes what another is writing.
+    Damaged files are reported through `warn` (a `warning:` line on stderr by default)."""
     out = Path(out)
     manifest_path(out)  # a clear error before a lock file is left in a folder that is no atlas
     with exclusive_lock(out / ".render.lock") as alone:
-        return _render(out, load_manifest(out), sweep=alone)
+        return _render(out, load_manifest(out, warn), sweep=alone, warn=warn)
 
 
-def _render(out: Path, manifest: dict, sweep: bool) -> Path:
+def _render(out: Path, manifest: dict, sweep: bool, warn: Callable[[str], None] = warn) -> Path:
     site = out / "site"
     env = environment()
     records = manifest.get("units", [])
@@ -251,7 +287,7 @@ def _render(out: Path, manifest: dict, sweep: bool) -> Path:
         if record["layer"] not in units_by_layer:  # a layer no longer planned: its units are stale
             units_by_layer[record["layer"]] = []
             layers.append({"name": record["layer"], "type": "not planned", "shape": []})
-        units_by_layer[record["layer"]].append(_unit_view(out, site, record))
+        units_by_layer[record["layer"]].append(_unit_view(out, site, record, warn))
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
         layer["units"] = len(units_by_layer[layer["name"]])
@@ -259,9 +295,10 @@ def _render(out: Path, manifest: dict, sweep: bool) -> Path:
         name: Counter(unit.status for unit in units) for name, units in units_by_layer.items()
     }
     exemplars = manifest.get("exemplars") or {}
+    shown = sum(counts_by_layer.values(), Counter())  # a damaged unit counts as missing
     common = {
         "info": site_info(manifest, records),
-        "counts": manifest.get("counts", {}),
+        "counts": {status: shown.get(status, 0) for status in STATUSES},
         "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
     }
 

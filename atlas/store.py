@@ -12,6 +12,11 @@ manifest.json is rebuilt from both, so it can never disagree with them.
 Statuses, one per unit: done (stored with the planned key), failed (stored as failed with the
 planned key), missing (planned, nothing stored), stale (stored, but not planned any more or
 planned with another key: the old result is shown until the new one replaces it).
+
+A damaged stored file (truncated, garbled, not what atlas wrote) is never an error: it is named
+in one `warning:` line and treated as absent, so that the run goes on and the next `atlas run`
+redoes what it held. Only a corrupt plan.json stops `atlas status` (it alone says what is
+planned); `atlas run` rewrites it before reading it.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from atlas.errors import AtlasError
 from atlas.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -61,10 +69,71 @@ def _is_unit_record(value: object) -> bool:
     )
 
 
+def warn(message: str) -> None:
+    """One `warning:` line on stderr: a damaged file is news for the user, not bad input (the
+    command goes on, and the next run repairs the file)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def webp_problem(path: Path) -> str | None:
+    """Why a stored WebP cannot be shown ("missing", "corrupt (truncated)", ...), or None.
+
+    Only the 12-byte RIFF header and the file size are read: about 20 us a file, 0.4 s for
+    20,000 units, where opening each with Pillow costs ~50 us and decoding ~1 ms. atlas writes
+    atomically, so damage comes from outside (a cut copy, an editor, a disk) and nearly always
+    breaks the header or the length that the header promises."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+            size = os.fstat(file.fileno()).st_size
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as error:
+        return f"is unreadable ({error.strerror})"
+    if head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return "is corrupt (not a WebP image)"
+    promised = int.from_bytes(head[4:8], "little") + 8
+    if promised != size:
+        return f"is corrupt ({'truncated' if size < promised else 'wrong length'})"
+    return None
+
+
 class Store:
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, warn: Callable[[str], None] = warn):
         self.out = Path(out)
         self.units_dir = self.out / "units"
+        self._warn = warn
+        self._warned: set[str] = set()
+
+    def report(self, path: Path, problem: str, consequence: str) -> None:
+        """Warn once per file and Store: records() runs several times in one `atlas run`."""
+        name = path.relative_to(self.out).as_posix() if path.is_relative_to(self.out) else path
+        if str(name) not in self._warned:
+            self._warned.add(str(name))
+            self._warn(f"{name} {problem}; {consequence}")
+
+    def _read_json(self, path: Path, consequence: str) -> object | None:
+        """A stored JSON, or None (with a warning naming the file when it is damaged)."""
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            self.report(path, f"is unreadable ({error.strerror})", consequence)
+        except ValueError:
+            self.report(path, "is corrupt (not valid JSON)", consequence)
+        return None
+
+    def _images_usable(self, record: dict) -> bool:
+        """Whether every image a unit record lists (samples and animation) is intact; one
+        damaged file makes the whole unit count as not stored, so the next run redoes it."""
+        names = [*record.get("images", []), record.get("timelapse")]
+        unit = f"{record['layer']}:{record['index']}"
+        for name in names:
+            if isinstance(name, str) and (problem := webp_problem(self.out / name)):
+                self.report(self.out / name, problem, f"the next atlas run redoes {unit}")
+                return False
+        return True
 
     @contextlib.contextmanager
     def claimed(self) -> Iterator[None]:
@@ -85,15 +154,15 @@ class Store:
     def unit_path(self, layer: str, index: int, suffix: str) -> Path:
         return self.units_dir / layer_dirname(layer) / f"{index}{suffix}"
 
-    def records(self) -> list[dict]:
-        """Every stored unit record; unreadable JSONs (never written by atlas) are skipped."""
+    def records(self, verify: bool = True) -> list[dict]:
+        """Every stored unit record. Damaged JSONs, and (with `verify`) records whose images
+        are damaged, are named in a warning and left out: to the rest of atlas the unit is
+        not stored, so it shows as missing and the next run redoes it. Valid JSONs that are
+        no unit record (a user's note) are skipped silently."""
         records = []
         for path in sorted(self.units_dir.glob("*/*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if _is_unit_record(record):
+            record = self._read_json(path, "the next atlas run redoes this unit")
+            if _is_unit_record(record) and (not verify or self._images_usable(record)):
                 records.append(record)
         return records
 
@@ -154,17 +223,30 @@ class Store:
     def exemplar_path(self, layer: str, index: int, suffix: str) -> Path:
         return self.out / "exemplars" / layer_dirname(layer) / f"{index}{suffix}"
 
-    def exemplars(self) -> dict[tuple[str, int], dict]:
-        """Every stored exemplar record by (layer, index); unreadable ones are skipped."""
+    def exemplars(self, verify: bool = True) -> dict[tuple[str, int], dict]:
+        """Every stored exemplar record by (layer, index). Damaged JSONs, and (with `verify`)
+        records with a damaged patch, are named and left out, so that the next exemplar pass
+        redoes them. The manifest does not verify (a unit has many patches; the site checks
+        the ones it links)."""
         found = {}
+        redo = "the next atlas run with --exemplars redoes it"
         for path in sorted((self.out / "exemplars").glob("*/*.json")):
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, ValueError):
+            record = self._read_json(path, redo)
+            if not (_is_unit_record(record) and isinstance(record.get("items"), list)):
                 continue
-            if _is_unit_record(record) and isinstance(record.get("items"), list):
-                found[(record["layer"], record["index"])] = record
+            if verify and not self._patches_usable(record, redo):
+                continue
+            found[(record["layer"], record["index"])] = record
         return found
+
+    def _patches_usable(self, record: dict, consequence: str) -> bool:
+        for item in record["items"]:
+            name = item.get("image") if isinstance(item, dict) else None
+            problem = webp_problem(self.out / name) if isinstance(name, str) else "is missing"
+            if problem:
+                self.report(self.out / str(name), problem, consequence)
+                return False
+        return True
 
     def save_exemplars(self, record: dict) -> None:
         """The record (its patches are written already), then patches of older passes that
@@ -177,20 +259,17 @@ class Store:
                 old.unlink(missing_ok=True)
 
     def exemplar_summary(self) -> dict | None:
-        try:
-            return json.loads((self.out / "exemplars" / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
+        path = self.out / "exemplars" / "summary.json"
+        summary = self._read_json(path, "the next atlas run with --exemplars rewrites it")
+        return summary if isinstance(summary, dict) else None
 
     def write_exemplar_summary(self, summary: dict) -> None:
         atomic_write_json(self.out / "exemplars" / "summary.json", summary)
 
     def read_exemplar_progress(self, pass_key: str) -> dict | None:
         """What an interrupted exemplar pass with this key had merged, if any."""
-        try:
-            saved = json.loads((self.out / "exemplars" / "progress.json").read_text())
-        except (OSError, ValueError):
-            return None
+        path = self.out / "exemplars" / "progress.json"
+        saved = self._read_json(path, "the exemplar pass starts over")
         return saved if isinstance(saved, dict) and saved.get("pass") == pass_key else None
 
     def write_exemplar_progress(self, progress: dict) -> None:
@@ -200,8 +279,19 @@ class Store:
         (self.out / "exemplars" / "progress.json").unlink(missing_ok=True)
 
     def read_plan(self) -> dict | None:
+        """The last run's plan, None before the first. A damaged plan is an error naming the
+        file, not a warning: without it no unit can be called missing or stale, so every
+        count would be wrong. `atlas run` writes a new plan before it reads one."""
         path = self.out / "plan.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            plan = json.loads(path.read_text())
+        except (OSError, ValueError):
+            plan = None
+        if not isinstance(plan, dict) or not isinstance(plan.get("units", []), list):
+            raise AtlasError(f"{path} is corrupt; the next `atlas run` on {self.out} rewrites it")
+        return plan
 
     def write_plan(self, plan_record: dict) -> None:
         atomic_write_json(self.out / "plan.json", plan_record)
@@ -213,7 +303,8 @@ class Store:
         planned = {(u["layer"], u["index"]): u for u in (plan or {}).get("units", [])}
         stored = self.index()
         digest = ((plan or {}).get("model") or {}).get("digest")
-        exemplars = {k: e for k, e in self.exemplars().items() if e.get("digest") == digest}
+        found = self.exemplars(verify=False).items()
+        exemplars = {k: e for k, e in found if e.get("digest") == digest}
         units = []
         for key, record in stored.items():
             wanted = planned.get(key)
@@ -243,7 +334,8 @@ class Store:
         plan = self.read_plan() or {"units": []}
         planned = {(u["layer"], u["index"]) for u in plan["units"]}
         removed = 0
-        for key in self.index():
+        stored = {(r["layer"], r["index"]) for r in self.records(verify=False)}
+        for key in stored:
             if key not in planned:
                 self.remove_unit(*key)
                 removed += 1

@@ -26,6 +26,12 @@ from atlas.store import HISTORY_POINTS, STATUSES, Store, downsample, layer_dirna
 # --- helpers ----------------------------------------------------------------------------------
 
 
+def W(payload: bytes) -> bytes:
+    """Stand-in image bytes in a sound RIFF/WebP header: the store treats a unit whose image
+    header is damaged as not stored (see test_corrupt.py)."""
+    return b"RIFF" + (len(payload) + 4).to_bytes(4, "little") + b"WEBP" + payload
+
+
 @pytest.fixture(scope="module")
 def model():
     loaded = tiny_model()
@@ -88,12 +94,12 @@ def mixed(model, store):
     conv2 1 failed, conv2 2 with an old key, conv2 9 and conv3 0 not planned, logits 0 done."""
     plan = make_store_plan(model)
     store.write_plan(plan_record(plan, model, "2024-01-01T00:00:00+00:00", None))
-    store.save_unit(record_for(unit_of(plan, "conv2", 0)), [b"conv2-0"])
+    store.save_unit(record_for(unit_of(plan, "conv2", 0)), [W(b"conv2-0")])
     store.save_unit(record_for(unit_of(plan, "conv2", 1), "failed"), [])
-    store.save_unit(record_for(unit_of(plan, "conv2", 2), key="an-old-key"), [b"old-2"])
-    store.save_unit(raw_record("conv2", 9), [b"nine-a", b"nine-b"])
-    store.save_unit(raw_record("conv3", 0), [b"conv3-0"])
-    store.save_unit(record_for(unit_of(plan, "logits", 0)), [b"logit-0"])
+    store.save_unit(record_for(unit_of(plan, "conv2", 2), key="an-old-key"), [W(b"old-2")])
+    store.save_unit(raw_record("conv2", 9), [W(b"nine-a"), W(b"nine-b")])
+    store.save_unit(raw_record("conv3", 0), [W(b"conv3-0")])
+    store.save_unit(record_for(unit_of(plan, "logits", 0)), [W(b"logit-0")])
     return plan
 
 
@@ -105,13 +111,13 @@ SUFFIXES = ("0.webp", "1.webp", "json")
 
 def test_save_unit_with_one_image(store):
     record = raw_record("conv2", 3, key="k1")
-    store.save_unit({**record, "objective_best": 1.5}, [b"first image"])
+    store.save_unit({**record, "objective_best": 1.5}, [W(b"first image")])
     folder = store.out / "units" / "conv2"
     assert files_under(folder) == ["3.json", "3.webp"]
-    assert (folder / "3.webp").read_bytes() == b"first image"
+    assert (folder / "3.webp").read_bytes() == W(b"first image")
     stored = read_json(folder / "3.json")
     assert stored == {**record, "objective_best": 1.5, "images": ["units/conv2/3.webp"]}
-    assert (store.out / stored["images"][0]).read_bytes() == b"first image"  # relative to OUT
+    assert (store.out / stored["images"][0]).read_bytes() == W(b"first image")  # relative to OUT
     assert store.records() == [stored]
     assert store.index() == {("conv2", 3): stored}
 
@@ -125,17 +131,21 @@ def test_save_unit_with_k_images_and_order_of_writes(store, monkeypatch):
         real_replace(source, destination)
 
     monkeypatch.setattr(atlas.files.os, "replace", recording_replace)
-    store.save_unit(raw_record("logits", 7), [b"a", b"b", b"c"])
+    store.save_unit(raw_record("logits", 7), [W(b"a"), W(b"b"), W(b"c")])
     assert replaced == ["7.0.webp", "7.1.webp", "7.2.webp", "7.json"]  # the JSON last
     stored = read_json(store.out / "units/logits/7.json")
     assert stored["images"] == [f"units/logits/7.{k}.webp" for k in range(3)]
-    assert [(store.out / name).read_bytes() for name in stored["images"]] == [b"a", b"b", b"c"]
+    assert [(store.out / name).read_bytes() for name in stored["images"]] == [
+        W(b"a"),
+        W(b"b"),
+        W(b"c"),
+    ]
 
 
 def test_files_are_world_readable(store, tmp_path):
     old_umask = os.umask(0o077)  # even under a strict umask
     try:
-        store.save_unit(raw_record("conv2", 1), [b"x", b"y"])
+        store.save_unit(raw_record("conv2", 1), [W(b"x"), W(b"y")])
         store.write_plan({"units": [], "layers": []})
         store.write_manifest()
     finally:
@@ -149,16 +159,16 @@ def test_files_are_world_readable(store, tmp_path):
 def test_resaving_with_fewer_samples_removes_old_images(store):
     neighbours = [raw_record("conv2", 31), raw_record("conv2", 13), raw_record("conv2", 30)]
     for neighbour in neighbours:  # 31 and 13 share digits with 3; 30 starts like 3
-        store.save_unit(neighbour, [b"n0", b"n1"])
-    store.save_unit(raw_record("conv2", 3), [b"0", b"1", b"2"])
+        store.save_unit(neighbour, [W(b"n0"), W(b"n1")])
+    store.save_unit(raw_record("conv2", 3), [W(b"0"), W(b"1"), W(b"2")])
     folder = store.out / "units" / "conv2"
     assert {"3.0.webp", "3.1.webp", "3.2.webp"} <= set(files_under(folder))
 
-    store.save_unit(raw_record("conv2", 3, key="k2"), [b"0", b"1"])
+    store.save_unit(raw_record("conv2", 3, key="k2"), [W(b"0"), W(b"1")])
     mine = [name for name in files_under(folder) if name.startswith("3.")]
     assert mine == ["3.0.webp", "3.1.webp", "3.json"]
 
-    store.save_unit(raw_record("conv2", 3, key="k3"), [b"only"])
+    store.save_unit(raw_record("conv2", 3, key="k3"), [W(b"only")])
     mine = [name for name in files_under(folder) if name.startswith("3.")]
     assert mine == ["3.json", "3.webp"]
     assert read_json(folder / "3.json")["images"] == ["units/conv2/3.webp"]
@@ -170,12 +180,12 @@ def test_resaving_with_fewer_samples_removes_old_images(store):
 
     others = [n for n in files_under(folder) if not n.startswith("3.")]
     assert others == sorted(f"{i}.{suffix}" for i in (13, 30, 31) for suffix in SUFFIXES)
-    assert (folder / "31.0.webp").read_bytes() == b"n0"
+    assert (folder / "31.0.webp").read_bytes() == W(b"n0")
 
 
 def test_remove_unit(store):
-    store.save_unit(raw_record("conv2", 1), [b"a", b"b"])
-    store.save_unit(raw_record("conv2", 10), [b"c"])
+    store.save_unit(raw_record("conv2", 1), [W(b"a"), W(b"b")])
+    store.save_unit(raw_record("conv2", 10), [W(b"c")])
     store.remove_unit("conv2", 1)
     assert files_under(store.out / "units") == ["conv2/10.json", "conv2/10.webp"]
 
@@ -199,27 +209,27 @@ def no_temporaries(folder: Path) -> bool:
 
 
 def test_crash_writing_the_json_keeps_the_previous_json(store, monkeypatch):
-    store.save_unit({**raw_record("conv2", 3, key="v1"), "objective_best": 1.0}, [b"v1"])
+    store.save_unit({**raw_record("conv2", 3, key="v1"), "objective_best": 1.0}, [W(b"v1")])
     json_path = store.out / "units/conv2/3.json"
     previous = json_path.read_bytes()
     fail_replace_for(monkeypatch, ".json")
     with pytest.raises(OSError, match="simulated"):
-        store.save_unit({**raw_record("conv2", 3, key="v2"), "objective_best": 2.0}, [b"v2"])
+        store.save_unit({**raw_record("conv2", 3, key="v2"), "objective_best": 2.0}, [W(b"v2")])
     assert json_path.read_bytes() == previous
     assert store.index()[("conv2", 3)]["key"] == "v1"
     assert no_temporaries(store.out)
 
 
 def test_crash_writing_an_image_keeps_the_previous_unit(store, monkeypatch):
-    store.save_unit(raw_record("conv2", 3, key="v1"), [b"v1-a", b"v1-b"])
+    store.save_unit(raw_record("conv2", 3, key="v1"), [W(b"v1-a"), W(b"v1-b")])
     folder = store.out / "units/conv2"
     before = {name: (folder / name).read_bytes() for name in files_under(folder)}
     fail_replace_for(monkeypatch, "3.1.webp")
     with pytest.raises(OSError, match="simulated"):
-        store.save_unit(raw_record("conv2", 3, key="v2"), [b"v2-a", b"v2-b", b"v2-c"])
+        store.save_unit(raw_record("conv2", 3, key="v2"), [W(b"v2-a"), W(b"v2-b"), W(b"v2-c")])
     after = {name: (folder / name).read_bytes() for name in files_under(folder)}
     assert after["3.json"] == before["3.json"]
-    assert after["3.1.webp"] == b"v1-b"  # the image being written when it crashed
+    assert after["3.1.webp"] == W(b"v1-b")  # the image being written when it crashed
     assert "3.2.webp" not in after  # nothing after the crash was written
     assert no_temporaries(store.out)
 
@@ -274,7 +284,7 @@ def test_stray_temporaries_and_corrupt_json_are_ignored(model, store, mixed):
 
 
 def test_claiming_out_sweeps_what_killed_writers_left_and_keeps_everything_else(store):
-    store.save_unit(raw_record("conv2", 1), [b"x"])
+    store.save_unit(raw_record("conv2", 1), [W(b"x")])
     leftovers = [
         store.out / ".plan.json.k1ll3d.tmp",
         store.out / "units/conv2/.2.json.abc123.tmp",
@@ -356,10 +366,10 @@ def test_foreign_json_in_units_is_ignored(store, mixed, content):
 def test_pending(model, store):
     plan = make_store_plan(model)
     assert store.pending(plan.units) == list(plan.units)  # nothing stored yet
-    store.save_unit(record_for(unit_of(plan, "conv2", 0)), [b"x"])
-    store.save_unit(record_for(unit_of(plan, "conv2", 1), key="another key"), [b"x"])
+    store.save_unit(record_for(unit_of(plan, "conv2", 0)), [W(b"x")])
+    store.save_unit(record_for(unit_of(plan, "conv2", 1), key="another key"), [W(b"x")])
     store.save_unit(record_for(unit_of(plan, "conv2", 2), "failed"), [])
-    store.save_unit(record_for(unit_of(plan, "logits", 1)), [b"x"])
+    store.save_unit(record_for(unit_of(plan, "logits", 1)), [W(b"x")])
     assert [u.id for u in store.pending(plan.units)] == [
         "conv2:1",  # stored with another key
         "conv2:2",  # failed: retried
@@ -374,7 +384,7 @@ def test_pending(model, store):
 def test_pending_follows_a_recipe_change(model, store):
     plan = make_store_plan(model, steps=3)
     for unit in plan.units:
-        store.save_unit(record_for(unit), [b"x"])
+        store.save_unit(record_for(unit), [W(b"x")])
     assert store.pending(plan.units) == []
     changed = make_store_plan(model, steps=4)
     assert store.pending(changed.units) == list(changed.units)
@@ -417,7 +427,7 @@ def test_classify_order_and_fields(store, mixed):
 
 
 def test_status_without_a_plan(store):
-    store.save_unit(raw_record("conv2", 0), [b"x"])
+    store.save_unit(raw_record("conv2", 0), [W(b"x")])
     assert store.status() == {"conv2": {"stale": 1}}
     assert Store(store.out / "nothing").status() == {}
 
@@ -471,7 +481,7 @@ def test_prune_removes_exactly_the_unplanned_units(store, mixed):
 
 
 def test_prune_without_a_plan_removes_everything(store):
-    store.save_unit(raw_record("conv2", 0), [b"x"])
+    store.save_unit(raw_record("conv2", 0), [W(b"x")])
     assert store.prune() == 1
     assert files_under(store.out / "units") == []
 
@@ -515,7 +525,7 @@ def test_unsafe_layer_names_stay_inside_units_and_never_collide(store):
 
 def test_unsafe_layer_names_round_trip_through_the_store(store, tmp_path):
     for index, name in enumerate(UNSAFE):
-        store.save_unit(raw_record(name, index), [b"image"])
+        store.save_unit(raw_record(name, index), [W(b"image")])
     assert sorted(tmp_path.iterdir()) == [store.out]  # nothing escaped OUT
     assert {(r["layer"], r["index"]) for r in store.records()} == {
         (name, index) for index, name in enumerate(UNSAFE)
