@@ -28,7 +28,8 @@ from PIL import Image
 from atlas import models
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_json, writable_folder
-from atlas.layers import LOGITS, resolve
+from atlas.layers import resolve
+from atlas.names import LOGITS
 from atlas.optim.objectives import channel, logit
 from atlas.optim.render import resolve_device
 from atlas.quality import activation_grid, clean_activations
