@@ -15,3 +15,10 @@ def did_you_mean(name: str, choices: Iterable[str], limit: int = 5) -> str:
     if not close:
         close = [c for c in choices if name.lower() in c.lower()][:limit]
     return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def describe(error: BaseException) -> str:
+    """`KeyError: 'fc'`: an exception's type and the first line of its message, for messages
+    that name a failure in user code or a library without its traceback."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

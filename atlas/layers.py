@@ -227,12 +227,20 @@ def discover(model) -> list[LayerInfo]:
         for handle in handles:
             handle.remove()
     usable = [name for name in clamps.clamps if calls[name] == 1]
-    ambiguous = [name for name, (_, raw, _) in seen.items() if is_ambiguous(raw, model.input_size)]
+    ambiguous = [
+        name
+        for name, (_, raw, _) in seen.items()
+        if calls[name] == 1 and is_ambiguous(raw, model.input_size)
+    ]
     taller = _taller_outputs(model, ambiguous) if ambiguous else {}
     layers = []
     for name, (type_name, raw, producer) in seen.items():
-        layout = layout_of(raw, producer, model.input_size, taller.get(name))
-        if calls[name] != 1 or layout is None:
+        layout = (
+            None
+            if calls[name] != 1
+            else layout_of(raw, producer, model.input_size, taller.get(name))
+        )
+        if layout is None:
             continue
         shape = layout.shape(raw)
         clamp = clamps.ending_clamp(name, usable)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, describe
 from atlas.layers import module_device
 
 MIN_LAYERS = 8  # refine the path while it shows fewer layers than this (stages -> blocks)
@@ -102,10 +102,8 @@ class _Trace:
             with torch.enable_grad():
                 self.output = module(model.normalize.to(device)(image))
         except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise AtlasError(
-                f"{model.spec} failed with gradients on (finding its main path): "
-                f"{type(error).__name__}: {first}"
+                f"{model.spec} failed with gradients on (finding its main path): {describe(error)}"
             ) from error
         finally:
             for handle in handles:

@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
-from atlas.errors import AtlasError, did_you_mean
+from atlas.errors import AtlasError, describe, did_you_mean
 from atlas.layers import module_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -225,9 +225,6 @@ def _load_lite(name: str, weights: str | None) -> LoadedModel:
     )
 
 
-# --- torchvision ----------------------------------------------------------------------------
-
-
 # --- factories and TorchScript ---------------------------------------------------------------
 
 
@@ -275,18 +272,9 @@ def plain_normalization(channels: int) -> InputNormalization:
     return InputNormalization.mean_std((mean,) * channels, (std,) * channels)
 
 
-def _call_user_code(spec: str, what: str, function: Callable):
-    """Run user code (an import, a factory); any exception it raises is one line naming it."""
-    try:
-        return function()
-    except AtlasError:
-        raise
-    except Exception as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise AtlasError(
-            f"{spec} {what} {type(error).__name__}{': ' + detail if detail else ''} "
-            "(ATLAS_DEBUG=1 shows the traceback)"
-        ) from error
+def _user_code_failed(spec: str, what: str, error: Exception) -> AtlasError:
+    """User code (an import, a factory) raised: one line naming it and the exception."""
+    return AtlasError(f"{spec} {what} {describe(error)} (ATLAS_DEBUG=1 shows the traceback)")
 
 
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
@@ -297,25 +285,30 @@ def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: factories next to atlas.toml
     try:
-        imported = _call_user_code(
-            spec, "raised on import:", lambda: importlib.import_module(module_name)
-        )
-    except AtlasError as error:
-        if isinstance(error.__cause__, ModuleNotFoundError):
-            raise AtlasError(f"cannot import {spec}: {error.__cause__}") from error.__cause__
-        raise
+        imported = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise AtlasError(f"cannot import {spec}: {error}") from error
+    except Exception as error:
+        raise _user_code_failed(spec, "raised on import:", error) from error
     if not callable(factory := getattr(imported, attribute, None)):
         raise AtlasError(f"cannot import {spec}: {module_name} has no callable {attribute!r}")
-    with seeded_init():  # a factory that initializes randomly builds the same weights anywhere
-        built = _call_user_code(spec, "raised", factory)
+    try:
+        with seeded_init():  # a factory that initializes randomly builds the same weights
+            built = factory()
+    except AtlasError:
+        raise
+    except Exception as error:
+        raise _user_code_failed(spec, "raised", error) from error
     if not isinstance(built, LoadedModel | nn.Module):
         raise AtlasError(f"{spec} returned {type(built).__name__}, not a torch module")
     module = built.module if isinstance(built, LoadedModel) else built
-    if weights and weights != "random":  # first: lazy modules take their sizes from the file
-        apply_weights(module, weights, spec)
+    weights_file = weights if weights and weights != "random" else None
+    if weights_file:  # first: lazy modules take their sizes from the file
+        apply_weights(module, weights_file, spec)
     if isinstance(built, LoadedModel):
         loaded = built
-        loaded.digest = state_digest(module) if weights and weights != "random" else loaded.digest
+        if weights_file:
+            loaded.digest = state_digest(module)
     else:
         channels, size = fitting_input(built.eval())
         loaded = LoadedModel(
@@ -336,10 +329,9 @@ def _load_torchscript(path: Path) -> LoadedModel:
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0].split('. ')[0]}"
         raise AtlasError(
-            f"{path} is not a TorchScript file ({reason}); for a state dict, name the "
-            "architecture as the model and pass this file with --weights"
+            f"{path} is not a TorchScript file ({describe(error).split('. ')[0]}); for a "
+            "state dict, name the architecture as the model and pass this file with --weights"
         ) from error
     return LoadedModel(
         spec=str(path),
