@@ -195,16 +195,13 @@ def default_layers(model) -> list[str]:
         picked = _pick(path, trace, layers)
         if len(picked) >= MIN_LAYERS:
             return picked
-        refined, changed = [], False
+        refined = []
         for name in path:
             steps = trace.steps(name)
             plain = all(not trace.steps(step) for step in steps)
             chain = name == "" or trace.is_chain(name)  # the model's top level is its path
-            if chain and steps and not (plain and len(_pick(steps, trace, layers)) <= 1):
-                refined += steps
-                changed = True
-            else:
-                refined.append(name)
-        if not changed:
+            opens = chain and steps and not (plain and len(_pick(steps, trace, layers)) <= 1)
+            refined += steps if opens else [name]
+        if refined == path:
             return picked
         path = refined
