@@ -218,8 +218,8 @@ def visualize_command(
     from atlas import config, quick
     from atlas import models as model_registry
     from atlas.files import writable_folder
+    from atlas.optim.loop import check_targets
     from atlas.optim.recipes import DEFAULT_DIVERSITY
-    from atlas.optim.render import check_targets
     from atlas.targets import parse_target
 
     if not grow and (grow_step is not None or batch is not None):

@@ -30,8 +30,8 @@ from atlas.errors import AtlasError
 from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import resolve
 from atlas.names import LOGITS
+from atlas.optim.device import resolve_device
 from atlas.optim.objectives import channel, logit
-from atlas.optim.render import resolve_device
 from atlas.quality import activation_grid, clean_activations
 from atlas.site import (
     copy_static,

@@ -49,10 +49,10 @@ def _cpu_count() -> int:
 
 
 def worker_device() -> str:
-    """'cuda' when this process sees a GPU (run on workers, never in a Dask client)."""
-    import torch
+    """'cuda' or 'cpu': the device kind of the process this runs in (run on workers)."""
+    from atlas.optim.device import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device().type
 
 
 def load_model_here(spec: str, weights: str | None, digest: str):

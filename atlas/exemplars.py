@@ -26,10 +26,10 @@ from PIL import Image, UnidentifiedImageError
 
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, encode_image
-from atlas.fold import running_module
 from atlas.layers import capture, deepest, module_device, resolve, run_forward
 from atlas.names import LOGITS
-from atlas.optim.render import resolve_device
+from atlas.optim.device import resolve_device
+from atlas.optim.fold import running_module
 from atlas.progress import Progress
 from atlas.store import Store
 

@@ -23,14 +23,14 @@ from atlas.files import (
     safe_name,
 )
 from atlas.layers import resolve
-from atlas.optim.objectives import Objective, Target, as_objective, region
-from atlas.optim.recipes import Recipe
-from atlas.optim.render import (
+from atlas.optim.loop import (
     UnitResult,
     check_targets,
     image_seed,
     visualize,
 )
+from atlas.optim.objectives import Objective, Target, as_objective, region
+from atlas.optim.recipes import Recipe
 from atlas.quick import run_facts
 
 

@@ -25,8 +25,8 @@ import torch
 
 from atlas.layers import capture, module_device, run_forward
 from atlas.names import LOGITS
+from atlas.optim.loop import check_targets, needed_layers
 from atlas.optim.objectives import BatchObjective, Objective, Target, as_objective
-from atlas.optim.render import check_targets, needed_layers
 from atlas.optim.transforms import resize
 
 Image = np.ndarray | torch.Tensor

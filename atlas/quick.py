@@ -17,7 +17,8 @@ from atlas.files import (
     safe_name,
 )
 from atlas.optim import Recipe, Target, visualize
-from atlas.optim.render import UnitResult, resolve_device
+from atlas.optim.device import resolve_device
+from atlas.optim.loop import UnitResult
 
 
 def result_record(result: UnitResult, image_names: list[str], model) -> dict:

@@ -14,15 +14,9 @@ import torch
 
 from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
-from atlas.optim.render import resolve_device
+from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
 from atlas.store import downsample
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{torch.get_num_threads()} threads"
 
 
 def unit_record(unit, task: Task) -> dict:

@@ -17,7 +17,7 @@ shown to the model at 224 px):
   layer, the full forward pass, no transforms, no batching.
 
 Then, as an ablation, atlas at batch 1 and in one batch with its BatchNorm folding switched off
-(atlas.fold; the engine before it).
+(atlas.optim.fold; the engine before it).
 
 The methods run in --rounds interleaved rounds, each run warmed up with two steps before it is
 timed; the table gives the fastest round's wall time, the median step time and, per round, the
@@ -203,7 +203,7 @@ def run_naive(model, layer, units, steps, clock, lr=0.05):
     return images
 
 
-# --- ablation: what atlas's BatchNorm folding (atlas.fold) buys ------------------------------
+# --- ablation: what atlas's BatchNorm folding (atlas.optim.fold) buys ---------------------------
 
 
 def unfolded(run):

@@ -14,8 +14,8 @@ from atlas.cli import AtlasGroup, cli
 from atlas.errors import AtlasError
 from atlas.grow import frame_counts, prefix_objective
 from atlas.optim import channel, get, visualize
+from atlas.optim.loop import image_seed
 from atlas.optim.objectives import BatchObjective, as_objective
-from atlas.optim.render import image_seed
 
 MODEL = "tinymodels:tiny_small"  # 12 px input: conv3's map is 3x3
 QUICK = ["--steps", "2", "--size", "12", "--format", "png"]

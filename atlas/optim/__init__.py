@@ -18,7 +18,7 @@ _HOMES = {
         "whole_layer",
     ],
     "recipes": ["PRESETS", "Octave", "Recipe", "get"],
-    "render": ["UnitResult", "visualize"],
+    "loop": ["UnitResult", "visualize"],
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_WHERE)

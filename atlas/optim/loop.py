@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from atlas.errors import AtlasError
-from atlas.fold import running_module
 from atlas.layers import capture, deepest, resolve, run_forward
 from atlas.names import LOGITS
 from atlas.optim import transforms
+from atlas.optim.device import resolve_device
+from atlas.optim.fold import running_module
 from atlas.optim.objectives import BatchObjective, Objective, Target, as_objective
 from atlas.optim.objectives import diversity as diversity_term
 from atlas.optim.param import ImageParam, colour_matrix
@@ -124,13 +125,6 @@ def _penalties(images: torch.Tensor, recipe: Recipe) -> torch.Tensor:
         dx = (images[..., :, 1:] - images[..., :, :-1]).abs().flatten(1).mean(1)
         penalty = penalty + recipe.tv * (dx + dy)
     return penalty
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The device asked for, or CUDA when there is one, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _as_uint8(images: torch.Tensor) -> torch.Tensor:
