@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from atlas.optim import visualize
 from atlas.plan import Plan
+from atlas.record import UnitRecord
 
 CALIBRATION_STEPS = 6  # the first is a warm-up; the median of the other step times is used
 CALIBRATION_BATCH = 4
@@ -21,10 +22,8 @@ class LayerEstimate:
     source: str  # "earlier runs", "calibration", or "unknown"
 
 
-def _from_records(records: list[dict], steps: int) -> float | None:
-    rates = [
-        r["seconds"] / r["steps"] for r in records if r.get("status") == "done" and r.get("steps")
-    ]
+def _from_records(records: list[UnitRecord], steps: int) -> float | None:
+    rates = [r.seconds / r.steps for r in records if r.status == "done" and r.steps and r.seconds]
     return steps * sorted(rates)[len(rates) // 2] if rates else None
 
 
@@ -42,12 +41,12 @@ def _calibrate(model, plan: Plan, layer: str, device: str) -> float:
     return per_step * steps / len(units)
 
 
-def estimate(plan: Plan, model, records: list[dict], *, calibrate: bool, device: str = "cpu"):
+def estimate(plan: Plan, model, records: list[UnitRecord], *, calibrate: bool, device: str = "cpu"):
     """One LayerEstimate per planned layer."""
     steps = plan.config.recipe.steps
     estimates = []
     for layer in plan.units_per_layer():
-        earlier = _from_records([r for r in records if r.get("layer") == layer], steps)
+        earlier = _from_records([r for r in records if r.layer == layer], steps)
         if earlier is not None:
             estimates.append(LayerEstimate(layer, earlier, "earlier runs"))
         elif calibrate:

@@ -15,10 +15,12 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 
+from atlas import models
 from atlas.config import AtlasConfig, parse_indices
 from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import LayerInfo, select
 from atlas.mainpath import default_layers
+from atlas.models import LoadedModel
 from atlas.names import LOGITS
 from atlas.optim.objectives import Target, channel, logit
 from atlas.optim.recipes import Recipe
@@ -44,6 +46,11 @@ class Unit:
 
     def target(self) -> Target:
         return logit(self.index) if self.layer == LOGITS else channel(self.layer, self.index)
+
+    def as_json(self) -> dict:
+        """The unit as plan.json lists it; the store reads it as a missing UnitRecord."""
+        return {"id": self.id, "layer": self.layer, "kind": self.kind, "index": self.index,
+                "label": self.label, "key": self.key}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,12 @@ def make_plan(config: AtlasConfig, model) -> Plan:
     if not units:
         raise AtlasError("the plan is empty: choose some layers, channels or classes")
     return Plan(config, model.spec, model.digest, tuple(chosen), tuple(units))
+
+
+def load_and_plan(config: AtlasConfig) -> tuple[LoadedModel, Plan]:
+    """The configured model, loaded in this process, and the plan made with it."""
+    model = models.load(config.model, config.weights)
+    return model, make_plan(config, model)
 
 
 def default_batch(layer: LayerInfo, device: str) -> int:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from atlas.estimate import estimate
 from atlas.execute import visible_gpus
-from atlas.plan import make_tasks
+from atlas.plan import load_and_plan, make_tasks
 from atlas.progress import format_duration
-from atlas.runner import load_and_plan
 from atlas.store import Store
 
 

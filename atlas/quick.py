@@ -19,28 +19,36 @@ from atlas.files import (
 from atlas.optim import Recipe, Target, visualize
 from atlas.optim.device import resolve_device
 from atlas.optim.loop import UnitResult
+from atlas.record import UnitRecord, downsample
 
 
-def result_record(result: UnitResult, image_names: list[str], model) -> dict:
-    """The numbers of one unit, as written next to its image."""
-    target = result.target
-    label = None
-    if target is not None and target.kind == "logit" and model.labels:
-        label = model.labels[target.index]
-    return {
-        "id": result.id,
-        "layer": target.layer if target else None,
-        "kind": target.kind if target else "objective",
-        "index": target.index if target else None,
-        "label": label,
-        "images": image_names,
-        "objective_start": result.objective_start,
-        "objective_final": result.objective_final,
-        "objective_best": result.objective_best,
-        "best_step": result.best_step,
-        "history": result.history,
-        "seed": result.seed,
-    }
+def unit_record(
+    results: list[UnitResult], images: list[str], animation: str | None, model, **facts
+) -> UnitRecord:
+    """The record of one unit's K images, as written to results.json: the numbers are those
+    of the first image, and the animation is the first image's, as `atlas run` stores them."""
+    main = results[0]
+    target = main.target
+    label = model.labels[target.index] if target.kind == "logit" and model.labels else None
+    return UnitRecord(
+        layer=target.layer,
+        index=target.index,
+        kind=target.kind,
+        id=main.id,
+        label=label,
+        samples=len(results),
+        image_seeds=tuple(r.seed for r in results),
+        images=tuple(images),
+        timelapse=animation,
+        steps=len(main.history),
+        objective_start=main.objective_start,
+        objective_final=main.objective_final,
+        objective_best=main.objective_best,
+        best_step=main.best_step,
+        activation=main.activation,
+        history=tuple(map(tuple, downsample(main.history))),
+        **facts,
+    )
 
 
 def run(
@@ -57,7 +65,8 @@ def run(
     timelapse: int = 0,
 ) -> dict:
     """Visualize `targets` (each `samples` times) in one batch; write images and results.json,
-    and with `timelapse` N an animated WebP per image of a frame every N steps."""
+    and with `timelapse` N an animated WebP of the first image of each unit, a frame every N
+    steps."""
     batch = [target for target in targets for _ in range(samples)]
     started = time.time()
     results = visualize(
@@ -67,24 +76,18 @@ def run(
     records = []
     for first in range(0, len(results), samples):
         group = results[first : first + samples]
-        names_per_sample, animations = [], []
+        names, animation = [], None
         for k, result in enumerate(group):
             stem = safe_name(result.id) + (f".{k}" if samples > 1 else "")
             for fmt in formats:
                 atomic_write_bytes(out / f"{stem}.{fmt}", encode_image(result.image, fmt))
-            names_per_sample.append([f"{stem}.{fmt}" for fmt in formats])
-            if result.frames:
-                animations.append(f"{stem}.timelapse.webp")
-                atomic_write_bytes(out / animations[-1], encode_animation(result.frames))
-        record = result_record(group[0], sum(names_per_sample, []), model)
-        if animations:
-            record["timelapse"] = animations
-        if samples > 1:
-            record["samples"] = [
-                result_record(r, names, model)
-                for r, names in zip(group, names_per_sample, strict=True)
-            ]
-        records.append(record)
+                names.append(f"{stem}.{fmt}")
+            if k == 0 and result.frames:
+                animation = f"{stem}.timelapse.webp"
+                atomic_write_bytes(out / animation, encode_animation(result.frames))
+        every = timelapse if animation else None
+        record = unit_record(group, names, animation, model, seed=seed, frames_every=every)
+        records.append(record.as_json())
     summary = {**run_facts(model, recipe, seconds, device), "units": records}
     atomic_write_json(out / "results.json", summary)
     return summary

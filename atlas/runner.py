@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 import torch
 
 import atlas
-from atlas import models
 from atlas.config import AtlasConfig
 from atlas.execute import executor
 from atlas.exemplars import ExemplarPass, ExemplarSummary
 from atlas.files import writable_folder
-from atlas.plan import ENGINE_VERSION, Plan, Task, make_plan, make_tasks
+from atlas.plan import ENGINE_VERSION, Plan, load_and_plan, make_tasks
 from atlas.progress import Progress
 from atlas.site import render
 from atlas.store import Store, layer_dirname
@@ -63,27 +62,8 @@ def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
         "started": started,
         "finished": finished,
         "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
-        "units": [
-            {
-                "id": u.id,
-                "layer": u.layer,
-                "kind": u.kind,
-                "index": u.index,
-                "label": u.label,
-                "key": u.key,
-            }
-            for u in plan.units
-        ],
+        "units": [unit.as_json() for unit in plan.units],
     }
-
-
-def failed_record(unit, task: Task, error: str) -> dict:
-    return {**unit_record(unit, task), "status": "failed", "error": error}
-
-
-def load_and_plan(config: AtlasConfig) -> tuple[object, Plan]:
-    model = models.load(config.model, config.weights)
-    return model, make_plan(config, model)
 
 
 def run_atlas(
@@ -149,15 +129,16 @@ def _store_outcome(store: Store, outcome, summary: RunSummary) -> None:
     units as failed) and count them."""
     if outcome.error is not None:
         for unit in outcome.task.units:
-            store.save_unit(failed_record(unit, outcome.task, outcome.error), [])
+            failed = unit_record(unit, outcome.task, status="failed", error=outcome.error)
+            store.save_unit(failed, [])
         summary.failed += len(outcome.task.units)
         summary.failures.append(f"{outcome.task.layer}: {outcome.error}")
         return
     for unit_outcome in outcome.result["units"]:
         record = unit_outcome["record"]
-        store.save_unit(record, unit_outcome.get("images", []), unit_outcome.get("files"))
-        if record["status"] == "done":
+        store.save_unit(record, unit_outcome.get("images", []), unit_outcome.get("timelapse"))
+        if record.status == "done":
             summary.done += 1
         else:
             summary.failed += 1
-            summary.failures.append(f"{record['id']}: {record['error']}")
+            summary.failures.append(f"{record.id}: {record.error}")

@@ -22,6 +22,7 @@ planned); `atlas run` rewrites it before reading it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,8 +30,6 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.files import (
@@ -40,9 +39,7 @@ from atlas.files import (
     remove_temporaries,
     safe_name,
 )
-
-HISTORY_POINTS = 128
-STATUSES = ("done", "failed", "missing", "stale")
+from atlas.record import STATUSES, UnitRecord
 
 
 def layer_dirname(layer: str) -> str:
@@ -52,21 +49,9 @@ def layer_dirname(layer: str) -> str:
     return safe if safe == layer else f"{safe}-{hashlib.sha256(layer.encode()).hexdigest()[:8]}"
 
 
-def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[float]]:
-    """[[step, value], ...] at most `points` long, always keeping the first and last step."""
-    if not history:
-        return []
-    steps = np.unique(np.linspace(0, len(history) - 1, min(points, len(history))).round())
-    return [[int(step), round(float(history[int(step)]), 5)] for step in steps]
-
-
 def _is_unit_record(value: object) -> bool:
-    """Unit JSONs are dicts with a layer and an index; anything else in units/ is foreign."""
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("layer"), str)
-        and isinstance(value.get("index"), int)
-    )
+    """Exemplar JSONs, like unit JSONs, are dicts with a layer and an index."""
+    return UnitRecord.from_json(value) is not None
 
 
 def warn(message: str) -> None:
@@ -124,14 +109,12 @@ class Store:
             self.report(path, "is corrupt (not valid JSON)", consequence)
         return None
 
-    def _images_usable(self, record: dict) -> bool:
+    def _images_usable(self, record: UnitRecord) -> bool:
         """Whether every image a unit record lists (samples and animation) is intact; one
         damaged file makes the whole unit count as not stored, so the next run redoes it."""
-        names = [*record.get("images", []), record.get("timelapse")]
-        unit = f"{record['layer']}:{record['index']}"
-        for name in names:
-            if isinstance(name, str) and (problem := webp_problem(self.out / name)):
-                self.report(self.out / name, problem, f"the next atlas run redoes {unit}")
+        for name in record.files:
+            if problem := webp_problem(self.out / name):
+                self.report(self.out / name, problem, f"the next atlas run redoes {record.id}")
                 return False
         return True
 
@@ -154,20 +137,21 @@ class Store:
     def unit_path(self, layer: str, index: int, suffix: str) -> Path:
         return self.units_dir / layer_dirname(layer) / f"{index}{suffix}"
 
-    def records(self, verify: bool = True) -> list[dict]:
+    def records(self, verify: bool = True) -> list[UnitRecord]:
         """Every stored unit record. Damaged JSONs, and (with `verify`) records whose images
         are damaged, are named in a warning and left out: to the rest of atlas the unit is
         not stored, so it shows as missing and the next run redoes it. Valid JSONs that are
         no unit record (a user's note) are skipped silently."""
         records = []
         for path in sorted(self.units_dir.glob("*/*.json")):
-            record = self._read_json(path, "the next atlas run redoes this unit")
-            if _is_unit_record(record) and (not verify or self._images_usable(record)):
+            data = self._read_json(path, "the next atlas run redoes this unit")
+            record = UnitRecord.from_json(data)
+            if record is not None and (not verify or self._images_usable(record)):
                 records.append(record)
         return records
 
-    def index(self) -> dict[tuple[str, int], dict]:
-        return {(r["layer"], r["index"]): r for r in self.records()}
+    def index(self) -> dict[tuple[str, int], UnitRecord]:
+        return {(r.layer, r.index): r for r in self.records()}
 
     def pending(self, units, force: bool = False) -> list:
         """The planned units that have no stored result with their key (all, with force).
@@ -179,32 +163,28 @@ class Store:
             unit
             for unit in units
             if (record := stored.get((unit.layer, unit.index))) is None
-            or record.get("key") != unit.key
-            or record.get("status") != "done"
+            or record.key != unit.key
+            or record.status != "done"
         ]
 
     def save_unit(
-        self, record: dict, images: list[bytes], files: dict[str, bytes] | None = None
+        self, record: UnitRecord, images: list[bytes], timelapse: bytes | None = None
     ) -> None:
-        """Images and named WebP files (`{"timelapse": ...}` -> <index>.timelapse.webp, its
-        path under the record's key of that name) first, the JSON last (atomic each), then
-        files of older runs are removed."""
-        layer, index = record["layer"], record["index"]
+        """The images and the animation first, the JSON last (atomic each), then files of
+        older runs are removed. The record's file names are set here."""
+        layer, index = record.layer, record.index
         suffixes = [".webp"] if len(images) == 1 else [f".{k}.webp" for k in range(len(images))]
-        record = dict(record)
 
         def write(suffix: str, data: bytes) -> str:
             path = self.unit_path(layer, index, suffix)
             atomic_write_bytes(path, data)
             return path.relative_to(self.out).as_posix()
 
-        names = [write(suffix, data) for suffix, data in zip(suffixes, images, strict=True)]
-        for name, data in (files or {}).items():
-            record[name] = write(f".{name}.webp", data)
-        atomic_write_json(self.unit_path(layer, index, ".json"), {**record, "images": names})
-        keep = {Path(name).name for name in names} | {
-            Path(record[name]).name for name in files or {}
-        }
+        names = tuple(write(suffix, data) for suffix, data in zip(suffixes, images, strict=True))
+        animation = write(".timelapse.webp", timelapse) if timelapse is not None else None
+        record = dataclasses.replace(record, images=names, timelapse=animation, exemplars=())
+        atomic_write_json(self.unit_path(layer, index, ".json"), record.as_json())
+        keep = {Path(name).name for name in record.files}
         for old in self._images_of(layer, index):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
@@ -296,7 +276,7 @@ class Store:
     def write_plan(self, plan_record: dict) -> None:
         atomic_write_json(self.out / "plan.json", plan_record)
 
-    def classify(self) -> tuple[list[dict], dict | None]:
+    def classify(self) -> tuple[list[UnitRecord], dict | None]:
         """Every unit the site should show, with its status: stored records (done, failed,
         stale) and planned units without a current result (missing)."""
         plan = self.read_plan()
@@ -304,21 +284,22 @@ class Store:
         stored = self.index()
         digest = ((plan or {}).get("model") or {}).get("digest")
         found = self.exemplars(verify=False).items()
-        exemplars = {k: e for k, e in found if e.get("digest") == digest}
+        exemplars = {k: e["items"] for k, e in found if e.get("digest") == digest}
         units = []
         for key, record in stored.items():
             wanted = planned.get(key)
-            current = wanted is not None and wanted["key"] == record.get("key")
-            status = record.get("status", "done") if current else "stale"
-            units.append({**record, "status": status})
+            current = wanted is not None and wanted["key"] == record.key
+            units.append(record.with_status(record.status if current else "stale"))
         for key, unit in planned.items():
             if key not in stored:  # a planned unit with an outdated result shows as stale
-                units.append({**unit, "status": "missing", "images": []})
-        for unit in units:  # exemplars of the current weights, whatever the unit's status
-            if (found := exemplars.get((unit["layer"], unit["index"]))) is not None:
-                unit["exemplars"] = found["items"]
+                units.append(UnitRecord.from_json(unit).with_status("missing"))
+        # exemplars of the current weights, whatever the unit's status
+        units = [
+            unit.with_status(unit.status, exemplars.get((unit.layer, unit.index), ()))
+            for unit in units
+        ]
         order = {layer["name"]: i for i, layer in enumerate((plan or {}).get("layers", []))}
-        units.sort(key=lambda u: (order.get(u["layer"], len(order)), u["layer"], u["index"]))
+        units.sort(key=lambda u: (order.get(u.layer, len(order)), u.layer, u.index))
         return units, plan
 
     def status(self) -> dict[str, Counter]:
@@ -326,7 +307,7 @@ class Store:
         units, _ = self.classify()
         table: dict[str, Counter] = {}
         for unit in units:
-            table.setdefault(unit["layer"], Counter())[unit["status"]] += 1
+            table.setdefault(unit.layer, Counter())[unit.status] += 1
         return table
 
     def prune(self) -> int:
@@ -334,7 +315,7 @@ class Store:
         plan = self.read_plan() or {"units": []}
         planned = {(u["layer"], u["index"]) for u in plan["units"]}
         removed = 0
-        stored = {(r["layer"], r["index"]) for r in self.records(verify=False)}
+        stored = {(r.layer, r.index) for r in self.records(verify=False)}
         for key in stored:
             if key not in planned:
                 self.remove_unit(*key)
@@ -345,12 +326,12 @@ class Store:
         """Rebuild manifest.json from plan.json and the unit JSONs."""
         units, plan = self.classify()
         plan = plan or {}
-        counts = Counter(unit["status"] for unit in units)
+        counts = Counter(unit.status for unit in units)
         manifest = {
             **{k: v for k, v in plan.items() if k != "units"},
             "counts": {status: counts.get(status, 0) for status in STATUSES},
             "exemplars": self.exemplar_summary(),
-            "units": units,
+            "units": [unit.as_json() for unit in units],
         }
         atomic_write_json(self.out / "manifest.json", manifest)
         return manifest

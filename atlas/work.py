@@ -1,4 +1,4 @@
-"""One task on one device: the engine runs, images are encoded, results become small dicts.
+"""One task on one device: the engine runs, images are encoded, results become UnitRecords.
 
 This is the code a worker runs; it knows the engine but not Dask, and returns plain data
 (numbers and WebP bytes), never tensors, so results travel cheaply to the client that stores
@@ -16,23 +16,23 @@ from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
 from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
-from atlas.store import downsample
+from atlas.record import UnitRecord, downsample
 
 
-def unit_record(unit, task: Task) -> dict:
-    """The fields every stored unit has, done or failed."""
-    return {
-        "id": unit.id,
-        "layer": unit.layer,
-        "kind": unit.kind,
-        "index": unit.index,
-        "label": unit.label,
-        "key": unit.key,
-        "seed": task.seed,
-        "samples": task.samples,
-        "recipe": task.recipe.name,
-        "recipe_hash": task.recipe.hash,
-    }
+def unit_record(unit, task: Task, **facts) -> UnitRecord:
+    """The record of one of the task's units, done or failed, with `facts` of its outcome."""
+    return UnitRecord(
+        layer=unit.layer,
+        index=unit.index,
+        kind=unit.kind,
+        label=unit.label,
+        key=unit.key,
+        seed=task.seed,
+        samples=task.samples,
+        recipe=task.recipe.name,
+        recipe_hash=task.recipe.hash,
+        **facts,
+    )
 
 
 def visualize_splitting(model, targets: list, task: Task, device: torch.device) -> list:
@@ -70,31 +70,30 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
     for position, unit in enumerate(task.units):
         samples = results[position * task.samples : (position + 1) * task.samples]
         main = samples[0]
-        record = {
-            **unit_record(unit, task),
+        facts = {
             "seconds": round(per_unit, 6),
             "steps": len(main.history),
             "device": describe_device(device),
-            "image_seeds": [r.seed for r in samples],
+            "image_seeds": tuple(r.seed for r in samples),
         }
-        values = [main.objective_start, main.objective_final, main.objective_best]
         if not all(math.isfinite(v) for r in samples for v in r.history):
-            outcomes.append(
-                {"record": {**record, "status": "failed", "error": "objective became NaN"}}
-            )
+            failed = unit_record(unit, task, status="failed", error="objective became NaN", **facts)
+            outcomes.append({"record": failed})
             continue
-        record.update(
-            status="done",
-            objective_start=values[0],
-            objective_final=values[1],
-            objective_best=values[2],
+        record = unit_record(
+            unit,
+            task,
+            objective_start=main.objective_start,
+            objective_final=main.objective_final,
+            objective_best=main.objective_best,
             best_step=main.best_step,
             activation=main.activation,
-            history=downsample(main.history),
+            history=tuple(map(tuple, downsample(main.history))),
+            frames_every=task.timelapse if main.frames else None,
+            **facts,
         )
         outcome = {"record": record, "images": [encode_image(r.image) for r in samples]}
         if main.frames:
-            outcome["files"] = {"timelapse": encode_animation(main.frames)}
-            record["frames_every"] = task.timelapse
+            outcome["timelapse"] = encode_animation(main.frames)
         outcomes.append(outcome)
     return {"units": outcomes, "seconds": seconds}

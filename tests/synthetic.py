@@ -3,15 +3,18 @@ real Store, for tests of the site and for the render benchmark."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from atlas.record import UnitRecord
 from atlas.store import Store, layer_dirname
 
 STATUS_CYCLE = ("done",) * 7 + ("failed",)
+PLANNED_FIELDS = ("id", "layer", "kind", "index", "label", "key")  # a unit in plan.json
 
 
 def webp(seed: int, size: int = 64) -> bytes:
@@ -44,41 +47,39 @@ def make_atlas(
         for index in range(count):
             label = (labels or {}).get(index) if layer == "logits" else None
             key = f"key-{layer}-{index}"
-            unit = {
-                "id": f"{layer}:{index}",
-                "layer": layer,
-                "index": index,
-                "key": key,
-                "kind": "logit" if layer == "logits" else "channel",
-                "label": label,
-            }
-            planned.append(unit)
+            unit = UnitRecord(
+                layer,
+                index,
+                "logit" if layer == "logits" else "channel",
+                label=label,
+                key=key,
+                status="missing",
+            )
+            planned.append({name: getattr(unit, name) for name in PLANNED_FIELDS})
             if index in missing.get(layer, []):
                 continue
             status = STATUS_CYCLE[index % len(STATUS_CYCLE)]
-            record = {
-                **unit,
-                "status": status,
-                "seed": 0,
-                "samples": samples,
-                "recipe": "fourier",
-                "recipe_hash": "abc",
-                "seconds": 0.5,
-                "steps": 8,
-                "device": "cpu:2 threads",
-            }
-            if index in stale.get(layer, []):
-                record["key"] = "an-old-key"
+            record = dataclasses.replace(
+                unit,
+                status=status,
+                samples=samples,
+                recipe="fourier",
+                recipe_hash="abc",
+                seconds=0.5,
+                steps=8,
+                device="cpu:2 threads",
+                key="an-old-key" if index in stale.get(layer, []) else key,
+            )
             if status == "failed":
-                record["error"] = "objective became NaN"
-                store.save_unit(record, [])
+                store.save_unit(dataclasses.replace(record, error="objective became NaN"), [])
                 continue
-            record.update(
+            record = dataclasses.replace(
+                record,
                 objective_start=0.1,
                 objective_final=2.0,
                 objective_best=2.5,
                 best_step=6,
-                history=[[s, s * 0.3] for s in range(8)],
+                history=tuple((s, s * 0.3) for s in range(8)),
             )
             seed += 1
             data = [

@@ -326,13 +326,13 @@ def test_visualize_writes_images_and_results(atlas, lite0, tmp_path):
     assert [unit["label"] for unit in units] == [None, "hen"]
     assert [unit["images"] for unit in units] == [["blocks.8_3.webp"], ["logits_8.webp"]]
     for unit in units:
-        history = unit["history"]
-        assert len(history) == 2
+        steps, history = zip(*unit["history"], strict=True)  # [step, value], 5 decimals
+        assert steps == (0, 1) and unit["steps"] == 2
         assert all(np.isfinite(history))
-        assert unit["objective_start"] == history[0]
-        assert unit["objective_final"] == history[-1]
+        assert unit["objective_start"] == pytest.approx(history[0], abs=1e-5)
+        assert unit["objective_final"] == pytest.approx(history[-1], abs=1e-5)
         assert unit["best_step"] in (0, 1)
-        assert unit["objective_best"] == max(history)
+        assert unit["objective_best"] == pytest.approx(max(history), abs=1e-5)
         assert history[unit["best_step"]] == max(history)
 
     lines = result.stdout.splitlines()
@@ -399,10 +399,9 @@ def test_visualize_png_samples(atlas, tmp_path):
     assert not np.array_equal(pixels[0], pixels[1])  # two different variants
 
     (unit,) = json.loads((tmp_path / "results.json").read_text())["units"]
-    assert len(unit["samples"]) == 2
-    assert sorted(unit["images"]) == [path.name for path in pngs]
-    assert [s["images"] for s in unit["samples"]] == [[path.name] for path in pngs]
-    assert unit["samples"][0]["seed"] != unit["samples"][1]["seed"]
+    assert unit["samples"] == 2
+    assert unit["images"] == [path.name for path in pngs]  # in sample order
+    assert len(set(unit["image_seeds"])) == 2
     # Files and ids name the unit, not the objective formula with its diversity term.
     assert unit["id"] == "blocks.8:3"
     assert [path.name for path in pngs] == ["blocks.8_3.0.png", "blocks.8_3.1.png"]

@@ -20,8 +20,9 @@ from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes
 from atlas.optim.recipes import get
 from atlas.plan import make_plan
+from atlas.record import HISTORY_POINTS, STATUSES, UnitRecord, downsample
 from atlas.runner import plan_record
-from atlas.store import HISTORY_POINTS, STATUSES, Store, downsample, layer_dirname
+from atlas.store import Store, layer_dirname
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -51,24 +52,17 @@ def make_store_plan(model, channels="0-3", classes="0-1", steps=3):
     return make_plan(config, model)
 
 
-def record_for(unit, status="done", key=None, **extra) -> dict:
-    record = {
-        "id": unit.id,
-        "layer": unit.layer,
-        "kind": unit.kind,
-        "index": unit.index,
-        "label": unit.label,
-        "key": key or unit.key,
-        "status": status,
-        **extra,
-    }
+def record_for(unit, status="done", key=None, **extra) -> UnitRecord:
     if status == "failed":
-        record.setdefault("error", "objective became NaN")
-    return record
+        extra.setdefault("error", "objective became NaN")
+    return UnitRecord(
+        unit.layer, unit.index, unit.kind, label=unit.label, key=key or unit.key, status=status,
+        **extra,
+    )  # fmt: skip
 
 
-def raw_record(layer, index, key="old", status="done") -> dict:
-    return {"id": f"{layer}:{index}", "layer": layer, "index": index, "key": key, "status": status}
+def raw_record(layer, index, key="old", status="done", **extra) -> UnitRecord:
+    return UnitRecord(layer, index, key=key, status=status, **extra)
 
 
 def unit_of(plan, layer, index):
@@ -110,16 +104,16 @@ SUFFIXES = ("0.webp", "1.webp", "json")
 
 
 def test_save_unit_with_one_image(store):
-    record = raw_record("conv2", 3, key="k1")
-    store.save_unit({**record, "objective_best": 1.5}, [W(b"first image")])
+    record = raw_record("conv2", 3, key="k1", objective_best=1.5)
+    store.save_unit(record, [W(b"first image")])
     folder = store.out / "units" / "conv2"
     assert files_under(folder) == ["3.json", "3.webp"]
     assert (folder / "3.webp").read_bytes() == W(b"first image")
     stored = read_json(folder / "3.json")
-    assert stored == {**record, "objective_best": 1.5, "images": ["units/conv2/3.webp"]}
+    assert stored == {**record.as_json(), "images": ["units/conv2/3.webp"]}
     assert (store.out / stored["images"][0]).read_bytes() == W(b"first image")  # relative to OUT
-    assert store.records() == [stored]
-    assert store.index() == {("conv2", 3): stored}
+    assert store.records() == [UnitRecord.from_json(stored)]
+    assert store.index() == {("conv2", 3): UnitRecord.from_json(stored)}
 
 
 def test_save_unit_with_k_images_and_order_of_writes(store, monkeypatch):
@@ -173,7 +167,7 @@ def test_resaving_with_fewer_samples_removes_old_images(store):
     assert mine == ["3.json", "3.webp"]
     assert read_json(folder / "3.json")["images"] == ["units/conv2/3.webp"]
 
-    store.save_unit({**raw_record("conv2", 3, key="k4", status="failed"), "error": "x"}, [])
+    store.save_unit(raw_record("conv2", 3, key="k4", status="failed", error="x"), [])
     mine = [name for name in files_under(folder) if name.startswith("3.")]
     assert mine == ["3.json"]
     assert read_json(folder / "3.json")["images"] == []
@@ -209,14 +203,14 @@ def no_temporaries(folder: Path) -> bool:
 
 
 def test_crash_writing_the_json_keeps_the_previous_json(store, monkeypatch):
-    store.save_unit({**raw_record("conv2", 3, key="v1"), "objective_best": 1.0}, [W(b"v1")])
+    store.save_unit(raw_record("conv2", 3, key="v1", objective_best=1.0), [W(b"v1")])
     json_path = store.out / "units/conv2/3.json"
     previous = json_path.read_bytes()
     fail_replace_for(monkeypatch, ".json")
     with pytest.raises(OSError, match="simulated"):
-        store.save_unit({**raw_record("conv2", 3, key="v2"), "objective_best": 2.0}, [W(b"v2")])
+        store.save_unit(raw_record("conv2", 3, key="v2", objective_best=2.0), [W(b"v2")])
     assert json_path.read_bytes() == previous
-    assert store.index()[("conv2", 3)]["key"] == "v1"
+    assert store.index()[("conv2", 3)].key == "v1"
     assert no_temporaries(store.out)
 
 
@@ -298,7 +292,7 @@ def test_claiming_out_sweeps_what_killed_writers_left_and_keeps_everything_else(
     with store.claimed():
         assert not any(path.exists() for path in leftovers)
     assert all(path.exists() for path in kept)
-    assert store.index()[("conv2", 1)]["status"] == "done"
+    assert store.index()[("conv2", 1)].status == "done"
 
 
 def test_only_one_process_writes_out_at_a_time(store):
@@ -406,7 +400,7 @@ def test_status_per_layer(store, mixed):
 def test_classify_order_and_fields(store, mixed):
     units, plan = store.classify()
     assert plan == store.read_plan()
-    listed = [(u["layer"], u["index"], u["status"]) for u in units]
+    listed = [(u.layer, u.index, u.status) for u in units]
     assert listed == [
         ("conv2", 0, "done"),
         ("conv2", 1, "failed"),
@@ -417,13 +411,13 @@ def test_classify_order_and_fields(store, mixed):
         ("logits", 1, "missing"),
         ("conv3", 0, "stale"),  # a layer the plan does not have comes last
     ]
-    by_status = {(u["layer"], u["index"], u["status"]): u for u in units}
-    assert by_status[("conv2", 0, "done")]["images"] == ["units/conv2/0.webp"]
-    assert by_status[("conv2", 1, "failed")]["error"] == "objective became NaN"
-    assert by_status[("conv2", 3, "missing")]["images"] == []
-    assert by_status[("logits", 1, "missing")]["label"] == "class1"
-    nine = by_status[("conv2", 9, "stale")]["images"]
-    assert nine == ["units/conv2/9.0.webp", "units/conv2/9.1.webp"]
+    by_status = {(u.layer, u.index, u.status): u for u in units}
+    assert by_status[("conv2", 0, "done")].images == ("units/conv2/0.webp",)
+    assert by_status[("conv2", 1, "failed")].error == "objective became NaN"
+    assert by_status[("conv2", 3, "missing")].images == ()
+    assert by_status[("logits", 1, "missing")].label == "class1"
+    nine = by_status[("conv2", 9, "stale")].images
+    assert nine == ("units/conv2/9.0.webp", "units/conv2/9.1.webp")
 
 
 def test_status_without_a_plan(store):
@@ -527,11 +521,11 @@ def test_unsafe_layer_names_round_trip_through_the_store(store, tmp_path):
     for index, name in enumerate(UNSAFE):
         store.save_unit(raw_record(name, index), [W(b"image")])
     assert sorted(tmp_path.iterdir()) == [store.out]  # nothing escaped OUT
-    assert {(r["layer"], r["index"]) for r in store.records()} == {
+    assert {(r.layer, r.index) for r in store.records()} == {
         (name, index) for index, name in enumerate(UNSAFE)
     }
     for record in store.records():
-        image = (store.out / record["images"][0]).resolve()
+        image = (store.out / record.images[0]).resolve()
         assert image.is_relative_to(store.units_dir.resolve())
 
 
@@ -667,7 +661,7 @@ def test_a_second_run_on_the_same_out_stops_with_one_line(atlas_cli, optimized):
 
 def test_changed_steps_rerun_every_unit(atlas_cli, optimized):
     assert atlas_cli("run", "--channels", "0-2", "--classes", "0").exit_code == 0
-    keys = {r["id"]: r["key"] for r in Store(atlas_cli.out).records()}
+    keys = {r.id: r.key for r in Store(atlas_cli.out).records()}
     optimized.clear()
     result = atlas_cli("run", "--channels", "0-2", "--classes", "0", "--steps", "4")
     assert result.exit_code == 0, result.output
@@ -675,7 +669,7 @@ def test_changed_steps_rerun_every_unit(atlas_cli, optimized):
     assert units_in(optimized) == ["conv2:0", "conv2:1", "conv2:2", "logits:0"]
     assert {steps for _, steps in optimized} == {4}
     records = Store(atlas_cli.out).records()
-    assert all(r["steps"] == 4 and r["key"] != keys[r["id"]] for r in records)
+    assert all(r.steps == 4 and r.key != keys[r.id] for r in records)
     assert len(records) == 4
 
 
@@ -789,11 +783,11 @@ def test_nan_objective_fails_one_unit_and_the_run_exits_1(tmp_path, monkeypatch)
     assert "3 done, 1 failed, 0 already stored of 4 units" in result.stdout
     assert "failed: conv2:2: objective became NaN" in result.stderr
     store = Store(out)
-    records = {r["index"]: r for r in store.records()}
-    assert records[2]["status"] == "failed"
-    assert records[2]["error"] == "objective became NaN"
-    assert records[2]["images"] == []
-    assert [records[i]["status"] for i in (0, 1, 3)] == ["done"] * 3
+    records = {r.index: r for r in store.records()}
+    assert records[2].status == "failed"
+    assert records[2].error == "objective became NaN"
+    assert records[2].images == ()
+    assert [records[i].status for i in (0, 1, 3)] == ["done"] * 3
     assert files_under(out / "units") == sorted(
         ["conv2/2.json"] + [f"conv2/{i}.{s}" for i in (0, 1, 3) for s in ("json", "webp")]
     )

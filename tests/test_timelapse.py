@@ -71,7 +71,7 @@ def test_run_stores_shows_and_drops_timelapses(tmp_path):
 
     assert "2 done" in run(tmp_path).output  # another key: recomputed without the animation
     record = json.loads((tmp_path / "units/conv2/1.json").read_text())
-    assert "timelapse" not in record
+    assert record["timelapse"] is None
     assert not (tmp_path / "units/conv2/1.timelapse.webp").exists()
     assert "timelapse" not in (tmp_path / "site/conv2/1.html").read_text()
     assert not (tmp_path / "site/conv2/img/1.timelapse.webp").exists()  # gone from the site
@@ -88,7 +88,7 @@ def test_visualize_command_writes_the_animation(tmp_path):
     assert result.exit_code == 0, result.output
     assert sum(animation_facts(tmp_path / "conv2_1.timelapse.webp")[2]) == 2 * 80 + 1500  # 0, 2, 4
     (unit,) = json.loads((tmp_path / "results.json").read_text())["units"]
-    assert unit["timelapse"] == ["conv2_1.timelapse.webp"]
+    assert unit["timelapse"] == "conv2_1.timelapse.webp" and unit["frames_every"] == 2
     assert unit["images"] == ["conv2_1.webp"]
 
 

@@ -49,7 +49,7 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monk
     assert sum(fitted) == 5 * samples and max(fitted) <= 2 * samples
     assert all(size % samples == 0 for size in sizes)  # K images of a unit stay together
     assert [u["images"] for u in split["units"]] == [u["images"] for u in whole["units"]]
-    assert [u["record"]["status"] for u in split["units"]] == ["done"] * 5
+    assert [u["record"].status for u in split["units"]] == ["done"] * 5
 
 
 def test_a_single_unit_that_does_not_fit_fails_with_the_error(monkeypatch):
@@ -67,8 +67,8 @@ def test_records_carry_what_the_store_and_site_need():
     model = tiny_model()
     result = work.run_task(model, one_task(model, "0-1", samples=2))
     record = result["units"][0]["record"]
-    assert record["status"] == "done" and record["samples"] == 2
-    assert len(result["units"][0]["images"]) == 2 and len(record["image_seeds"]) == 2
-    assert record["history"][0][0] == 0 and record["history"][-1][0] == RECIPE.steps - 1
-    assert record["steps"] == RECIPE.steps and record["seconds"] > 0
-    assert record["device"].startswith("cpu")
+    assert record.status == "done" and record.samples == 2
+    assert len(result["units"][0]["images"]) == 2 and len(record.image_seeds) == 2
+    assert record.history[0][0] == 0 and record.history[-1][0] == RECIPE.steps - 1
+    assert record.steps == RECIPE.steps and record.seconds > 0
+    assert record.device.startswith("cpu")

@@ -1,0 +1,114 @@
+"""UnitRecord: the one record of a unit's result, its fields spelled here and nowhere else.
+
+Workers and `atlas visualize` write it, the store keeps it as OUT/units/<layer>/<index>.json,
+and the manifest, site, compare and the test fixtures read it back. Reading is tolerant:
+unknown keys (a newer atlas, a user's note) are ignored and missing ones take their defaults,
+so atlases written by earlier versions stay readable. This module never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HISTORY_POINTS = 128  # objective curve points kept per unit
+STATUSES = ("done", "failed", "missing", "stale")  # what the store adds on reading
+
+
+def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[float]]:
+    """[[step, value], ...] at most `points` long, always keeping the first and last step."""
+    if not history:
+        return []
+    steps = np.unique(np.linspace(0, len(history) - 1, min(points, len(history))).round())
+    return [[int(step), round(float(history[int(step)]), 5)] for step in steps]
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """One unit: what it is, how it was made, how the optimization went, and its files
+    (paths relative to OUT, or to results.json's folder for `atlas visualize`)."""
+
+    layer: str
+    index: int | None  # None for a whole-layer objective (`atlas visualize blocks.8`)
+    kind: str = "channel"  # channel | logit | neuron | region | layer
+    id: str = ""  # the target's id ('blocks.8:3', 'logits:285', 'blocks.8:3@centre')
+    label: str | None = None  # the class name of a logit
+    key: str | None = None  # the plan's content key; None outside `atlas run`
+    status: str = "done"  # done | failed as stored; missing | stale as the store reads it
+    error: str | None = None  # why a failed unit failed
+    recipe: str | None = None
+    recipe_hash: str | None = None
+    seed: int = 0  # the run's seed; each image's own seed is in image_seeds
+    samples: int = 1  # K images of the unit
+    image_seeds: tuple[int, ...] = ()
+    images: tuple[str, ...] = ()
+    timelapse: str | None = None  # the first image's optimization as an animated WebP
+    frames_every: int | None = None  # the timelapse keeps a frame every N steps
+    steps: int | None = None
+    seconds: float | None = None  # this unit's share of its task's time
+    device: str | None = None  # 'cuda:<name>' or 'cpu:<N> threads'
+    objective_start: float | None = None
+    objective_final: float | None = None
+    objective_best: float | None = None
+    best_step: int | None = None
+    activation: float | None = None  # the objective on the stored image, no transforms
+    history: tuple[tuple[int, float], ...] = ()  # (step, objective), at most HISTORY_POINTS
+    # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
+    exemplars: tuple[dict, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            default = self.layer if self.index is None else f"{self.layer}:{self.index}"
+            object.__setattr__(self, "id", default)
+
+    @property
+    def files(self) -> list[str]:
+        """Every file the record names: its images and its animation."""
+        return [*self.images, *([self.timelapse] if self.timelapse else [])]
+
+    def as_json(self) -> dict:
+        """The record as JSON data; exemplars only when attached."""
+        data = dataclasses.asdict(self)
+        data["history"] = [list(point) for point in self.history]
+        for name in ("image_seeds", "images", "exemplars"):
+            data[name] = list(data[name])
+        if not self.exemplars:
+            del data["exemplars"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> UnitRecord | None:
+        """The record in a unit JSON, or None when `data` is no unit record (a dict with a
+        string layer and an integer index)."""
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("layer"), str)
+            and type(data.get("index")) is int
+        ):
+            return None
+        known = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        for name in ("image_seeds", "images", "exemplars"):
+            if isinstance(known.get(name), list):
+                known[name] = tuple(known[name])
+        if isinstance(known.get("timelapse"), list):  # one animation per image, as visualize has
+            known["timelapse"] = known["timelapse"][0] if known["timelapse"] else None
+        history = known.get("history")
+        if isinstance(history, list):
+            known["history"] = tuple(_point(p, step) for step, p in enumerate(history))
+        return cls(**known)
+
+    def with_status(self, status: str, exemplars: tuple[dict, ...] | None = None) -> UnitRecord:
+        """This record as the store reads it: stale, missing, with its exemplars attached."""
+        changes: dict = {"status": status}
+        if exemplars is not None:
+            changes["exemplars"] = tuple(exemplars)
+        return dataclasses.replace(self, **changes)
+
+
+def _point(point: object, step: int) -> tuple[int, float]:
+    """A history point: [step, value] as stored, or a bare value (older results.json)."""
+    if isinstance(point, list | tuple) and len(point) == 2:
+        return (int(point[0]), float(point[1]))
+    return (step, float(point))
