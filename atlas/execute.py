@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -93,13 +94,35 @@ def _run_on_worker(function: Callable, digest: str, task) -> dict:
     return function(model, task)
 
 
+class Job(Protocol):
+    """What an executor runs: a picklable task that names itself (uniquely within a run)."""
+
+    @property
+    def name(self) -> str: ...
+
+
 @dataclass
 class Outcome:
     """What happened to one task: its result, or the error that ended its retries."""
 
-    task: object
+    task: Job
     result: dict | None = None
     error: str | None = None
+
+
+class Executor(Protocol):
+    """A place to run tasks: this process, a local cluster, a scheduler somewhere. `run`
+    calls `function(model, task)` where the model is loaded (once per process), yields one
+    Outcome per task as they finish, and never raises for a task that failed. A new cluster
+    backend is one class with these members, chosen in `executor()`."""
+
+    workers: int  # how many tasks can run at once
+    device: str  # "cuda" or "cpu": what the workers compute on (it sizes batches)
+    dashboard_link: str | None
+
+    def run(
+        self, function: Callable[[object, Job], dict], tasks: Iterable[Job]
+    ) -> Iterator[Outcome]: ...
 
 
 def _one_line(error: BaseException) -> str:
@@ -163,7 +186,7 @@ class DaskExecutor:
                 function,
                 self.digest,
                 task,
-                key=f"atlas-{task.layer}-{task.key[:16]}",
+                key=f"atlas-{task.name}",
                 pure=False,
                 retries=RETRIES,
             )
@@ -247,7 +270,9 @@ def _local_cluster():
 
 
 @contextmanager
-def executor(scheduler: str, scheduler_file: str | None, model, weights: str | None) -> Iterator:
+def executor(
+    scheduler: str, scheduler_file: str | None, model, weights: str | None
+) -> Iterator[Executor]:
     """An executor for the configured scheduler; clusters it starts are closed afterwards.
     `weights` is what the user gave (None: the model's default), loaded again on each worker."""
     if scheduler == "inline" and not scheduler_file:

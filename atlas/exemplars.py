@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
 from atlas.progress import Progress
 from atlas.store import Store
+
+if TYPE_CHECKING:  # the executor's module imports Dask, which workers need not load for this
+    from atlas.execute import Executor
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CHUNK_IMAGES = 32  # images per task on a CPU worker; four times as many on a GPU
@@ -97,11 +101,12 @@ class ExemplarTask:
     blobs: tuple[bytes, ...]
     units: tuple[tuple[str, tuple[int, ...]], ...]
     top: int
-    layer: str = "exemplars"  # what the executor names the task by
 
     @property
-    def key(self) -> str:
-        return hashlib.sha256(f"{self.first}|{len(self.blobs)}|{self.units}".encode()).hexdigest()
+    def name(self) -> str:
+        """How executors name the task: the chunk's first image and a hash of what it asks."""
+        asked = f"{self.first}|{len(self.blobs)}|{self.units}".encode()
+        return f"exemplars-{self.first}-{hashlib.sha256(asked).hexdigest()[:12]}"
 
 
 def decode(
@@ -311,7 +316,9 @@ class ExemplarPass:
     def needed(self) -> bool:
         return bool(self.keys)
 
-    def run(self, pool, on_progress: Callable[[Progress], None] | None = None) -> ExemplarSummary:
+    def run(
+        self, pool: Executor, on_progress: Callable[[Progress], None] | None = None
+    ) -> ExemplarSummary:
         """Every chunk not done by an earlier, interrupted run of this same pass. What has been
         merged is saved every SAVE_EVERY_SECONDS and when a chunk fails, so that a killed or
         failed run resumes where it was; results are stored only once every chunk is done.

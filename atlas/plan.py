@@ -69,6 +69,11 @@ class Task:
         text = "|".join(unit.key for unit in self.units)
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @property
+    def name(self) -> str:
+        """How executors name the task (the Dask dashboard shows it): layer and key."""
+        return f"{self.layer}-{self.key[:16]}"
+
 
 @dataclass(frozen=True)
 class Plan:
