@@ -5,7 +5,15 @@ import torch
 
 from atlas.layers import capture, run_forward
 from atlas.optim import channel, diversity, get, logit, neuron, region, visualize, whole_layer
-from atlas.optim.objectives import BatchObjective, Objective, Target, _gram_cosines
+from atlas.optim.objectives import (
+    KINDS,
+    BatchObjective,
+    Objective,
+    Target,
+    _gram_cosines,
+    as_objective,
+    objective_kind,
+)
 
 PLAIN = get("plain", steps=24, size=32, lr=0.1)
 
@@ -86,6 +94,33 @@ def test_batch_objective_weights_terms_per_image():
     row0_channel1 = acts["conv2"][0, 1].mean()
     row1 = acts["conv2"][1, 1].mean() - acts["conv2"][1, 0, 1, 1]
     assert torch.allclose(values, torch.stack([2 * row0_channel1, row1]))
+
+
+@pytest.fixture
+def peak_kind():
+    """A kind registered the way a user adds one: a channel's largest value over positions."""
+
+    @objective_kind("peak")
+    def peak(acts, group):
+        return group.channel(acts).flatten(1).amax(1)
+
+    yield
+    del KINDS["peak"]
+
+
+def test_a_new_objective_kind_is_one_registered_function(tiny, peak_kind):
+    acts = {"conv2": torch.randn(3, 4, 5, 5)}
+    targets = [Target("conv2", "peak", 2), Target("conv2", "peak", 0), channel("conv2", 1)]
+    values = BatchObjective([as_objective(t) for t in targets])(acts)
+    expected = [acts["conv2"][0, 2].max(), acts["conv2"][1, 0].max(), acts["conv2"][2, 1].mean()]
+    assert torch.allclose(values, torch.stack(expected))
+    assert Target("conv2", "peak", 2).id == "conv2:2"
+    (result,) = visualize(tiny, [Target("conv2", "peak", 3)], PLAIN, seed=1)
+    assert result.objective_best > result.objective_start + 0.1
+    with pytest.raises(ValueError, match="needs a channel or class index"):
+        Target("conv2", "peak")
+    with pytest.raises(ValueError, match="unknown target kind 'peek'"):
+        Target("conv2", "peek", 1)
 
 
 def test_composed_objective_optimizes(tiny):

@@ -10,14 +10,12 @@ terms so that a batch of 256 channels costs a handful of tensor ops, not 256.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from atlas.names import LOGITS
-
-KINDS = ("channel", "neuron", "region", "layer", "logit")
 
 
 class _Composable:
@@ -55,30 +53,22 @@ class Target(_Composable):
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"unknown target kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind != "layer" and self.index is None:
-            raise ValueError(f"a {self.kind} target needs a channel or class index")
-        if self.kind == "region" and self.region is None:
-            raise ValueError("a region target needs region=(y0, y1, x0, x1)")
+            raise ValueError(f"unknown target kind {self.kind!r}; expected one of {tuple(KINDS)}")
+        for needed in KINDS[self.kind].needs:
+            if getattr(self, needed) is None:
+                raise ValueError(f"a {self.kind} target needs {NEEDS[needed]}")
 
     def box(self, height: int, width: int) -> tuple[int, int, int, int] | None:
-        """The (y0, y1, x0, x1) positions averaged by a neuron or region target."""
-        if self.kind == "region":
-            return self.region
-        if self.kind == "neuron":
-            y, x = self.position or (height // 2, width // 2)
-            return (y, y + 1, x, x + 1)
-        return None
+        """The (y0, y1, x0, x1) positions this target averages, or None for all of them."""
+        box = KINDS[self.kind].box
+        return box(self, height, width) if box else None
 
     @property
     def id(self) -> str:
         """Stable name: 'blocks.8:3', 'logits:285', 'blocks.8:3@4,4', 'blocks.8:3@centre',
         '-blocks.8' (negated)."""
         text = self.layer if self.index is None else f"{self.layer}:{self.index}"
-        if self.kind == "neuron":
-            text += "@{},{}".format(*self.position) if self.position else "@centre"
-        elif self.kind == "region" and self.region is not None:
-            text += "@{}-{},{}-{}".format(*self.region)
+        text += KINDS[self.kind].suffix(self)
         return f"-{text}" if self.negative else text
 
 
@@ -176,15 +166,121 @@ def _gram_cosines(acts: torch.Tensor) -> torch.Tensor:
     return gram @ gram.T
 
 
+# --- objective kinds: how a target reads its layer ------------------------------------------
+
+
+class TermGroup:
+    """The targets of one kind on one layer across a batch: their image rows, channel
+    indices and signed weights, as tensors built once per device and cached."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.indices: list[int] = []
+        self.weights: list[float] = []
+        self.targets: list[Target] = []
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def add(self, row: int, target: Target, weight: float) -> None:
+        self.rows.append(row)
+        self.indices.append(target.index if target.index is not None else 0)
+        self.weights.append(weight)
+        self.targets.append(target)
+
+    def tensor(self, name: str, device: torch.device) -> torch.Tensor:
+        if (name, device) not in self._cache:
+            values = getattr(self, name)
+            dtype = torch.float32 if name == "weights" else torch.long
+            self._cache[(name, device)] = torch.tensor(values, dtype=dtype, device=device)
+        return self._cache[(name, device)]
+
+    def channel(self, acts: torch.Tensor) -> torch.Tensor:
+        """Each target's own channel: [n, H, W] on a map, [n] on a [B, C] layer."""
+        rows, indices = self.tensor("rows", acts.device), self.tensor("indices", acts.device)
+        return acts[rows, indices].float()
+
+    def masks(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """[n, H, W] averaging masks over each target's box."""
+        if ("masks", height, width, device) not in self._cache:
+            masks = torch.zeros(len(self.targets), height, width, device=device)
+            for i, target in enumerate(self.targets):
+                y0, y1, x0, x1 = target.box(height, width)
+                masks[i, y0:y1, x0:x1] = 1.0 / max((y1 - y0) * (x1 - x0), 1)
+            self._cache[("masks", height, width, device)] = masks
+        return self._cache[("masks", height, width, device)]
+
+
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """One kind of target. `value(acts, group)` maps a layer's activations [B, C, H, W] (or
+    [B, C]) to one value per target of the group; `needs` are the Target fields it must have;
+    `box` gives the positions it averages (None: all); `suffix` is what it adds to the id."""
+
+    value: Callable[[torch.Tensor, TermGroup], torch.Tensor]
+    needs: tuple[str, ...] = ("index",)
+    box: Callable[[Target, int, int], tuple[int, int, int, int]] | None = None
+    suffix: Callable[[Target], str] = lambda target: ""
+
+
+KINDS: dict[str, ObjectiveKind] = {}
+NEEDS = {"index": "a channel or class index", "region": "region=(y0, y1, x0, x1)"}
+
+
+def objective_kind(name: str, **options) -> Callable:
+    """Register a kind of target: a new kind is one decorated function (see ObjectiveKind)."""
+
+    def register(value: Callable[[torch.Tensor, TermGroup], torch.Tensor]) -> Callable:
+        KINDS[name] = ObjectiveKind(value, **options)
+        return value
+
+    return register
+
+
+@objective_kind("channel")
+@objective_kind("logit")
+def mean_of_channel(acts: torch.Tensor, group: TermGroup) -> torch.Tensor:
+    """A channel's mean over all positions; on a [B, C] layer (logits, pooled features) the
+    value itself."""
+    picked = group.channel(acts)
+    return picked if picked.dim() == 1 else picked.flatten(1).mean(1)
+
+
+def _box_mean(acts: torch.Tensor, group: TermGroup) -> torch.Tensor:
+    picked = group.channel(acts)
+    if picked.dim() == 1:
+        return picked
+    return (picked * group.masks(*picked.shape[-2:], acts.device)).flatten(1).sum(1)
+
+
+def _centre_or_position(target: Target, height: int, width: int) -> tuple[int, int, int, int]:
+    y, x = target.position or (height // 2, width // 2)
+    return (y, y + 1, x, x + 1)
+
+
+objective_kind(
+    "neuron",
+    box=_centre_or_position,
+    suffix=lambda t: "@{},{}".format(*t.position) if t.position else "@centre",
+)(_box_mean)
+objective_kind(
+    "region",
+    needs=("index", "region"),
+    box=lambda target, height, width: target.region,
+    suffix=lambda t: "@{}-{},{}-{}".format(*t.region),
+)(_box_mean)
+
+
+@objective_kind("layer", needs=())
+def mean_square_of_layer(acts: torch.Tensor, group: TermGroup) -> torch.Tensor:
+    """The whole layer's mean square (DeepDream): every channel, every position."""
+    return acts[group.tensor("rows", acts.device)].float().flatten(1).square().mean(1)
+
+
 class BatchObjective:
     """Evaluates one objective per image, vectorized over images that share a term kind."""
 
     def __init__(self, objectives: Sequence[Objective]):
         self.size = len(objectives)
-        # (layer, kind) -> lists of rows, channel indices, signed weights, targets
-        self._groups: dict[tuple[str, str], dict[str, list]] = defaultdict(
-            lambda: {"rows": [], "index": [], "weight": [], "target": []}
-        )
+        self._groups: dict[tuple[str, str], TermGroup] = defaultdict(TermGroup)
         # (layer, weight) -> lists of rows sharing an objective (diversity groups)
         self._diversity: dict[tuple[str, float], list[list[int]]] = defaultdict(list)
         rows_by_objective: dict[Objective, list[int]] = defaultdict(list)
@@ -197,56 +293,17 @@ class BatchObjective:
                         self._diversity[(term.layer, weight)].append(rows)
                     continue
                 sign = -weight if term.negative else weight
-                group = self._groups[(term.layer, term.kind)]
                 for row in rows:
-                    group["rows"].append(row)
-                    group["index"].append(term.index if term.index is not None else 0)
-                    group["weight"].append(sign)
-                    group["target"].append(term)
-        self._tensors: dict[tuple[str, str, str], torch.Tensor] = {}
-
-    def _tensor(self, key: tuple[str, str], field: str, device: torch.device) -> torch.Tensor:
-        cache_key = (*key, field)
-        if cache_key not in self._tensors:
-            dtype = torch.float32 if field == "weight" else torch.long
-            self._tensors[cache_key] = torch.tensor(
-                self._groups[key][field], dtype=dtype, device=device
-            )
-        return self._tensors[cache_key]
-
-    def _masks(self, key: tuple[str, str], height: int, width: int, device) -> torch.Tensor:
-        """[n, H, W] averaging masks for neuron and region terms, built once per task."""
-        cache_key = (*key, f"mask{height}x{width}")
-        if cache_key not in self._tensors:
-            targets = self._groups[key]["target"]
-            masks = torch.zeros(len(targets), height, width, device=device)
-            for i, target in enumerate(targets):
-                y0, y1, x0, x1 = target.box(height, width)
-                masks[i, y0:y1, x0:x1] = 1.0 / max((y1 - y0) * (x1 - x0), 1)
-            self._tensors[cache_key] = masks
-        return self._tensors[cache_key]
+                    self._groups[(term.layer, term.kind)].add(row, term, sign)
 
     def __call__(self, acts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-image objective values, shape [B], float32."""
         device = next(iter(acts.values())).device
         values = torch.zeros(self.size, device=device)
-        for key in self._groups:
-            layer, kind = key
-            act = acts[layer]
-            rows = self._tensor(key, "rows", device)
-            weight = self._tensor(key, "weight", device)
-            if kind == "layer":
-                unit = act[rows].float().flatten(1).square().mean(1)
-            else:
-                picked = act[rows, self._tensor(key, "index", device)].float()
-                if picked.dim() == 1:  # a [B, C] layer: logits or pooled features
-                    unit = picked
-                elif kind in ("channel", "logit"):
-                    unit = picked.flatten(1).mean(1)
-                else:
-                    masks = self._masks(key, *picked.shape[-2:], device)
-                    unit = (picked * masks).flatten(1).sum(1)
-            values = values.index_add(0, rows, weight * unit)
+        for (layer, kind), group in self._groups.items():
+            unit = KINDS[kind].value(acts[layer], group)
+            weights = group.tensor("weights", device)
+            values = values.index_add(0, group.tensor("rows", device), weights * unit)
         for (layer, weight), groups in self._diversity.items():
             for rows in groups:
                 cos = _gram_cosines(acts[layer][rows])
