@@ -35,10 +35,33 @@ def wait_for(condition, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def running(process: subprocess.Popen) -> None:
+    """Fail at once, with its output, when a process a test waits on has already ended."""
+    if process.poll() is not None:
+        output, _ = process.communicate()
+        raise AssertionError(f"exited with {process.returncode} before it was due to:\n{output}")
+
+
+STARTED: list[subprocess.Popen] = []
+
+
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [*args], env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    STARTED.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """A test that fails while waiting leaves no process behind (stopped ones included)."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
@@ -59,32 +82,32 @@ def cluster(tmp_path):
         )
     ]
     wait_for(scheduler_file.exists, 30, "the scheduler file")
+    workers = {}
     for name in ("w1", "w2"):
-        processes.append(
-            start(
-                DASK,
-                "worker",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--nthreads",
-                "1",
-                "--no-nanny",
-                "--no-dashboard",
-                "--name",
-                name,
-                "--host",
-                "127.0.0.1",
-            )
+        workers[name] = start(
+            DASK,
+            "worker",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--no-dashboard",
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
         )
+        processes.append(workers[name])
 
-    def workers() -> int:
+    def joined() -> int:
         from distributed import Client
 
         with Client(scheduler_file=str(scheduler_file), timeout="10s") as client:
             return len(client.scheduler_info()["workers"])
 
-    wait_for(lambda: workers() == 2, 60, "two workers")
-    yield {"file": scheduler_file, "workers": processes[1:]}
+    wait_for(lambda: joined() == 2, 60, "two workers")
+    yield {"file": scheduler_file, "workers": workers}
     for process in processes:
         process.kill()
         process.wait()
@@ -118,32 +141,58 @@ def slow_run_args(cluster, out: Path) -> list[str]:
 
 
 def test_a_worker_killed_mid_run_has_its_task_rerun_elsewhere(cluster, tmp_path):
+    """w1 is killed while the scheduler has it processing atlas tasks; w2 finishes them."""
+    from distributed import Client
+
     out = tmp_path / "atlas"
-    run = atlas(*slow_run_args(cluster, out))
-    wait_for(lambda: len(stored(out)) >= 3, 120, "the first units")
-    victim = cluster["workers"][0]
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    output, _ = run.communicate(timeout=300)
+    with Client(scheduler_file=str(cluster["file"]), timeout="10s") as client:
+        client.get_task_stream()  # from now the scheduler records which worker finished what
+        address = {i["name"]: a for a, i in client.scheduler_info()["workers"].items()}
+        held: list[str] = []
+        run = atlas(*slow_run_args(cluster, out))
+
+        def victim_holds_atlas_tasks() -> bool:
+            running(run)
+            keys = client.processing(workers=[address["w1"]]).get(address["w1"], [])
+            held[:] = [str(key) for key in keys if str(key).startswith("atlas-")]
+            return bool(held)
+
+        wait_for(victim_holds_atlas_tasks, 300, "w1 to be processing an atlas task")
+        victim = cluster["workers"]["w1"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        output, _ = run.communicate(timeout=300)
+        finished = [r for r in client.get_task_stream() if r["status"] == "OK"]
     assert run.returncode == 0, output
     assert f"{UNITS} done, 0 failed, 0 already stored" in output, output
     check_complete(out, UNITS)
+    # Polled from the start, w1 is caught within a poll of getting its first task, long before
+    # that task's 150 steps end: the kill takes it from w1, and w2 runs it again
+    rerun = {r["key"] for r in finished if r["worker"] == address["w2"]} & set(held)
+    assert rerun, f"no task of those w1 held ({held}) was finished by w2"
 
 
 def test_a_killed_client_leaves_whole_units_and_the_rerun_does_only_the_rest(cluster, tmp_path):
     out = tmp_path / "atlas"
     args = slow_run_args(cluster, out)
     first = atlas(*args)
-    wait_for(lambda: len(stored(out)) >= 4, 120, "the first units")
+    wait_for(lambda: running(first) or len(stored(out)) >= 4, 300, "the first units")
+    # Freeze the client (waitpid returns once all its threads are stopped), so that what is
+    # counted is what the kill leaves: nothing is stored between the count and the kill
+    first.send_signal(signal.SIGSTOP)
+    _, status = os.waitpid(first.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), "the first run ended before it could be killed"
+    count = len(stored(out))  # whole units: stored() parses each
+    assert 4 <= count < UNITS, "the first run stored every unit before it could be killed"
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = {p: p.stat().st_mtime_ns for p in out.glob("units/*/*.json")}
-    assert 4 <= len(before) < UNITS  # whole units (stored() parses each); a temporary the kill
-    # interrupted may remain until the rerun sweeps it, which check_complete verifies
+    assert len(before) == count  # a temporary the kill interrupted may remain until the
+    # rerun sweeps it, which check_complete verifies
     rerun = atlas(*args)
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output
-    assert f"{UNITS - len(before)} done, 0 failed, {len(before)} already stored" in output, output
+    assert f"{UNITS - count} done, 0 failed, {count} already stored" in output, output
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in before.items())
     check_complete(out, UNITS)
 
