@@ -15,7 +15,7 @@ import importlib.util
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -342,10 +342,6 @@ def _load_torchscript(path: Path) -> LoadedModel:
     )
 
 
-def builtin_names() -> list[str]:
-    return list(LITE_VARIANTS)
-
-
 def describe_builtins() -> list[dict[str, str]]:
     """Name, input size and weights source of each built-in spec, for `atlas models`."""
     rows = []
@@ -357,22 +353,60 @@ def describe_builtins() -> list[dict[str, str]]:
     return rows
 
 
-def load(spec: str, weights: str | None = None) -> LoadedModel:
-    """Load a model by spec; bad specs and weights raise AtlasError with one clear sentence."""
-    if spec in LITE_VARIANTS:
-        return _load_lite(spec, weights)
-    if ":" in spec and not Path(spec).exists():
-        return _load_factory(spec, weights)
-    if Path(spec).suffix in {".pt", ".pth", ".ts", ".torchscript"} or Path(spec).is_file():
-        if not Path(spec).is_file():
-            raise AtlasError(f"model file {spec} does not exist")
-        return _load_torchscript(Path(spec))
+# --- the registry: which loader takes a spec ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One family of specs: whether it takes a spec, how it loads one (spec, weights), and the
+    names it offers for `did you mean` suggestions. A new family is one entry in SOURCES."""
+
+    accepts: Callable[[str], bool]
+    load: Callable[[str, str | None], LoadedModel]
+    names: Callable[[], list[str]] = list
+
+
+def _is_factory(spec: str) -> bool:
+    return ":" in spec and not Path(spec).exists()
+
+
+def _is_model_file(spec: str) -> bool:
+    return Path(spec).suffix in {".pt", ".pth", ".ts", ".torchscript"} or Path(spec).is_file()
+
+
+def _load_model_file(spec: str, weights: str | None) -> LoadedModel:
+    if not Path(spec).is_file():
+        raise AtlasError(f"model file {spec} does not exist")
+    return _load_torchscript(Path(spec))
+
+
+def _torchvision_names() -> list[str]:
+    from atlas import tvmodels  # torchvision's model list is read only when a spec needs it
+
+    return tvmodels.names()
+
+
+def _load_torchvision(spec: str, weights: str | None) -> LoadedModel:
     from atlas import tvmodels
 
-    names = tvmodels.names()
-    if spec in names:
-        return tvmodels.load(spec, weights)
+    return tvmodels.load(spec, weights)
+
+
+SOURCES = (
+    ModelSource(lambda spec: spec in LITE_VARIANTS, _load_lite, lambda: list(LITE_VARIANTS)),
+    ModelSource(_is_factory, _load_factory),
+    ModelSource(_is_model_file, _load_model_file),
+    ModelSource(lambda spec: spec in _torchvision_names(), _load_torchvision, _torchvision_names),
+)
+
+
+def load(spec: str, weights: str | None = None) -> LoadedModel:
+    """Load a model by spec; bad specs and weights raise AtlasError with one clear sentence."""
+    for source in SOURCES:
+        if source.accepts(spec):
+            return source.load(spec, weights)
+    names = [name for source in SOURCES for name in source.names()]
     raise AtlasError(
-        f"unknown model {spec!r}{did_you_mean(spec, builtin_names() + names)}; "
+        f"unknown model {spec!r}{did_you_mean(spec, names)}; "
         "`atlas models` lists the built-in names"
     )
