@@ -219,7 +219,6 @@ def visualize_command(
     from atlas import models as model_registry
     from atlas.files import writable_folder
     from atlas.optim.loop import check_targets
-    from atlas.optim.recipes import DEFAULT_DIVERSITY
     from atlas.targets import parse_target
 
     if not grow and (grow_step is not None or batch is not None):
@@ -234,9 +233,8 @@ def visualize_command(
         size=size,
         lr=lr,
         diversity=diversity,
+        samples=samples,
     )
-    if samples > 1 and diversity is None and recipe.diversity == 0:
-        recipe = recipe.replace(diversity=DEFAULT_DIVERSITY)
     loaded = model_registry.load(model, weights)
     parsed = [parse_target(text, loaded, negative=negative) for text in targets]
     if grow:
@@ -353,7 +351,6 @@ def run_options(function: Callable) -> Callable:
 
 def build_config(config_file, recipe, steps, size, lr, samples, **flags):
     from atlas import config
-    from atlas.optim.recipes import DEFAULT_DIVERSITY
 
     overrides = {"steps": steps, "size": size, "lr": lr}
     built = config.build(
@@ -363,8 +360,6 @@ def build_config(config_file, recipe, steps, size, lr, samples, **flags):
         samples=samples,
         **flags,
     )
-    if built.samples > 1 and built.recipe.diversity == 0:
-        built = dataclasses.replace(built, recipe=built.recipe.replace(diversity=DEFAULT_DIVERSITY))
     return built
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atlas.errors import AtlasError, did_you_mean
-from atlas.optim.recipes import DEFAULT, Recipe, check_timelapse, get
+from atlas.optim.recipes import DEFAULT, DEFAULT_DIVERSITY, Recipe, check_timelapse, get
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
 
@@ -207,10 +207,14 @@ def _from_table(cls: type, table: dict, name: str):
     return cls(**{key: _coerce(value, kinds[key], f"{name}.{key}") for key, value in table.items()})
 
 
-def _recipe(values: dict, config_file, name, overrides: dict, colour_from) -> Recipe:
+def _recipe(
+    values: dict, config_file, name, overrides: dict, colour_from, samples: int = 1
+) -> Recipe:
     """The recipe of atlas.toml settings (popped from `values`): the [recipe] table, a preset
     name and Recipe fields, and colour_from; the flags' name, overrides and colour_from win.
-    A colour folder becomes its matrix, so the recipe hash follows the images, not the path."""
+    A colour folder becomes its matrix, so the recipe hash follows the images, not the path.
+    K > 1 samples get DEFAULT_DIVERSITY unless a diversity was set (0 included) or the preset
+    has one: K images of one unit should differ."""
     table = values.pop("recipe", {})
     table = {"name": table} if isinstance(table, str) else table
     if not isinstance(table, dict):
@@ -229,8 +233,11 @@ def _recipe(values: dict, config_file, name, overrides: dict, colour_from) -> Re
         )
     kinds = _field_types(Recipe)
     table = {k: _coerce(v, kinds[k], k) if k in kinds else v for k, v in table.items()}
+    settings = {**table, **overrides}
+    if samples > 1 and "diversity" not in settings and get(preset).diversity == 0:
+        settings["diversity"] = DEFAULT_DIVERSITY
     try:
-        recipe = get(preset, **{**table, **overrides})
+        recipe = get(preset, **settings)
     except TypeError as error:
         raise AtlasError(f"bad recipe setting: {error}") from None
     folder = colour_from or file_folder
@@ -244,13 +251,18 @@ def _recipe(values: dict, config_file, name, overrides: dict, colour_from) -> Re
 
 
 def load_recipe(
-    config_file: str | None, name: str | None = None, *, colour_from=None, **overrides
+    config_file: str | None,
+    name: str | None = None,
+    *,
+    colour_from=None,
+    samples: int = 1,
+    **overrides,
 ) -> Recipe:
     """The recipe an atlas.toml describes ([recipe] and colour_from; every other setting is
     checked but unused), or the preset `name` (default fourier) without one; flags on top:
     `name`, `colour_from` and Recipe fields (None: not given). For `atlas visualize`."""
     given = {key: value for key, value in overrides.items() if value is not None}
-    return _recipe(read_settings(config_file), config_file, name, given, colour_from)
+    return _recipe(read_settings(config_file), config_file, name, given, colour_from, samples)
 
 
 def build(config_file: str | None = None, **flags) -> AtlasConfig:
@@ -259,12 +271,14 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
     per_layer = values.pop("channels_per_layer", {})
     if not isinstance(per_layer, dict):
         raise AtlasError("[channels_per_layer] must be a table")
+    samples = flags.get("samples") or values.get("samples", 1)
     recipe = _recipe(
         values,
         config_file,
         flags.pop("recipe", None),
         flags.pop("recipe_overrides", {}) or {},
         flags.pop("colour_from", None),
+        samples if isinstance(samples, int) else 1,  # a wrong type is reported below
     )
     for key, value in flags.items():
         if value is not None and value != ():

@@ -18,7 +18,7 @@ from atlas.config import AtlasConfig, parse_indices
 from atlas.errors import AtlasError
 from atlas.models import state_digest
 from atlas.optim.param import colour_matrix_from_folder
-from atlas.optim.recipes import DEFAULT, Octave, get
+from atlas.optim.recipes import DEFAULT, DEFAULT_DIVERSITY, Octave, get
 from atlas.plan import (
     ENGINE_VERSION,
     Task,
@@ -675,3 +675,26 @@ def test_the_stages_of_any_recipe_add_up_to_its_steps(octave_count):
         stages = get("octaves", steps=steps, octaves=octaves).stages()
         assert sum(stage.steps for stage in stages) == steps
         assert stages[-1].size == round(128 * octaves[-1].scale)  # the last octave always runs
+
+
+@pytest.mark.parametrize(
+    ("toml", "flags", "expected"),
+    [
+        ("", {}, DEFAULT_DIVERSITY),  # K images of a unit should differ
+        ("[recipe]\ndiversity = 0\n", {}, 0.0),  # said explicitly: kept
+        ("[recipe]\ndiversity = 2.5\n", {}, 2.5),
+        ("samples = 1\n", {"samples": None}, 0.0),  # one image: nothing to differ from
+        ("samples = 3\n", {"samples": None}, DEFAULT_DIVERSITY),
+        ("", {"recipe_overrides": {"diversity": 0.0}}, 0.0),
+    ],
+    ids=["default", "explicit-zero", "explicit", "toml-one", "toml-three", "flag-zero"],
+)
+def test_samples_get_a_diversity_unless_one_is_set(tmp_path, toml, flags, expected):
+    path = tmp_path / "atlas.toml"
+    path.write_text(f'model = "tinymodels:tiny"\nout = "out"\n{toml}')
+    built = config_module.build(str(path), **{"samples": 2, **flags})
+    assert built.recipe.diversity == expected
+    given = flags.get("recipe_overrides", {}).get("diversity")
+    samples = flags.get("samples", 2) or built.samples
+    recipe = config_module.load_recipe(str(path), diversity=given, samples=samples)
+    assert recipe.diversity == expected  # atlas visualize reads it the same way
