@@ -9,6 +9,7 @@ loop never waits for the GPU: objective history and best images stay on the devi
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -53,6 +54,14 @@ class UnitResult:
     @property
     def id(self) -> str:
         return self.objective.id
+
+    def _repr_png_(self) -> bytes:
+        """In Jupyter, a result that is a cell's value shows as its image."""
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(self.image).save(buffer, format="PNG")
+        return buffer.getvalue()
 
 
 def image_seed(seed: int, objective: Objective, repeat: int) -> int:
