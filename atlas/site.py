@@ -40,7 +40,7 @@ DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.Decompressio
 def environment() -> Environment:
     """Jinja2 with autoescape on and StrictUndefined: a typo in a template is an error."""
     env = Environment(
-        loader=PackageLoader("atlas", "templates"),
+        loader=PackageLoader("atlas.templates", ""),  # templates/ of the repository
         autoescape=select_autoescape(default=True, default_for_string=True),
         undefined=StrictUndefined,
         trim_blocks=True,
@@ -373,6 +373,7 @@ def remove_stale(root: Path, keep: set[Path], sweep: bool = True) -> int:
 
 
 def copy_static(site: Path) -> None:
-    for asset in resources.files("atlas").joinpath("static").iterdir():
-        if asset.is_file():
+    """Copy the assets (site/ of the repository) into site/static/."""
+    for asset in resources.files("atlas.static").iterdir():
+        if asset.is_file() and asset.name.endswith((".css", ".js")):
             write_if_changed(site / "static" / asset.name, asset.read_text())

@@ -20,6 +20,7 @@ SLOW_FILES = {
     "test_boundaries.py",
     "test_integration.py",
     "test_models.py",
+    "test_packaging.py",
     "test_site_browser.py",
     "test_tvmodels.py",
 }

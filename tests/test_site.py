@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -190,26 +189,3 @@ def test_render_command_and_its_errors(atlas_out, tmp_path):
     result = CliRunner().invoke(cli, ["render", str(tmp_path)])
     assert result.exit_code == 2
     assert "has no manifest.json" in result.stderr
-
-
-def test_a_non_editable_wheel_carries_templates_and_assets(tmp_path):
-    root = Path(__file__).parent.parent
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--quiet",
-            "-w",
-            str(tmp_path),
-            str(root),
-        ],
-        check=True,
-    )
-    (wheel,) = tmp_path.glob("atlas-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    for needed in ("base.html", "_macros.html", "index.html", "layer.html", "unit.html"):
-        assert f"atlas/templates/{needed}" in names
-    assert {"atlas/static/atlas.css", "atlas/static/atlas.js"} <= names

@@ -1,0 +1,1 @@
+"""The static assets (CSS, JS) copied into every rendered atlas, shipped as atlas.static."""
