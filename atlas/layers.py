@@ -112,6 +112,29 @@ def capture(
             handle.remove()
 
 
+@contextmanager
+def gained(model, name: str, gains: torch.Tensor) -> Iterator[None]:
+    """Multiply the layer `name`'s channels by `gains` [B, C] in the forward passes run inside
+    the block (what `capture` reads for it is scaled too). With gains of 1 that require grad,
+    d(objective)/d(gain) is each channel's attribution (gradient x activation summed over
+    positions); with 1 +- eps on one channel, a finite difference of that channel's effect."""
+    modules = dict(model.module.named_modules())
+    info = {layer.name: layer for layer in model.layers}[name]
+    layout = _layout(info)
+    if info.pre_activation:  # the layer is read before its clamp: scale the clamp's input
+        handle = modules[info.pre_activation].register_forward_pre_hook(
+            lambda _module, inputs: (layout.scale(inputs[0], gains), *inputs[1:])
+        )
+    else:
+        handle = modules[info.module or name].register_forward_hook(
+            lambda _module, _inputs, output: layout.scale(output, gains)
+        )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _layout(info: LayerInfo | None) -> Layout:
     return info.layout if info is not None else Layout("map")
 

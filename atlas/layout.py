@@ -44,6 +44,20 @@ class Layout:
             return output[:, 0]
         return output
 
+    def scale(self, output: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+        """`output` with each image's channels multiplied by `gains` [B, C]: the channels that
+        `read` shows, in the module's own layout (tokens outside the grid stay as they are)."""
+        if self.kind == "channels_last":
+            return output * gains[:, None, None, :]
+        if self.kind == "tokens":
+            grid = output[:, self.prefix :] * gains[:, None, :]
+            return torch.cat([output[:, : self.prefix], grid], dim=1)
+        if self.kind == "cls_token":
+            return torch.cat([output[:, :1] * gains[:, None, :], output[:, 1:]], dim=1)
+        if output.dim() == 4:
+            return output * gains[:, :, None, None]
+        return output * gains
+
     def shape(self, raw: tuple[int, ...]) -> tuple[int, ...]:
         """The shape consumers see, from the module's output shape without the batch."""
         if self.kind == "channels_last":

@@ -26,7 +26,7 @@ from atlas.optim.objectives import Target, channel, logit
 from atlas.optim.recipes import Recipe
 
 # Bump when the engine's images for equal inputs change: every unit is then recomputed.
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"  # 2: unit records carry circuits, class effects and activation maps
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Task:
     samples: int
     seed: int
     timelapse: int = 0  # keep a frame every N steps (0: no animation)
+    inputs_from: str | None = None  # the planned layer whose channels feed these units
 
     @property
     def key(self) -> str:
@@ -86,6 +87,16 @@ class Plan:
     def units_per_layer(self) -> Counter:
         return Counter(unit.layer for unit in self.units)
 
+    def inputs_from(self, layer: str) -> str | None:
+        """The planned layer whose channels a layer's units list as inputs: the one before it
+        (for the class logits, the last planned layer); None for the first."""
+        return inputs_from([info.name for info in self.layers], layer)
+
+
+def inputs_from(planned: list[str], layer: str) -> str | None:
+    position = planned.index(layer)
+    return planned[position - 1] if position > 0 else None
+
 
 def unit_key(
     digest: str,
@@ -95,11 +106,11 @@ def unit_key(
     samples: int,
     seed: int,
     timelapse: int = 0,
+    inputs: str | None = None,
 ) -> str:
-    """The unit's content key; `source` is its layer's LayerInfo.source. A timelapse only joins
-    the key when one is kept, so the keys of atlases made before timelapses stay valid."""
-    fields = [digest, source, index, recipe.hash, samples, seed, ENGINE_VERSION]
-    fields += [timelapse] if timelapse else []
+    """The unit's content key; `source` is its layer's LayerInfo.source and `inputs` the layer
+    its circuit reads (what the record's inputs are channels of)."""
+    fields = [digest, source, index, recipe.hash, samples, seed, ENGINE_VERSION, timelapse, inputs]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -121,6 +132,7 @@ def make_plan(config: AtlasConfig, model) -> Plan:
             hint = did_you_mean(name, chosen_names)
             raise AtlasError(f"channels_per_layer names {name!r}, which is not planned{hint}")
     logits = next((layer for layer in model.layers if layer.name == LOGITS), None)
+    with_logits = chosen_names + ([LOGITS] if logits is not None and config.classes.strip() else [])
     units: list[Unit] = []
 
     def add(layer: LayerInfo, indices: list[int], labels=None) -> None:
@@ -133,6 +145,7 @@ def make_plan(config: AtlasConfig, model) -> Plan:
                 config.samples,
                 config.seed,
                 config.timelapse,
+                inputs_from(with_logits, layer.name),
             )
             units.append(Unit(layer.name, index, key, labels[index] if labels else None))
 
@@ -188,6 +201,7 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
                     config.samples,
                     config.seed,
                     config.timelapse,
+                    plan.inputs_from(layer_name),
                 )
             )
     return tasks

@@ -81,7 +81,7 @@ def clipped_share(image: Image) -> float:
     return float(((values <= CLIPPED) | (values >= 1 - CLIPPED)).float().mean())
 
 
-def _model_inputs(model, images: Sequence[Image], device: torch.device) -> torch.Tensor:
+def model_inputs(model, images: Sequence[Image], device: torch.device) -> torch.Tensor:
     """What the model sees for each image: resized with antialiasing, its channel count,
     normalized. A 3-channel image shown to a grey model is averaged to grey."""
     views = []
@@ -106,7 +106,7 @@ def for_each_batch(
     device = module_device(model.module)
     with torch.no_grad(), capture(model, hooked, stop_after) as acts:
         for first in range(0, len(images), batch_size):
-            batch = _model_inputs(model, images[first : first + batch_size], device)
+            batch = model_inputs(model, images[first : first + batch_size], device)
             output = run_forward(model.module, batch)
             if output is not None:
                 acts[LOGITS] = output
@@ -195,7 +195,7 @@ def class_probabilities(model, images: Sequence[Image], *, batch_size: int = 16)
     chunks = []
     with torch.no_grad():
         for first in range(0, len(images), batch_size):
-            logits = model.module(_model_inputs(model, images[first : first + batch_size], device))
+            logits = model.module(model_inputs(model, images[first : first + batch_size], device))
             chunks.append(logits.float().softmax(1).cpu())
     return torch.cat(chunks)
 

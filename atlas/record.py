@@ -15,6 +15,7 @@ import numpy as np
 
 HISTORY_POINTS = 128  # objective curve points kept per unit
 STATUSES = ("done", "failed", "missing", "stale")  # what the store adds on reading
+PAIRS = ("history", "inputs", "classes")  # fields of (number, number) pairs
 
 
 def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[float]]:
@@ -55,6 +56,12 @@ class UnitRecord:
     best_step: int | None = None
     activation: float | None = None  # the objective on the stored image, no transforms
     history: tuple[tuple[int, float], ...] = ()  # (step, objective), at most HISTORY_POINTS
+    # what the unit is for (atlas.analysis), measured on its images
+    inputs_from: str | None = None  # the planned layer its inputs are channels of
+    inputs: tuple[tuple[int, float], ...] = ()  # (channel, weight): excite first, then inhibit
+    classes: tuple[tuple[int, float], ...] = ()  # (class, effect): pushed up, then down
+    maps: str | None = None  # its map on the starting and the best image, side by side
+    map_range: tuple[float, float] | None = None  # the maps' shared colour scale
     # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
     exemplars: tuple[dict, ...] = field(default=(), compare=False)
 
@@ -65,13 +72,16 @@ class UnitRecord:
 
     @property
     def files(self) -> list[str]:
-        """Every file the record names: its images and its animation."""
-        return [*self.images, *([self.timelapse] if self.timelapse else [])]
+        """Every file the record names: its images, its animation and its maps."""
+        return [*self.images, *(name for name in (self.timelapse, self.maps) if name)]
 
     def as_json(self) -> dict:
         """The record as JSON data; exemplars only when attached."""
         data = dataclasses.asdict(self)
-        data["history"] = [list(point) for point in self.history]
+        for name in PAIRS:
+            data[name] = [list(pair) for pair in data[name]]
+        if self.map_range is not None:
+            data["map_range"] = list(self.map_range)
         for name in ("image_seeds", "images", "exemplars"):
             data[name] = list(data[name])
         if not self.exemplars:
@@ -97,6 +107,11 @@ class UnitRecord:
         history = known.get("history")
         if isinstance(history, list):
             known["history"] = tuple(_point(p, step) for step, p in enumerate(history))
+        for name in ("inputs", "classes"):
+            if isinstance(known.get(name), list):
+                known[name] = tuple((int(i), float(w)) for i, w in known[name])
+        if isinstance(known.get("map_range"), list):
+            known["map_range"] = tuple(known["map_range"])
         return cls(**known)
 
     def with_status(self, status: str, exemplars: tuple[dict, ...] | None = None) -> UnitRecord:

@@ -136,7 +136,7 @@ def _store_outcome(store: Store, outcome, summary: RunSummary) -> None:
         return
     for unit_outcome in outcome.result["units"]:
         record = unit_outcome["record"]
-        store.save_unit(record, unit_outcome.get("images", []), unit_outcome.get("timelapse"))
+        store.save_unit(record, unit_outcome.get("images", []), unit_outcome.get("files"))
         if record.status == "done":
             summary.done += 1
         else:

@@ -41,6 +41,8 @@ from atlas.files import (
 )
 from atlas.record import STATUSES, UnitRecord
 
+UNIT_FILES = ("timelapse", "maps")  # record fields that name a unit's extra WebP files
+
 
 def layer_dirname(layer: str) -> str:
     """A folder name for a layer: the name itself when safe, else a sanitized name plus a
@@ -168,10 +170,11 @@ class Store:
         ]
 
     def save_unit(
-        self, record: UnitRecord, images: list[bytes], timelapse: bytes | None = None
+        self, record: UnitRecord, images: list[bytes], files: dict[str, bytes] | None = None
     ) -> None:
-        """The images and the animation first, the JSON last (atomic each), then files of
-        older runs are removed. The record's file names are set here."""
+        """The images and the record's other files first (`files` maps a field naming a file,
+        "timelapse" or "maps", to its WebP bytes: <index>.<field>.webp), the JSON last (atomic
+        each), then files of older runs are removed. The record's file names are set here."""
         layer, index = record.layer, record.index
         suffixes = [".webp"] if len(images) == 1 else [f".{k}.webp" for k in range(len(images))]
 
@@ -181,8 +184,9 @@ class Store:
             return path.relative_to(self.out).as_posix()
 
         names = tuple(write(suffix, data) for suffix, data in zip(suffixes, images, strict=True))
-        animation = write(".timelapse.webp", timelapse) if timelapse is not None else None
-        record = dataclasses.replace(record, images=names, timelapse=animation, exemplars=())
+        named = {field: write(f".{field}.webp", data) for field, data in (files or {}).items()}
+        cleared = dict.fromkeys(UNIT_FILES)  # a field without a file this time names none
+        record = dataclasses.replace(record, images=names, **{**cleared, **named}, exemplars=())
         atomic_write_json(self.unit_path(layer, index, ".json"), record.as_json())
         keep = {Path(name).name for name in record.files}
         for old in self._images_of(layer, index):

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from atlas.analysis import analyse
 from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
 from atlas.optim.device import describe_device, resolve_device
@@ -56,20 +57,29 @@ def visualize_splitting(model, targets: list, task: Task, device: torch.device) 
 
 
 def run_task(model, task: Task, device: str | None = None) -> dict:
-    """Optimize every unit of `task` (K images each) in one batch. A unit whose objective
-    became NaN or infinite is returned as failed; the others are fine."""
+    """Optimize every unit of `task` (K images each) in one batch, then measure what each is
+    for (atlas.analysis: inputs, class effects, maps). A unit whose objective became NaN or
+    infinite is returned as failed; the others are fine."""
     device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the same shapes run hundreds of times
     targets = [unit.target() for unit in task.units for _ in range(task.samples)]
     started = time.perf_counter()
     results = visualize_splitting(model, targets, task, device)
+    analyses = analyse(
+        model,
+        targets,
+        [r.image for r in results],
+        [r.start for r in results],
+        task.samples,
+        task.inputs_from,
+    )
     seconds = time.perf_counter() - started
     per_unit = seconds / len(task.units)
     outcomes = []
     for position, unit in enumerate(task.units):
         samples = results[position * task.samples : (position + 1) * task.samples]
-        main = samples[0]
+        main, analysis = samples[0], analyses[position]
         facts = {
             "seconds": round(per_unit, 6),
             "steps": len(main.history),
@@ -90,10 +100,15 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
             activation=main.activation,
             history=tuple(map(tuple, downsample(main.history))),
             frames_every=task.timelapse if main.frames else None,
+            inputs_from=task.inputs_from,
+            inputs=analysis.inputs,
+            classes=analysis.classes,
+            map_range=analysis.map_range,
             **facts,
         )
-        outcome = {"record": record, "images": [encode_image(r.image) for r in samples]}
+        files = {"maps": analysis.maps} if analysis.maps else {}
         if main.frames:
-            outcome["timelapse"] = encode_animation(main.frames)
-        outcomes.append(outcome)
+            files["timelapse"] = encode_animation(main.frames)
+        images = [encode_image(r.image) for r in samples]
+        outcomes.append({"record": record, "images": images, "files": files})
     return {"units": outcomes, "seconds": seconds}

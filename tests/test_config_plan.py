@@ -516,8 +516,10 @@ def test_key_follows_unit_key_fields(model):
         unit_key(model.digest, "conv2", 3, recipe.replace(lr=0.1), 1, 1),
         unit_key(model.digest, "conv2", 3, recipe, 2, 1),
         unit_key(model.digest, "conv2", 3, recipe, 1, 2),
+        unit_key(model.digest, "conv2", 3, recipe, 1, 1, timelapse=4),
+        unit_key(model.digest, "conv2", 3, recipe, 1, 1, inputs="conv1"),  # its circuit's layer
     ]
-    assert len({key, *variants}) == 7
+    assert len({key, *variants}) == 9
     assert ENGINE_VERSION  # part of every key: bumping it changes them all
 
 

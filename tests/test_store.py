@@ -612,7 +612,7 @@ def test_run_stores_every_unit_and_an_unchanged_rerun_does_nothing(atlas_cli, op
     )
     assert {steps for _, steps in optimized} == {3}
     assert files_under(out / "units") == sorted(
-        [f"conv2/{i}.{s}" for i in range(4) for s in ("json", "webp")]
+        [f"conv2/{i}.{s}" for i in range(4) for s in ("json", "webp", "maps.webp")]
         + [f"logits/{i}.{s}" for i in range(2) for s in ("json", "webp")]
     )
     record = read_json(out / "units/conv2/2.json")
@@ -684,10 +684,7 @@ def test_more_channels_rerun_only_the_new_units(atlas_cli, optimized):
     after = snapshot(atlas_cli.out)
     assert {name: after[name] for name in before} == before  # the old units untouched
     assert sorted(set(after) - set(before)) == [
-        "conv2/4.json",
-        "conv2/4.webp",
-        "conv2/5.json",
-        "conv2/5.webp",
+        f"conv2/{i}.{s}" for i in (4, 5) for s in ("json", "maps.webp", "webp")
     ]
 
 
@@ -704,7 +701,7 @@ def test_narrowing_leaves_stale_units_and_prune_deletes_them(atlas_cli, optimize
     assert pruned.exit_code == 0, pruned.output
     assert optimized == []
     assert files_under(atlas_cli.out / "units") == sorted(
-        [f"conv2/{i}.{s}" for i in range(4) for s in ("json", "webp")]
+        [f"conv2/{i}.{s}" for i in range(4) for s in ("json", "webp", "maps.webp")]
         + ["logits/0.json", "logits/0.webp"]
     )
     assert read_json(atlas_cli.out / "manifest.json")["counts"] == {
@@ -789,7 +786,7 @@ def test_nan_objective_fails_one_unit_and_the_run_exits_1(tmp_path, monkeypatch)
     assert records[2].images == ()
     assert [records[i].status for i in (0, 1, 3)] == ["done"] * 3
     assert files_under(out / "units") == sorted(
-        ["conv2/2.json"] + [f"conv2/{i}.{s}" for i in (0, 1, 3) for s in ("json", "webp")]
+        ["conv2/2.json"] + [f"conv2/{i}.{s}" for i in (0, 1, 3) for s in ("json", "webp", "maps.webp")]
     )
     assert store.status() == {"conv2": {"done": 3, "failed": 1}}
     assert read_json(out / "manifest.json")["counts"]["failed"] == 1

@@ -126,3 +126,39 @@ def tiny_clamped() -> LoadedModel:
 def tiny_small() -> LoadedModel:
     """The tiny model fed 12x12 images: conv3's map is 3x3 (for position-by-position growth)."""
     return dataclasses.replace(tiny_model(size=12), spec="tinymodels:tiny_small", digest="")
+
+
+class PlantedNet(nn.Module):
+    """A known circuit: mix.0 copies feat.0, mix.1 is minus feat.0, mix.2 copies feat.2, and
+    the head reads class 0 = +mix.0, class 1 = -mix.0, class 2 = +mix.2 (class 3 nothing).
+    feat.0 has a bias of 1, so it is positive on every image."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.feat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.mix = nn.Conv2d(4, 3, 1, bias=False)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(3, 4, bias=False)
+        with torch.no_grad():
+            self.feat[0].weight[0] *= 0.1
+            self.feat[0].bias[0] = 1.0
+            self.mix.weight.zero_()
+            self.mix.weight[0, 0] = 1.0
+            self.mix.weight[1, 0] = -1.0
+            self.mix.weight[2, 2] = 1.0
+            self.fc.weight.copy_(torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0, 0, 1.0], [0, 0, 0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.mix(self.feat(x))))
+
+
+def planted() -> LoadedModel:
+    """The factory behind `tinymodels:planted`."""
+    return LoadedModel(
+        spec="planted",
+        module=PlantedNet(),
+        normalize=InputNormalization((2.0,) * 3, (-1.0,) * 3),
+        input_size=(16, 16),
+        labels=("up", "down", "other", "none"),
+    )

@@ -46,6 +46,7 @@ class UnitResult:
     seed: int
     activation: float = float("nan")  # the objective on `image` as stored, without transforms
     frames: list[np.ndarray] = field(default_factory=list)  # uint8, when a timelapse was kept
+    start: np.ndarray | None = None  # uint8: the image before the first step
 
     @property
     def target(self) -> Target | None:
@@ -230,6 +231,8 @@ def visualize(
                 if redirect is not None:
                     redirect.on = step < recipe.redirect_relu
                 images = param()
+                if step == 0:
+                    start = _as_uint8(images.detach())
                 if timelapse and (step % timelapse == 0 or step == total - 1):
                     frames.append(_as_uint8(images.detach()))
                 view = normalize(transforms.apply(images, draws[step], recipe, model.input_size))
@@ -268,8 +271,9 @@ def visualize(
 
     final_start = total - stages[-1].steps
     results = _results(requested, history, best_image, final_start, generators)
-    for result, value in zip(results, clean.tolist(), strict=True):
+    for result, value, first in zip(results, clean.tolist(), start.cpu().numpy(), strict=True):
         result.activation = value
+        result.start = first
     for frame in frames:  # copied to the host at the end, not inside the loop
         for result, image in zip(results, frame.cpu().numpy(), strict=True):
             result.frames.append(image)

@@ -1,0 +1,148 @@
+"""What a unit is for, measured on its own images after the optimization: which channels of the
+layer before drive it (circuits), which classes it pushes (class effects), and where it fires
+(activation maps on the starting and the best image).
+
+Both link measures are gradient x activation, summed over positions, read as the derivative of
+one quantity with respect to a per-channel gain held at 1 (`layers.gained`):
+
+    input weight of channel c of layer P = d unit / d gain_P[c]     (one backward pass)
+    effect on class k                    = d logit_k / d gain_L[u]  (a central difference)
+
+so a layer between the two is no obstacle, and a negative weight inhibits. Each is averaged
+over the unit's K images. The cost is a few passes per task, against hundreds of steps.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from atlas.layers import capture, gained, module_device, resolve, run_forward
+from atlas.names import LOGITS
+from atlas.optim.objectives import BatchObjective, Target, as_objective
+from atlas.quality import model_inputs
+
+INPUTS_KEPT = 16  # strongest inputs of each sign (pages show 6 and 3; outputs are derived)
+CLASSES_KEPT = 5  # classes pushed up most, and down most
+EFFECT_STEP = 0.05  # the relative gain change of the central difference
+MAP_SCALE = 160  # px: the longer side of each activation map as stored
+
+
+@dataclass
+class UnitAnalysis:
+    inputs: tuple[tuple[int, float], ...] = ()  # (channel of the layer before, weight)
+    classes: tuple[tuple[int, float], ...] = ()  # (class, effect): up first, then down
+    maps: bytes | None = None  # WebP: the map on the starting image | on the best image
+    map_range: tuple[float, float] | None = None  # the maps' shared colour scale
+
+
+def strongest(weights: np.ndarray, kept: int) -> tuple[tuple[int, float], ...]:
+    """The `kept` largest positive weights, then the `kept` most negative, strongest first."""
+    order = np.argsort(weights)
+    up = [i for i in order[::-1][:kept] if weights[i] > 0]
+    down = [i for i in order[:kept] if weights[i] < 0]
+    return tuple((int(i), round(float(weights[i]), 6)) for i in [*up, *down])
+
+
+def input_weights(model, targets: Sequence[Target], images, inputs_from: str) -> np.ndarray:
+    """[B, C] attribution of each image's target to the channels of `inputs_from`."""
+    x = model_inputs(model, images, module_device(model.module))
+    layer = resolve(model, inputs_from)
+    gains = torch.ones(len(images), layer.channels, requires_grad=True, device=x.device)
+    hooked = sorted({t.layer for t in targets} - {LOGITS})
+    with gained(model, inputs_from, gains), capture(model, hooked) as acts:
+        output = run_forward(model.module, x)
+        acts[LOGITS] = output
+        values = BatchObjective([as_objective(t) for t in targets])(acts)
+    (grad,) = torch.autograd.grad(values.sum(), gains)
+    return grad.numpy()
+
+
+def class_effects(model, targets: Sequence[Target], images) -> np.ndarray:
+    """[B, classes]: d logits / d gain of each image's own channel (its target's), by a central
+    difference around gain 1."""
+    x = model_inputs(model, images, module_device(model.module))
+    layer = targets[0].layer
+    channels = resolve(model, layer).channels
+    rows = torch.arange(len(targets))
+    index = torch.tensor([t.index for t in targets])
+    logits = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            gains = torch.ones(len(targets), channels, device=x.device)
+            gains[rows, index] += sign * EFFECT_STEP
+            with gained(model, layer, gains):
+                logits.append(model.module(x).float())
+    return ((logits[0] - logits[1]) / (2 * EFFECT_STEP)).numpy()
+
+
+def channel_maps(model, targets: Sequence[Target], images) -> np.ndarray:
+    """[B, H, W]: each image's target channel over the map."""
+    x = model_inputs(model, images, module_device(model.module))
+    layer = targets[0].layer
+    with torch.no_grad(), capture(model, [layer], stop_after=layer) as acts:
+        run_forward(model.module, x)
+    rows = torch.arange(len(targets))
+    return acts[layer][rows, torch.tensor([t.index for t in targets])].float().numpy()
+
+
+def map_image(before: np.ndarray, after: np.ndarray) -> tuple[bytes, tuple[float, float]]:
+    """The two maps side by side on one colour scale (dark low, bright high), as WebP."""
+    low, high = float(min(before.min(), after.min())), float(max(before.max(), after.max()))
+    span = (high - low) or 1.0
+    height, width = before.shape
+    scale = max(1, MAP_SCALE // max(height, width))
+    gap = np.full((height, 1), np.nan)
+    joined = np.concatenate([before, gap, after], axis=1)
+    level = np.nan_to_num((joined - low) / span, nan=1.0)
+    image = Image.fromarray(_colour(level)).resize(
+        (joined.shape[1] * scale, height * scale), Image.Resampling.NEAREST
+    )
+    encoded = io.BytesIO()
+    image.save(encoded, format="WEBP", lossless=True)
+    return encoded.getvalue(), (round(low, 5), round(high, 5))
+
+
+def _colour(level: np.ndarray) -> np.ndarray:
+    """A dark-blue to yellow ramp (readable, and monotone in brightness)."""
+    stops = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]])
+    position = np.clip(level, 0, 1) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    fraction = (position - low)[..., None]
+    return (stops[low] * (1 - fraction) + stops[low + 1] * fraction).astype(np.uint8)
+
+
+def analyse(
+    model, targets: Sequence[Target], images, starts, samples: int, inputs_from: str | None
+) -> list[UnitAnalysis]:
+    """One UnitAnalysis per unit of a task: `targets`, `images` and `starts` hold K = `samples`
+    consecutive entries per unit (the first is the unit's main image)."""
+    units = len(targets) // samples
+    analyses = [UnitAnalysis() for _ in range(units)]
+    per_unit = slice(None, None, samples)
+    layer = targets[0].layer
+
+    def mean_per_unit(values: np.ndarray) -> np.ndarray:
+        return values.reshape(units, samples, -1).mean(1)
+
+    if inputs_from is not None:
+        weights = mean_per_unit(input_weights(model, targets, images, inputs_from))
+        for analysis, row in zip(analyses, weights, strict=True):
+            analysis.inputs = strongest(row, INPUTS_KEPT)
+    if layer == LOGITS:
+        return analyses
+    effects = mean_per_unit(class_effects(model, targets, images))
+    for analysis, row in zip(analyses, effects, strict=True):
+        analysis.classes = strongest(row, CLASSES_KEPT)
+    if len(resolve(model, layer).shape) == 3:
+        main = list(targets[per_unit])
+        before = channel_maps(model, main, list(starts[per_unit]))
+        after = channel_maps(model, main, list(images[per_unit]))
+        for analysis, pair in zip(analyses, zip(before, after, strict=True), strict=True):
+            analysis.maps, analysis.map_range = map_image(*pair)
+    return analyses
