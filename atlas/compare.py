@@ -33,14 +33,7 @@ from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
 from atlas.optim.objectives import channel, logit
 from atlas.quality import activation_grid, clean_activations
-from atlas.site import (
-    copy_static,
-    environment,
-    link_or_copy,
-    remove_stale,
-    site_info,
-    write_if_changed,
-)
+from atlas.site import Page, link_or_copy, site_info, write_pages
 from atlas.store import Store, layer_dirname
 
 GRID_PREVIEW = 12  # most changed pairs on the index page
@@ -240,53 +233,49 @@ def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str 
             "layers": layers,
         },
     )
-    _render(a, b, summary, dest)
+    write_pages(dest, compare_pages(a, b, summary, dest))
     return summary
 
 
-def _render(a: Side, b: Side, summary: CompareSummary, dest: Path) -> None:
-    env = environment()
-    written = {dest / "index.html"}
-    for layer in summary.layers:
-        written.add(dest / layer["dir"] / "index.html")
-        for row in layer["units"]:
-            written.add(dest / layer["dir"] / f"{row['index']}.html")
-            key = (row["layer"], row["index"])
-            for side in (a, b):
-                source = side.out / side.units[key]["images"][0]
-                name = f"{row['index']}.{side.name.lower()}{source.suffix}"
-                link_or_copy(source, dest / layer["dir"] / "img" / name)
-                written.add(dest / layer["dir"] / "img" / name)
-                row[f"image_{side.name.lower()}"] = f"img/{name}"
+def compare_pages(a: Side, b: Side, summary: CompareSummary, dest: Path) -> list[Page]:
+    """Every page of the compare site: the index, a grid per layer and a page per pair. Links
+    both sides' images into `dest` on the way and names them in each row."""
     common = {
         "a": a.info,
         "b": b.info,
         "info": {**a.info, "spec": f"{a.info['spec']} vs {b.info['spec']}"},
         "summary": summary,
     }
-    copy_static(dest)
-    page = env.get_template("compare_unit.html")
+    pages = [Page("index.html", "compare_index.html", {**common, "root": ""})]
     for layer in summary.layers:
         units = layer["units"]
-        write_if_changed(
-            dest / layer["dir"] / "index.html",
-            env.get_template("compare_layer.html").render(**common, root="../", layer=layer),
-        )
+        context = {**common, "root": "../", "layer": layer}
+        pages.append(Page(f"{layer['dir']}/index.html", "compare_layer.html", context))
         for rank, row in enumerate(units):
-            html = page.render(
+            images = [_link_image(side, row, dest / layer["dir"]) for side in (a, b)]
+            context = {
                 **common,
-                root="../",
-                layer=layer,
-                row=row,
-                rank=rank + 1,
-                previous=units[rank - 1] if rank > 0 else None,
-                next=units[rank + 1] if rank + 1 < len(units) else None,
-            )
-            write_if_changed(dest / layer["dir"] / f"{row['index']}.html", html)
-    write_if_changed(
-        dest / "index.html", env.get_template("compare_index.html").render(**common, root="")
-    )
-    remove_stale(dest, written)
+                "root": "../",
+                "layer": layer,
+                "row": row,
+                "rank": rank + 1,
+                "previous": units[rank - 1] if rank > 0 else None,
+                "next": units[rank + 1] if rank + 1 < len(units) else None,
+            }
+            path = f"{layer['dir']}/{row['index']}.html"
+            links = tuple(f"{layer['dir']}/{image}" for image in images)
+            pages.append(Page(path, "compare_unit.html", context, row["id"], links))
+    return pages
+
+
+def _link_image(side: Side, row: dict, folder: Path) -> str:
+    """Link one side's image of the pair into `folder`/img/ and note it in the row as
+    image_a or image_b; returns its path relative to `folder`."""
+    source = side.out / side.units[(row["layer"], row["index"])]["images"][0]
+    name = f"img/{row['index']}.{side.name.lower()}{source.suffix}"
+    link_or_copy(source, folder / name)
+    row[f"image_{side.name.lower()}"] = name
+    return name
 
 
 def describe(summary: CompareSummary) -> str:

@@ -4,6 +4,10 @@ Pages: index.html (the model and its layers), <layer>/index.html (a grid of ever
 <layer>/<index>.html (one unit). Everything is relative links to files (no fetch, no network),
 so the site works from file:// and from any static host. This module never imports torch.
 
+Pages are data: a build first lists every page it writes as (path, template, context), then one
+writer (write_pages, shared with `atlas compare`) renders and writes them; what a rerender keeps
+is derived from that list, so a new page kind is one entry and never a forgotten file to keep.
+
 A damaged stored file never stops a render: it is named in one `warning:` line, its unit is
 shown as missing (the next `atlas run` redoes it), and a damaged manifest is rebuilt from the
 unit files, which are the truth.
@@ -50,6 +54,19 @@ def environment() -> Environment:
     env.filters["seconds"] = lambda v: "-" if v is None else f"{v:.2f} s"
     env.filters["change"] = lambda v: "-" if v is None or math.isnan(v) else f"{v:.2f}"
     return env
+
+
+@dataclass(frozen=True)
+class Page:
+    """One file a build writes. `unit` is the id of the unit it shows (named when the page
+    fails to render); `links` are the unit files it points to, relative to the site root, which
+    the sweep of stale files keeps."""
+
+    path: str  # relative to the site root, "/"-separated
+    template: str
+    context: dict
+    unit: str | None = None
+    links: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,11 +116,21 @@ class UnitView:
     def page(self) -> str:
         return f"{self.index}.html"
 
+    @property
+    def curve(self) -> str:
+        """Computed while the page renders, so that a bad history names its page."""
+        return curve_points(self.record.get("history", []))
+
+    @property
+    def curve_range(self) -> tuple[float | None, float | None]:
+        values = [point[1] for point in self.record.get("history", [])]
+        return (min(values), max(values)) if values else (None, None)
+
     def files(self) -> list[str]:
-        """Every file of this unit in its layer folder (page, images, thumbnail, animation,
-        exemplar patches), relative to that folder."""
+        """The files of this unit that its page links (images, thumbnail, animation, exemplar
+        patches), relative to its layer folder."""
         extras = [self.thumb, self.timelapse, *(item["src"] for item in self.exemplars)]
-        return [self.page, *self.images, *(name for name in extras if name)]
+        return [*self.images, *(name for name in extras if name)]
 
 
 def curve_points(history: list, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) -> str:
@@ -119,11 +146,6 @@ def curve_points(history: list, width: int = CURVE_WIDTH, height: int = CURVE_HE
         f"{(s - steps[0]) / span_x * width:.1f},{height - (v - low) / span_y * height:.1f}"
         for s, v in zip(steps, values, strict=True)
     )
-
-
-def _value_range(history: list) -> tuple[float | None, float | None]:
-    values = [point[1] for point in history]
-    return (min(values), max(values)) if values else (None, None)
 
 
 def write_if_changed(path: Path, text: str) -> None:
@@ -279,7 +301,13 @@ def render(out: str | Path, warn: Callable[[str], None] = warn) -> Path:
 
 def _render(out: Path, manifest: dict, sweep: bool, warn: Callable[[str], None] = warn) -> Path:
     site = out / "site"
-    env = environment()
+    write_pages(site, site_pages(out, site, manifest, warn), sweep=sweep)
+    return site / "index.html"
+
+
+def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None]) -> list[Page]:
+    """Every page of the atlas: the index, a grid per layer, a page per unit and the search
+    index. Links the unit images into `site` and makes thumbnails on the way (see _unit_view)."""
     records = manifest.get("units", [])
     layers = [dict(layer) for layer in manifest.get("layers", [])]
     units_by_layer: dict[str, list[UnitView]] = {layer["name"]: [] for layer in layers}
@@ -301,69 +329,79 @@ def _render(out: Path, manifest: dict, sweep: bool, warn: Callable[[str], None] 
         "counts": {status: shown.get(status, 0) for status in STATUSES},
         "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
     }
-
-    copy_static(site)
-    unit_page = env.get_template("unit.html")
-    layer_page = env.get_template("layer.html")
+    pages = []
     search = []
-    written = {site / "index.html"}
     for layer in layers:
         units = units_by_layer[layer["name"]]
-        folder = site / layer["dir"]
-        written.add(folder / "index.html")
-        written.update(folder / name for unit in units for name in unit.files())
-        write_if_changed(
-            folder / "index.html",
-            layer_page.render(
-                **common,
-                root="../",
-                layer=layer,
-                units=units,
-                is_logits=layer["name"] == LOGITS,
-                layer_counts=counts_by_layer[layer["name"]],
-            ),
-        )
+        context = {
+            **common,
+            "root": "../",
+            "layer": layer,
+            "units": units,
+            "is_logits": layer["name"] == LOGITS,
+            "layer_counts": counts_by_layer[layer["name"]],
+        }
+        pages.append(Page(f"{layer['dir']}/index.html", "layer.html", context))
         for position, unit in enumerate(units):
-            page = unit_page.render(
-                **common,
-                root="../",
-                layer=layer,
-                unit=unit,
-                curve=curve_points(unit.record.get("history", [])),
-                curve_range=_value_range(unit.record.get("history", [])),
-                curve_size=(CURVE_WIDTH, CURVE_HEIGHT),
-                previous=units[position - 1] if position > 0 else None,
-                next=units[position + 1] if position + 1 < len(units) else None,
-            )
-            write_if_changed(folder / unit.page, page)
+            pages.append(_unit_page(common, layer, units, position))
             label = unit.record.get("label") or ""
             search.append([unit.record["id"], label, f"{layer['dir']}/{unit.page}"])
     previews = {
         name: [unit for unit in units if unit.thumb][:PREVIEWS_PER_LAYER]
         for name, units in units_by_layer.items()
     }
-    index = site / "index.html"
-    write_if_changed(
-        index,
-        env.get_template("index.html").render(
-            **common, root="", layers=layers, previews=previews, status_by_layer=counts_by_layer
-        ),
-    )
-    # The search index as a classic script: pages opened from file:// cannot fetch() JSON.
-    write_if_changed(site / "search-index.js", f"window.ATLAS_SEARCH = {json.dumps(search)};\n")
-    remove_stale(site, written, sweep=sweep)
-    return index
+    context = {**common, "root": "", "layers": layers, "previews": previews}
+    pages.append(Page("index.html", "index.html", {**context, "status_by_layer": counts_by_layer}))
+    pages.append(Page("search-index.js", "search-index.js", {"search": search}))
+    return pages
+
+
+def _unit_page(common: dict, layer: dict, units: list[UnitView], position: int) -> Page:
+    unit = units[position]
+    context = {
+        **common,
+        "root": "../",
+        "layer": layer,
+        "unit": unit,
+        "curve_size": (CURVE_WIDTH, CURVE_HEIGHT),
+        "previous": units[position - 1] if position > 0 else None,
+        "next": units[position + 1] if position + 1 < len(units) else None,
+    }
+    links = tuple(f"{layer['dir']}/{name}" for name in unit.files())
+    return Page(f"{layer['dir']}/{unit.page}", "unit.html", context, unit.record["id"], links)
+
+
+def write_pages(root: Path, pages: list[Page], *, sweep: bool = True) -> None:
+    """The one page writer, of `atlas render` and `atlas compare`: copy the assets, write the
+    pages that changed, then delete the pages and images under `root` that are neither a page,
+    nor linked by one, nor an asset (see remove_stale). A page that fails to render stops the
+    build with an AtlasError naming it and its unit, before anything is deleted."""
+    env = environment()
+    keep = {root / path for path in copy_static(root)}
+    for page in pages:
+        write_if_changed(root / page.path, _render_page(env, page))
+        keep.add(root / page.path)
+        keep.update(root / link for link in page.links)
+    remove_stale(root, keep, sweep=sweep)
+
+
+def _render_page(env: Environment, page: Page) -> str:
+    try:
+        return env.get_template(page.template).render(page.context)
+    except Exception as error:  # a template error or a bad value in a record, of this page
+        unit = f" (unit {page.unit})" if page.unit else ""
+        raise AtlasError(
+            f"page {page.path}{unit} failed: {type(error).__name__}: {error}"
+        ) from error
 
 
 def remove_stale(root: Path, keep: set[Path], sweep: bool = True) -> int:
-    """Delete the pages and images under `root` that this render did not write (units pruned
-    since, older animations and exemplar patches), then empty folders; static assets and any
-    other file stay. With `sweep` (only for the folder's one writer), also the temporaries a
-    killed render left. Returns how many files went."""
+    """Delete the pages and images under `root` not in `keep` (units pruned since, older
+    animations and exemplar patches), then empty folders; any other file stays. With `sweep`
+    (only for the folder's one writer), also the temporaries a killed render left. Returns how
+    many files went."""
     removed = remove_temporaries(root, below=True) if sweep else 0
     for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
-        if path.parent == root / "static":
-            continue
         if path.is_file() and path.suffix in {".html", ".webp"} and path not in keep:
             path.unlink()
             removed += 1
@@ -372,8 +410,12 @@ def remove_stale(root: Path, keep: set[Path], sweep: bool = True) -> int:
     return removed
 
 
-def copy_static(site: Path) -> None:
-    """Copy the assets (site/ of the repository) into site/static/."""
+def copy_static(root: Path) -> list[str]:
+    """Copy the assets (site/ of the repository) into root/static/; returns their paths
+    relative to `root`."""
+    copied = []
     for asset in resources.files("atlas.static").iterdir():
         if asset.is_file() and asset.name.endswith((".css", ".js")):
-            write_if_changed(site / "static" / asset.name, asset.read_text())
+            write_if_changed(root / "static" / asset.name, asset.read_text())
+            copied.append(f"static/{asset.name}")
+    return copied

@@ -1,6 +1,7 @@
 """atlas compare: two atlases side by side, the most changed units first."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -120,3 +121,19 @@ def test_every_compare_link_resolves(atlases):
     result = invoke("compare", atlases / "a", atlases / "b", "--out", atlases / "links")
     assert result.exit_code == 0, result.output
     assert check_links(atlases / "links") > 6 * 4  # per pair page: css, js, home, pager, images
+
+
+def test_a_pair_page_that_fails_to_render_is_named_with_its_unit(atlases, tmp_path, monkeypatch):
+    def with_a_bad_value(*args):
+        pages = build(*args)
+        pages[-1].context["row"]["a_on_a"] = "not a number"  # only the pair page shows it
+        return pages
+
+    build = atlas.compare.compare_pages
+    monkeypatch.setattr(atlas.compare, "compare_pages", with_a_bad_value)
+    result = invoke("compare", atlases / "a", atlases / "b", "--out", tmp_path / "cmp")
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert re.fullmatch(
+        r"error: page conv2/(\d)\.html \(unit conv2:\1\) failed: ValueError: .*", line
+    )

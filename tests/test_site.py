@@ -1,5 +1,6 @@
 """Page building: escaping, safe paths, statuses, thumbnails, incremental rendering."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from PIL import Image
 from synthetic import make_atlas
 
 from atlas.cli import cli
+from atlas.errors import AtlasError
 from atlas.files import exclusive_lock
-from atlas.site import curve_points, render
+from atlas.site import Page, curve_points, render, write_pages
 from atlas.store import Store
 
 HOSTILE_LABEL = "<script>alert('label')</script>"
@@ -189,3 +191,38 @@ def test_render_command_and_its_errors(atlas_out, tmp_path):
     result = CliRunner().invoke(cli, ["render", str(tmp_path)])
     assert result.exit_code == 2
     assert "has no manifest.json" in result.stderr
+
+
+def test_the_files_a_build_keeps_are_its_pages_their_links_and_the_assets(tmp_path):
+    """What a build writes is one list of pages; what it keeps follows from that list."""
+    linked = ("img/linked.webp",)
+    for name in ("old.html", *linked, "img/unlinked.webp", "static/atlas.css"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("earlier")
+    search = {"search": [["conv2:0", "", "conv2/0.html"]]}
+    write_pages(tmp_path, [Page("search-index.js", "search-index.js", search, None, linked)])
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.*")) == [
+        "img/linked.webp",
+        "search-index.js",
+        "static/atlas.css",
+        "static/atlas.js",
+    ]
+    assert (tmp_path / "static/atlas.css").read_text() != "earlier"
+
+
+def test_a_page_that_fails_to_render_is_named_with_its_unit_and_deletes_nothing(tmp_path):
+    make_atlas(tmp_path, {"conv2": 3})
+    render(tmp_path)
+    before = sorted((tmp_path / "site").rglob("*"))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["units"][1]["seconds"] = "slow"  # the unit page formats it as a number
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        AtlasError, match=r"^page conv2/1\.html \(unit conv2:1\) failed: ValueError"
+    ):
+        render(tmp_path)
+    assert sorted((tmp_path / "site").rglob("*")) == before
+    result = CliRunner().invoke(cli, ["render", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: page conv2/1.html (unit conv2:1) failed: ValueError: ")
