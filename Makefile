@@ -16,14 +16,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # A small real atlas of the bundled model: 3 layers x 8 channels + 8 class logits, each with
-# a timelapse of its optimization; a few minutes on a 2-core CPU. Rerunning it does only what
-# is missing.
-demo: $(VENV)/.installed
+# a timelapse of its optimization and its dataset exemplars among 300 crops of scikit-image's
+# sample photos (offline); a few minutes on a 2-core CPU. Rerunning it does only what is missing.
+demo: $(VENV)/.installed $(DEMO_OUT)/photos
 	$(BIN)/atlas run efficientnet_lite0 --layers blocks.3 --layers blocks.8 --layers blocks.13 \
 		--channels 0-7 --classes hen,pelican,espresso,castle,goldfish,monarch,volcano,lemon \
-		--steps 128 --timelapse 16 --out $(DEMO_OUT)
+		--steps 128 --timelapse 16 --exemplars $(DEMO_OUT)/photos --out $(DEMO_OUT)
 	$(BIN)/atlas status $(DEMO_OUT)
 	@echo "Open the atlas: $(DEMO_OUT)/site/index.html"
+
+# The demo's exemplar folder, made once (a folder target: a rerun of `make demo` keeps it, so
+# its exemplars stay stored); scikit-image comes with the test extra.
+$(DEMO_OUT)/photos: bench/demo_photos.py | $(VENV)/.installed
+	$(BIN)/python bench/demo_photos.py $@ --count 300 --seed 0
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
