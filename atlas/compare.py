@@ -33,6 +33,7 @@ from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
 from atlas.optim.objectives import channel, logit
 from atlas.quality import activation_grid, clean_activations
+from atlas.record import UnitRecord
 from atlas.site import Page, link_or_copy, site_info, write_pages
 from atlas.store import Store, layer_dirname
 
@@ -48,11 +49,11 @@ class Side:
     out: Path
     plan: dict
     info: dict
-    units: dict[tuple[str, int], dict]
+    units: dict[tuple[str, int], UnitRecord]
     model: object = None
 
     def image(self, key: tuple[str, int]) -> np.ndarray:
-        with Image.open(self.out / self.units[key]["images"][0]) as image:
+        with Image.open(self.out / self.units[key].images[0]) as image:
             return np.array(image.convert("RGB"))
 
 
@@ -62,11 +63,12 @@ def read_side(name: str, out: str | Path) -> Side:
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
     done = {
-        (u["layer"], u["index"]): u
+        (u.layer, u.index): u
         for u in units
-        if u["status"] == "done" and u.get("images") and (out / u["images"][0]).is_file()
+        if u.status == "done" and u.images and (out / u.images[0]).is_file()
     }
-    return Side(name, out, plan, {**site_info(plan, units), "out": str(out)}, done)
+    info = site_info(plan, [u.as_json() for u in units])
+    return Side(name, out, plan, {**info, "out": str(out)}, done)
 
 
 def load_model(side: Side, loaded: dict):
@@ -148,7 +150,7 @@ def _row(a: Side, layer: str, index: int, values: dict[str, float]) -> dict:
         "layer": layer,
         "index": index,
         "id": f"{layer}:{index}",
-        "label": a.units[(layer, index)].get("label"),
+        "label": a.units[(layer, index)].label,
         **values,
         "cross_a": crosses[0],
         "cross_b": crosses[1],
@@ -271,7 +273,7 @@ def compare_pages(a: Side, b: Side, summary: CompareSummary, dest: Path) -> list
 def _link_image(side: Side, row: dict, folder: Path) -> str:
     """Link one side's image of the pair into `folder`/img/ and note it in the row as
     image_a or image_b; returns its path relative to `folder`."""
-    source = side.out / side.units[(row["layer"], row["index"])]["images"][0]
+    source = side.out / side.units[(row["layer"], row["index"])].images[0]
     name = f"img/{row['index']}.{side.name.lower()}{source.suffix}"
     link_or_copy(source, folder / name)
     row[f"image_{side.name.lower()}"] = name
