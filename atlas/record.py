@@ -64,6 +64,7 @@ class UnitRecord:
     map_range: tuple[float, float] | None = None  # the maps' shared colour scale
     # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
     exemplars: tuple[dict, ...] = field(default=(), compare=False)
+    trust: dict | None = field(default=None, compare=False)  # atlas.trust: score, layers
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -84,8 +85,9 @@ class UnitRecord:
             data["map_range"] = list(self.map_range)
         for name in ("image_seeds", "images", "exemplars"):
             data[name] = list(data[name])
-        if not self.exemplars:
-            del data["exemplars"]
+        for name in ("exemplars", "trust"):
+            if not data[name]:
+                del data[name]
         return data
 
     @classmethod
@@ -114,11 +116,15 @@ class UnitRecord:
             known["map_range"] = tuple(known["map_range"])
         return cls(**known)
 
-    def with_status(self, status: str, exemplars: tuple[dict, ...] | None = None) -> UnitRecord:
-        """This record as the store reads it: stale, missing, with its exemplars attached."""
+    def with_status(self, status: str, exemplars: dict | None = None) -> UnitRecord:
+        """This record as the store reads it: stale or missing, with its exemplar record's
+        patches attached, and its trust score when it was computed for this record's key."""
         changes: dict = {"status": status}
         if exemplars is not None:
-            changes["exemplars"] = tuple(exemplars)
+            changes["exemplars"] = tuple(exemplars["items"])
+            trust = exemplars.get("trust")
+            if isinstance(trust, dict) and trust.get("unit_key") == self.key:
+                changes["trust"] = trust
         return dataclasses.replace(self, **changes)
 
 

@@ -25,6 +25,7 @@ from atlas.plan import ENGINE_VERSION, Plan, load_and_plan, make_tasks
 from atlas.progress import Progress
 from atlas.site import render
 from atlas.store import Store, layer_dirname
+from atlas.trust import TrustPass
 from atlas.work import run_task, unit_record
 
 MANIFEST_EVERY_SECONDS = 60.0
@@ -99,7 +100,13 @@ def _run_claimed(
         top = config.exemplars_top
         exemplars = ExemplarPass(model, plan.units, config.exemplars, store.out, top)
     clock = time.monotonic()
-    if todo or (exemplars and exemplars.needed):
+
+    def trust_pass() -> TrustPass | None:  # read afresh: it follows what this run stored
+        names = [layer.name for layer in plan.layers]
+        return TrustPass(names, config.exemplars, store.out) if config.exemplars else None
+
+    needs_trust = config.exemplars and trust_pass().needed  # e.g. a run killed before it
+    if todo or (exemplars and exemplars.needed) or needs_trust:
         with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
             if on_start:
                 on_start(len(todo), summary.skipped, pool.dashboard_link)
@@ -115,6 +122,8 @@ def _run_claimed(
             if exemplars and exemplars.needed:
                 summary.exemplars = exemplars.run(pool, on_progress)
                 summary.failures += summary.exemplars.failures
+            if (trust := trust_pass()) and trust.needed:
+                summary.failures += trust.run(pool)
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
     store.write_plan(plan_record(plan, model, started, now()))

@@ -186,7 +186,8 @@ class Store:
         names = tuple(write(suffix, data) for suffix, data in zip(suffixes, images, strict=True))
         named = {field: write(f".{field}.webp", data) for field, data in (files or {}).items()}
         cleared = dict.fromkeys(UNIT_FILES)  # a field without a file this time names none
-        record = dataclasses.replace(record, images=names, **{**cleared, **named}, exemplars=())
+        files_named = {**cleared, **named}
+        record = dataclasses.replace(record, images=names, **files_named, exemplars=(), trust=None)
         atomic_write_json(self.unit_path(layer, index, ".json"), record.as_json())
         keep = {Path(name).name for name in record.files}
         for old in self._images_of(layer, index):
@@ -288,7 +289,7 @@ class Store:
         stored = self.index()
         digest = ((plan or {}).get("model") or {}).get("digest")
         found = self.exemplars(verify=False).items()
-        exemplars = {k: e["items"] for k, e in found if e.get("digest") == digest}
+        exemplars = {k: e for k, e in found if e.get("digest") == digest}
         units = []
         for key, record in stored.items():
             wanted = planned.get(key)
@@ -298,10 +299,7 @@ class Store:
             if key not in stored:  # a planned unit with an outdated result shows as stale
                 units.append(UnitRecord.from_json(unit).with_status("missing"))
         # exemplars of the current weights, whatever the unit's status
-        units = [
-            unit.with_status(unit.status, exemplars.get((unit.layer, unit.index), ()))
-            for unit in units
-        ]
+        units = [u.with_status(u.status, exemplars.get((u.layer, u.index))) for u in units]
         order = {layer["name"]: i for i, layer in enumerate((plan or {}).get("layers", []))}
         units.sort(key=lambda u: (order.get(u.layer, len(order)), u.layer, u.index))
         return units, plan

@@ -786,7 +786,8 @@ def test_nan_objective_fails_one_unit_and_the_run_exits_1(tmp_path, monkeypatch)
     assert records[2].images == ()
     assert [records[i].status for i in (0, 1, 3)] == ["done"] * 3
     assert files_under(out / "units") == sorted(
-        ["conv2/2.json"] + [f"conv2/{i}.{s}" for i in (0, 1, 3) for s in ("json", "webp", "maps.webp")]
+        ["conv2/2.json"]
+        + [f"conv2/{i}.{s}" for i in (0, 1, 3) for s in ("json", "webp", "maps.webp")]
     )
     assert store.status() == {"conv2": {"done": 3, "failed": 1}}
     assert read_json(out / "manifest.json")["counts"]["failed"] == 1

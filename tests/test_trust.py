@@ -1,0 +1,73 @@
+"""The trust score: how much a unit's picture looks like its exemplars on the way up."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from synthetic import make_image_folder
+
+import atlas.trust
+from atlas.cli import cli
+from atlas.store import Store
+from atlas.trust import trust_score
+
+
+def patterns(rng, centre, count, spread=0.3):
+    return [{"a": centre + spread * rng.normal(size=centre.shape)} for _ in range(count)]
+
+
+def test_a_picture_like_its_exemplars_scores_1_and_one_like_random_images_0():
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    exemplars = patterns(rng, 2 + direction, 6)
+    randoms = patterns(rng, np.full(16, 2.0), 32, spread=1.0)
+    like_exemplars, _ = trust_score({"a": 2 + direction}, exemplars, randoms)
+    like_random, _ = trust_score(
+        patterns(rng, np.full(16, 2.0), 1, spread=1.0)[0], exemplars, randoms
+    )
+    opposite, ratios = trust_score({"a": 2 - direction}, exemplars, randoms)
+    assert like_exemplars == 1.0 and like_random < 0.2 and opposite == 0.0
+    assert ratios["a"] < 0  # the layer's own ratio keeps its sign; the score is clipped
+
+
+def test_no_score_without_two_exemplars_or_a_shared_direction():
+    rng = np.random.default_rng(1)
+    randoms = patterns(rng, np.zeros(8), 16, spread=1.0)
+    assert trust_score({"a": np.ones(8)}, patterns(rng, np.ones(8), 1), randoms) == (None, {})
+    scattered = patterns(rng, np.zeros(8), 6, spread=1.0)  # exemplars no different from random
+    assert trust_score({"a": np.ones(8)}, scattered, randoms)[0] is None
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    make_image_folder(folder)
+    return folder
+
+
+def run(out, photos, *extra):
+    args = ["run", "tinymodels:tiny", "--layers", "conv1", "--layers", "conv2", "--channels"]
+    args += ["0-3", "--classes", "0-1", "--steps", "3", "--size", "32", "--scheduler", "inline"]
+    return CliRunner().invoke(cli, [*args, "--exemplars", str(photos), "--out", str(out), *extra])
+
+
+def test_units_with_exemplars_and_an_earlier_layer_get_a_score_once(tmp_path, photos, monkeypatch):
+    assert run(tmp_path, photos).exit_code == 0
+    units = {u.id: u for u in Store(tmp_path).classify()[0]}
+    assert units["conv1:0"].trust["score"] is None  # no planned layer before conv1
+    for name in ("conv2:1", "logits:0"):
+        trust = units[name].trust
+        assert set(trust["layers"]) <= ({"conv1"} if name == "conv2:1" else {"conv1", "conv2"})
+        assert trust["score"] is None or 0 <= trust["score"] <= 1
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert any("trust" in unit for unit in manifest["units"])
+
+    calls = []
+    real = atlas.trust.pattern_task
+    monkeypatch.setattr(atlas.trust, "pattern_task", lambda m, t: calls.append(t) or real(m, t))
+    assert run(tmp_path, photos).exit_code == 0 and calls == []  # unchanged: no work
+    again = run(tmp_path, photos, "--steps", "4")  # new pictures: new scores
+    assert again.exit_code == 0 and calls
+    units = {u.id: u for u in Store(tmp_path).classify()[0]}
+    assert units["conv2:1"].trust["unit_key"] == units["conv2:1"].key
