@@ -134,7 +134,7 @@ def analyse(
         weights = mean_per_unit(input_weights(model, targets, images, inputs_from))
         for analysis, row in zip(analyses, weights, strict=True):
             analysis.inputs = strongest(row, INPUTS_KEPT)
-    if layer == LOGITS:
+    if layer == LOGITS or targets[0].index is None:  # a class, or a whole layer
         return analyses
     effects = mean_per_unit(class_effects(model, targets, images))
     for analysis, row in zip(analyses, effects, strict=True):

@@ -326,6 +326,13 @@ def run_options(function: Callable) -> Callable:
             help="Decorrelate colour with the statistics of this folder of images.",
         ),
         click.option(
+            "--variants",
+            multiple=True,
+            metavar="LIST",
+            help="Extra images: neuron (the centre neuron), negative (what turns the unit "
+            "off), layer (a whole-layer image per layer), e.g. --variants neuron,negative.",
+        ),
+        click.option(
             "--exemplars",
             metavar="DIR",
             help="A folder of images: show each unit's most exciting ones next to it.",

@@ -65,7 +65,7 @@ def read_side(name: str, out: str | Path) -> Side:
     done = {
         (u.layer, u.index): u
         for u in units
-        if u.status == "done" and u.images and (out / u.images[0]).is_file()
+        if u.status == "done" and u.index is not None and u.images and (out / u.images[0]).is_file()
     }
     info = site_info(plan, [u.as_json() for u in units])
     return Side(name, out, plan, {**info, "out": str(out)}, done)

@@ -13,6 +13,8 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     timelapse = 0                         # keep a frame every N steps: an animated WebP per unit
     exemplars = "photos/"                 # a folder of images: each unit's top ones are shown
     exemplars_top = 6
+    variants = ["neuron", "negative"]     # extra images per unit (neuron, negative), and a
+                                          # whole-layer image per layer (layer)
     colour_from = "photos/"               # decorrelate colour by these images' statistics: the
                                           # recipe's colour becomes their matrix (in the hash)
     out = "atlas-out"
@@ -59,6 +61,7 @@ class AtlasConfig:
     seed: int = 0
     batch: int = 0
     timelapse: int = 0
+    variants: tuple[str, ...] = ()  # of VARIANTS
     exemplars: str | None = None
     exemplars_top: int = 6
     scheduler: str = "local"
@@ -129,7 +132,9 @@ _TYPES = {
     **dict.fromkeys(("samples", "seed", "batch", "timelapse", "exemplars_top"), int),
     **dict.fromkeys(("scheduler_file", "exemplars"), str),
     "layers": tuple,
+    "variants": tuple,
 }
+VARIANTS = ("neuron", "negative", "layer")  # extra images: centre neuron, negative, whole layer
 # colour_from is read into the recipe (its colour matrix), not kept as a setting of its own
 _KEYS = {f.name for f in dataclasses.fields(AtlasConfig)} - {"force", "prune"} | {"colour_from"}
 
@@ -265,6 +270,17 @@ def load_recipe(
     return _recipe(read_settings(config_file), config_file, name, given, colour_from, samples)
 
 
+def _variants(given) -> tuple[str, ...]:
+    """Variant names from a list or comma-separated strings, checked, in VARIANTS order."""
+    if not isinstance(given, list | tuple):
+        raise AtlasError("variants must be a list of names: " + ", ".join(VARIANTS))
+    names = {part.strip() for item in given for part in str(item).split(",") if part.strip()}
+    if unknown := sorted(names - set(VARIANTS)):
+        hint = did_you_mean(unknown[0], VARIANTS)
+        raise AtlasError(f"unknown variant {unknown[0]!r}{hint}; variants: {', '.join(VARIANTS)}")
+    return tuple(name for name in VARIANTS if name in names)
+
+
 def build(config_file: str | None = None, **flags) -> AtlasConfig:
     """Merge atlas.toml (if any) with flags (None means 'not given') into one AtlasConfig."""
     values = read_settings(config_file)
@@ -287,8 +303,10 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         raise AtlasError("no model given: pass MODEL or set `model` in atlas.toml")
     if not values.get("out"):
         raise AtlasError("no output folder given: pass --out or set `out` in atlas.toml")
-    if isinstance(values.get("layers"), str):
-        values["layers"] = [values["layers"]]
+    for key in ("layers", "variants"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
+    values["variants"] = _variants(values.get("variants", ()))
     for key in ("channels", "classes"):  # TOML lists and bare numbers read as specs too
         values[key] = _as_spec(values[key]) if key in values else values.get(key)
         if values[key] is None:

@@ -301,6 +301,8 @@ class ExemplarPass:
         stored = self.store.exemplars()
         self.keys: dict[tuple[str, int], str] = {}
         for unit in plan_units:
+            if unit.index is None:  # a whole-layer image: no single unit to rank images by
+                continue
             source = resolve(model, unit.layer).source
             key = exemplar_key(model.digest, source, unit.index, folder_print, top)
             if stored.get((unit.layer, unit.index), {}).get("key") != key:

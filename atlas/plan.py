@@ -10,6 +10,7 @@ that still need work.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import Counter
@@ -22,7 +23,7 @@ from atlas.layers import LayerInfo, select
 from atlas.mainpath import default_layers
 from atlas.models import LoadedModel
 from atlas.names import LOGITS
-from atlas.optim.objectives import Target, channel, logit
+from atlas.optim.objectives import Target, channel, logit, neuron, whole_layer
 from atlas.optim.recipes import Recipe
 
 # Bump when the engine's images for equal inputs change: every unit is then recomputed.
@@ -31,21 +32,36 @@ ENGINE_VERSION = "2"  # 2: unit records carry circuits, class effects and activa
 
 @dataclass(frozen=True)
 class Unit:
+    """A channel, a class logit, or (index None) a whole layer: one image, or K, each."""
+
     layer: str
-    index: int
+    index: int | None
     key: str
     label: str | None = None
+    variants: tuple[str, ...] = ()  # extra images of this unit: "neuron", "negative"
 
     @property
     def id(self) -> str:
-        return f"{self.layer}:{self.index}"
+        return self.layer if self.index is None else f"{self.layer}:{self.index}"
 
     @property
     def kind(self) -> str:
+        if self.index is None:
+            return "layer"
         return "logit" if self.layer == LOGITS else "channel"
 
     def target(self) -> Target:
+        if self.index is None:
+            return whole_layer(self.layer)
         return logit(self.index) if self.layer == LOGITS else channel(self.layer, self.index)
+
+    def variant_targets(self) -> list[Target]:
+        """The targets of this unit's variants, in `variants` order."""
+        made = {
+            "neuron": lambda: neuron(self.layer, self.index),
+            "negative": lambda: dataclasses.replace(self.target(), negative=True),
+        }
+        return [made[name]() for name in self.variants]
 
     def as_json(self) -> dict:
         """The unit as plan.json lists it; the store reads it as a missing UnitRecord."""
@@ -107,10 +123,13 @@ def unit_key(
     seed: int,
     timelapse: int = 0,
     inputs: str | None = None,
+    variants: tuple[str, ...] = (),
 ) -> str:
     """The unit's content key; `source` is its layer's LayerInfo.source and `inputs` the layer
-    its circuit reads (what the record's inputs are channels of)."""
+    its circuit reads (what the record's inputs are channels of); `index` None is the layer's
+    whole-layer image."""
     fields = [digest, source, index, recipe.hash, samples, seed, ENGINE_VERSION, timelapse, inputs]
+    fields += [list(variants)] if variants else []  # in the key only when asked for
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -135,8 +154,9 @@ def make_plan(config: AtlasConfig, model) -> Plan:
     with_logits = chosen_names + ([LOGITS] if logits is not None and config.classes.strip() else [])
     units: list[Unit] = []
 
-    def add(layer: LayerInfo, indices: list[int], labels=None) -> None:
+    def add(layer: LayerInfo, indices: list[int | None], labels=None) -> None:
         for index in indices:
+            variants = unit_variants(config.variants, layer, index)
             key = unit_key(
                 model.digest,
                 layer.source,
@@ -146,12 +166,15 @@ def make_plan(config: AtlasConfig, model) -> Plan:
                 config.seed,
                 config.timelapse,
                 inputs_from(with_logits, layer.name),
+                variants,
             )
-            units.append(Unit(layer.name, index, key, labels[index] if labels else None))
+            label = labels[index] if labels and index is not None else None
+            units.append(Unit(layer.name, index, key, label, variants))
 
     for layer in layers:
         spec = config.channels_for(layer.name)
-        add(layer, parse_indices(spec, layer.channels, "channel", owner=layer.name))
+        whole = [None] if "layer" in config.variants else []
+        add(layer, whole + parse_indices(spec, layer.channels, "channel", owner=layer.name))
     chosen = list(layers)
     if logits is not None and config.classes.strip():
         classes = parse_indices(
@@ -162,6 +185,15 @@ def make_plan(config: AtlasConfig, model) -> Plan:
     if not units:
         raise AtlasError("the plan is empty: choose some layers, channels or classes")
     return Plan(config, model.spec, model.digest, tuple(chosen), tuple(units))
+
+
+def unit_variants(asked: tuple[str, ...], layer: LayerInfo, index: int | None) -> tuple:
+    """The asked variants that a unit has: none for a whole-layer image, no neuron for a
+    layer without a map (a class logit, pooled features)."""
+    if index is None:
+        return ()
+    has_map = len(layer.shape) == 3
+    return tuple(v for v in asked if v == "negative" or (v == "neuron" and has_map))
 
 
 def load_and_plan(config: AtlasConfig) -> tuple[LoadedModel, Plan]:
@@ -187,8 +219,8 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
     config = plan.config
     by_layer = {layer.name: layer for layer in plan.layers}
     tasks = []
-    for layer_name in dict.fromkeys(unit.layer for unit in units):
-        todo = [unit for unit in units if unit.layer == layer_name]
+    for layer_name, kind in dict.fromkeys((unit.layer, unit.kind) for unit in units):
+        todo = [unit for unit in units if (unit.layer, unit.kind) == (layer_name, kind)]
         size = config.batch or default_batch(by_layer[layer_name], device)
         size = max(1, size // config.samples) if config.samples > 1 else size
         for first in range(0, len(todo), size):

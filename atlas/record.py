@@ -16,6 +16,7 @@ import numpy as np
 HISTORY_POINTS = 128  # objective curve points kept per unit
 STATUSES = ("done", "failed", "missing", "stale")  # what the store adds on reading
 PAIRS = ("history", "inputs", "classes")  # fields of (number, number) pairs
+VARIANT_FILE = "variant:"  # a `files` name for the store: "variant:neuron" -> <index>.neuron.webp
 
 
 def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[float]]:
@@ -62,6 +63,7 @@ class UnitRecord:
     classes: tuple[tuple[int, float], ...] = ()  # (class, effect): pushed up, then down
     maps: str | None = None  # its map on the starting and the best image, side by side
     map_range: tuple[float, float] | None = None  # the maps' shared colour scale
+    variants: dict[str, str] = field(default_factory=dict)  # "neuron"/"negative" -> its image
     # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
     exemplars: tuple[dict, ...] = field(default=(), compare=False)
     trust: dict | None = field(default=None, compare=False)  # atlas.trust: score, layers
@@ -74,7 +76,8 @@ class UnitRecord:
     @property
     def files(self) -> list[str]:
         """Every file the record names: its images, its animation and its maps."""
-        return [*self.images, *(name for name in (self.timelapse, self.maps) if name)]
+        extras = [self.timelapse, self.maps, *self.variants.values()]
+        return [*self.images, *(name for name in extras if name)]
 
     def as_json(self) -> dict:
         """The record as JSON data; exemplars only when attached."""
@@ -93,11 +96,11 @@ class UnitRecord:
     @classmethod
     def from_json(cls, data: object) -> UnitRecord | None:
         """The record in a unit JSON, or None when `data` is no unit record (a dict with a
-        string layer and an integer index)."""
+        string layer and an integer index, or a whole layer's record)."""
         if not (
             isinstance(data, dict)
             and isinstance(data.get("layer"), str)
-            and type(data.get("index")) is int
+            and (type(data.get("index")) is int or _whole_layer(data))
         ):
             return None
         known = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
@@ -126,6 +129,11 @@ class UnitRecord:
             if isinstance(trust, dict) and trust.get("unit_key") == self.key:
                 changes["trust"] = trust
         return dataclasses.replace(self, **changes)
+
+
+def _whole_layer(data: dict) -> bool:
+    """A layer's whole-layer image: kind "layer", no index."""
+    return data.get("kind") == "layer" and data.get("index") is None
 
 
 def _point(point: object, step: int) -> tuple[int, float]:

@@ -39,7 +39,7 @@ from atlas.files import (
     remove_temporaries,
     safe_name,
 )
-from atlas.record import STATUSES, UnitRecord
+from atlas.record import STATUSES, VARIANT_FILE, UnitRecord
 
 UNIT_FILES = ("timelapse", "maps")  # record fields that name a unit's extra WebP files
 
@@ -136,8 +136,11 @@ class Store:
                         remove_temporaries(self.out / folder, below=True)
             yield
 
-    def unit_path(self, layer: str, index: int, suffix: str) -> Path:
-        return self.units_dir / layer_dirname(layer) / f"{index}{suffix}"
+    def unit_path(self, layer: str, index: int | None, suffix: str) -> Path:
+        """units/<layer>/<index><suffix>; a layer's whole-layer image is units/<layer>/layer."""
+        return (
+            self.units_dir / layer_dirname(layer) / f"{'layer' if index is None else index}{suffix}"
+        )
 
     def records(self, verify: bool = True) -> list[UnitRecord]:
         """Every stored unit record. Damaged JSONs, and (with `verify`) records whose images
@@ -173,8 +176,9 @@ class Store:
         self, record: UnitRecord, images: list[bytes], files: dict[str, bytes] | None = None
     ) -> None:
         """The images and the record's other files first (`files` maps a field naming a file,
-        "timelapse" or "maps", to its WebP bytes: <index>.<field>.webp), the JSON last (atomic
-        each), then files of older runs are removed. The record's file names are set here."""
+        "timelapse" or "maps", or "variant:<name>", to its WebP bytes: <index>.<name>.webp),
+        the JSON last (atomic each), then files of older runs are removed. The record's file
+        names are set here."""
         layer, index = record.layer, record.index
         suffixes = [".webp"] if len(images) == 1 else [f".{k}.webp" for k in range(len(images))]
 
@@ -184,19 +188,25 @@ class Store:
             return path.relative_to(self.out).as_posix()
 
         names = tuple(write(suffix, data) for suffix, data in zip(suffixes, images, strict=True))
-        named = {field: write(f".{field}.webp", data) for field, data in (files or {}).items()}
-        cleared = dict.fromkeys(UNIT_FILES)  # a field without a file this time names none
-        files_named = {**cleared, **named}
-        record = dataclasses.replace(record, images=names, **files_named, exemplars=(), trust=None)
+        named: dict = dict.fromkeys(UNIT_FILES)  # a field without a file this time names none
+        named["variants"] = {}
+        for name, data in (files or {}).items():
+            if name.startswith(VARIANT_FILE):
+                variant = name.removeprefix(VARIANT_FILE)
+                named["variants"][variant] = write(f".{variant}.webp", data)
+            else:
+                named[name] = write(f".{name}.webp", data)
+        record = dataclasses.replace(record, images=names, **named, exemplars=(), trust=None)
         atomic_write_json(self.unit_path(layer, index, ".json"), record.as_json())
         keep = {Path(name).name for name in record.files}
         for old in self._images_of(layer, index):
             if old.name not in keep:
                 old.unlink(missing_ok=True)
 
-    def _images_of(self, layer: str, index: int) -> list[Path]:
+    def _images_of(self, layer: str, index: int | None) -> list[Path]:
         """<index>.webp and <index>.<k>.webp (the pattern cannot match 31.webp for 3)."""
-        return list(self.unit_path(layer, index, "").parent.glob(f"{index}.*webp"))
+        stem = self.unit_path(layer, index, "")
+        return list(stem.parent.glob(f"{stem.name}.*webp"))
 
     def remove_unit(self, layer: str, index: int) -> None:
         self.unit_path(layer, index, ".json").unlink(missing_ok=True)
@@ -301,7 +311,12 @@ class Store:
         # exemplars of the current weights, whatever the unit's status
         units = [u.with_status(u.status, exemplars.get((u.layer, u.index))) for u in units]
         order = {layer["name"]: i for i, layer in enumerate((plan or {}).get("layers", []))}
-        units.sort(key=lambda u: (order.get(u.layer, len(order)), u.layer, u.index))
+
+        def place(unit: UnitRecord) -> tuple:  # a layer's whole-layer image before its units
+            index = -1 if unit.index is None else unit.index
+            return (order.get(unit.layer, len(order)), unit.layer, index)
+
+        units.sort(key=place)
         return units, plan
 
     def status(self) -> dict[str, Counter]:

@@ -17,7 +17,7 @@ from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
 from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
-from atlas.record import UnitRecord, downsample
+from atlas.record import VARIANT_FILE, UnitRecord, downsample
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -36,79 +36,97 @@ def unit_record(unit, task: Task, **facts) -> UnitRecord:
     )
 
 
+def images_per_unit(task: Task) -> int:
+    """K samples, then one image per variant: a unit's images stay together in a batch."""
+    return task.samples + len(task.units[0].variants)
+
+
 def visualize_splitting(model, targets: list, task: Task, device: torch.device) -> list:
     """visualize() the batch; on a CUDA out-of-memory error, free memory and do each half
-    separately (K images of one unit stay together). Results are the same either way, because
+    separately (a unit's images stay together). Results are the same either way, because
     every image has its own random stream."""
     try:
         return visualize(
             model, targets, task.recipe, seed=task.seed, device=device, timelapse=task.timelapse
         )
     except torch.OutOfMemoryError:
-        units = len(targets) // task.samples
+        units = len(targets) // images_per_unit(task)
         if units <= 1:
             raise
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    half = (units // 2) * task.samples
+    half = (units // 2) * images_per_unit(task)
     return visualize_splitting(model, targets[:half], task, device) + visualize_splitting(
         model, targets[half:], task, device
     )
 
 
 def run_task(model, task: Task, device: str | None = None) -> dict:
-    """Optimize every unit of `task` (K images each) in one batch, then measure what each is
-    for (atlas.analysis: inputs, class effects, maps). A unit whose objective became NaN or
-    infinite is returned as failed; the others are fine."""
+    """Optimize every unit of `task` (K images each, and its variants) in one batch, then
+    measure what each is for (atlas.analysis: inputs, class effects, maps). A unit whose
+    objective became NaN or infinite is returned as failed; the others are fine."""
     device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the same shapes run hundreds of times
-    targets = [unit.target() for unit in task.units for _ in range(task.samples)]
+    per_unit = images_per_unit(task)
+    targets = [
+        target
+        for unit in task.units
+        for target in [unit.target()] * task.samples + unit.variant_targets()
+    ]
     started = time.perf_counter()
     results = visualize_splitting(model, targets, task, device)
+    groups = [results[first : first + per_unit] for first in range(0, len(results), per_unit)]
+    samples = [result for group in groups for result in group[: task.samples]]
     analyses = analyse(
         model,
-        targets,
-        [r.image for r in results],
-        [r.start for r in results],
+        [result.target for result in samples],
+        [result.image for result in samples],
+        [result.start for result in samples],
         task.samples,
         task.inputs_from,
     )
     seconds = time.perf_counter() - started
-    per_unit = seconds / len(task.units)
     outcomes = []
-    for position, unit in enumerate(task.units):
-        samples = results[position * task.samples : (position + 1) * task.samples]
-        main, analysis = samples[0], analyses[position]
+    for unit, group, analysis in zip(task.units, groups, analyses, strict=True):
         facts = {
-            "seconds": round(per_unit, 6),
-            "steps": len(main.history),
+            "seconds": round(seconds / len(task.units), 6),
+            "steps": len(group[0].history),
             "device": describe_device(device),
-            "image_seeds": tuple(r.seed for r in samples),
+            "image_seeds": tuple(r.seed for r in group[: task.samples]),
         }
-        if not all(math.isfinite(v) for r in samples for v in r.history):
+        if not all(math.isfinite(v) for r in group for v in r.history):
             failed = unit_record(unit, task, status="failed", error="objective became NaN", **facts)
             outcomes.append({"record": failed})
             continue
-        record = unit_record(
-            unit,
-            task,
-            objective_start=main.objective_start,
-            objective_final=main.objective_final,
-            objective_best=main.objective_best,
-            best_step=main.best_step,
-            activation=main.activation,
-            history=tuple(map(tuple, downsample(main.history))),
-            frames_every=task.timelapse if main.frames else None,
-            inputs_from=task.inputs_from,
-            inputs=analysis.inputs,
-            classes=analysis.classes,
-            map_range=analysis.map_range,
-            **facts,
-        )
-        files = {"maps": analysis.maps} if analysis.maps else {}
-        if main.frames:
-            files["timelapse"] = encode_animation(main.frames)
-        images = [encode_image(r.image) for r in samples]
-        outcomes.append({"record": record, "images": images, "files": files})
+        outcomes.append(_done(unit, task, group, analysis, facts))
     return {"units": outcomes, "seconds": seconds}
+
+
+def _done(unit, task: Task, group: list, analysis, facts: dict) -> dict:
+    """A finished unit's record, its K images and its other files (maps, animation,
+    variants)."""
+    main = group[0]
+    record = unit_record(
+        unit,
+        task,
+        objective_start=main.objective_start,
+        objective_final=main.objective_final,
+        objective_best=main.objective_best,
+        best_step=main.best_step,
+        activation=main.activation,
+        history=tuple(map(tuple, downsample(main.history))),
+        frames_every=task.timelapse if main.frames else None,
+        inputs_from=task.inputs_from,
+        inputs=analysis.inputs,
+        classes=analysis.classes,
+        map_range=analysis.map_range,
+        **facts,
+    )
+    files = {"maps": analysis.maps} if analysis.maps else {}
+    if main.frames:
+        files["timelapse"] = encode_animation(main.frames)
+    for name, result in zip(unit.variants, group[task.samples :], strict=True):
+        files[f"{VARIANT_FILE}{name}"] = encode_image(result.image)
+    images = [encode_image(r.image) for r in group[: task.samples]]
+    return {"record": record, "images": images, "files": files}
