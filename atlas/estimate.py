@@ -7,7 +7,9 @@ import itertools
 import time
 from dataclasses import dataclass
 
+from atlas.analysis import analyse
 from atlas.optim import visualize
+from atlas.optim.objectives import as_objective
 from atlas.plan import Plan
 from atlas.record import UnitRecord
 
@@ -28,17 +30,30 @@ def _from_records(records: list[UnitRecord], steps: int) -> float | None:
 
 
 def _calibrate(model, plan: Plan, layer: str, device: str) -> float:
+    """Seconds per unit: a few steps of a real batch (its K samples and variants), scaled to
+    the recipe's steps, plus the analyses that follow them (atlas.analysis)."""
     units = [u for u in plan.units if u.layer == layer][:CALIBRATION_BATCH]
-    targets = [unit.target() for unit in units for _ in range(plan.config.samples)]
+    samples = plan.config.samples
+    targets = [t for unit in units for t in [unit.target()] * samples + unit.variant_targets()]
     recipe = plan.config.recipe.replace(steps=CALIBRATION_STEPS, octaves=())
     stamps: list[float] = []
-    visualize(
+    results = visualize(
         model, targets, recipe, device=device, on_step=lambda *_: stamps.append(time.perf_counter())
     )
     intervals = sorted(b - a for a, b in itertools.pairwise(stamps))
     per_step = intervals[len(intervals) // 2]  # robust to other load on shared machines
-    steps = plan.config.recipe.steps
-    return per_step * steps / len(units)
+    main = [r for r in results if r.objective in {as_objective(u.target()) for u in units}]
+    started = time.perf_counter()
+    analyse(
+        model,
+        [r.target for r in main],
+        [r.image for r in main],
+        [r.start for r in main],
+        samples,
+        plan.inputs_from(layer),
+    )
+    analysis = time.perf_counter() - started
+    return (per_step * plan.config.recipe.steps + analysis) / len(units)
 
 
 def estimate(plan: Plan, model, records: list[UnitRecord], *, calibrate: bool, device: str = "cpu"):
