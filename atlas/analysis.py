@@ -24,7 +24,7 @@ from PIL import Image
 
 from atlas.layers import capture, gained, module_device, resolve, run_forward
 from atlas.names import LOGITS
-from atlas.optim.objectives import BatchObjective, Target, as_objective
+from atlas.optim.objectives import BatchObjective, Target, as_objective, channel, logit
 from atlas.quality import model_inputs
 
 INPUTS_KEPT = 16  # strongest inputs of each sign (pages show 6 and 3; outputs are derived)
@@ -146,3 +146,41 @@ def analyse(
         for analysis, pair in zip(analyses, zip(before, after, strict=True), strict=True):
             analysis.maps, analysis.map_range = map_image(*pair)
     return analyses
+
+
+# --- on the unit's exemplars too: the same measures, averaged over more natural images -------
+
+
+@dataclass(frozen=True)
+class EvidenceTask:
+    """One unit's images for its inputs and class effects: its K pictures (as stored) and
+    its exemplars' source images, as bytes (workers need no access to OUT or the folder)."""
+
+    layer: str
+    index: int
+    inputs_from: str | None
+    blobs: tuple[bytes, ...]
+
+    @property
+    def name(self) -> str:
+        return f"evidence-{self.layer}-{self.index}"
+
+
+def evidence_task(model, task: EvidenceTask) -> dict:
+    """The unit's inputs and class effects, averaged over every image of the task that
+    decodes; `images` says how many."""
+    from atlas.exemplars import decode  # the exemplar pass's decoding: the same view of a file
+
+    pixels, kept = decode(task.blobs, model.input_size, model.input_channels)
+    images = list(pixels.to(module_device(model.module)))
+    target = logit(task.index) if task.layer == LOGITS else channel(task.layer, task.index)
+    result: dict = {"images": len(kept), "inputs": (), "classes": ()}
+    if not images:
+        return result
+    targets = [target] * len(images)
+    if task.inputs_from is not None:
+        weights = input_weights(model, targets, images, task.inputs_from).mean(0)
+        result["inputs"] = strongest(weights, INPUTS_KEPT)
+    if task.layer != LOGITS:
+        result["classes"] = strongest(class_effects(model, targets, images).mean(0), CLASSES_KEPT)
+    return result

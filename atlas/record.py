@@ -121,13 +121,18 @@ class UnitRecord:
 
     def with_status(self, status: str, exemplars: dict | None = None) -> UnitRecord:
         """This record as the store reads it: stale or missing, with its exemplar record's
-        patches attached, and its trust score when it was computed for this record's key."""
+        patches attached, and its trust score when it was computed for this record's key (with
+        the inputs and class effects measured on its pictures and exemplars together, which
+        then replace those of its pictures alone)."""
         changes: dict = {"status": status}
         if exemplars is not None:
             changes["exemplars"] = tuple(exemplars["items"])
             trust = exemplars.get("trust")
             if isinstance(trust, dict) and trust.get("unit_key") == self.key:
                 changes["trust"] = trust
+                for name in ("inputs", "classes"):
+                    if isinstance(trust.get(name), list):
+                        changes[name] = tuple((int(i), float(w)) for i, w in trust[name])
         return dataclasses.replace(self, **changes)
 
 

@@ -32,11 +32,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from atlas.analysis import EvidenceTask, evidence_task
 from atlas.exemplars import CHUNK_IMAGES, decode, list_images
 from atlas.layers import capture, deepest, run_forward
 from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
+from atlas.record import UnitRecord
 from atlas.store import Store
 
 if TYPE_CHECKING:
@@ -142,29 +144,23 @@ class TrustPass:
         return bool(self.todo)
 
     def run(self, pool: Executor) -> list[str]:
-        """Compute and store every needed score; returns failures (nothing stored for them)."""
+        """Compute and store every needed score, and each unit's inputs and class effects
+        measured on its pictures and exemplars together; returns failures (nothing is stored
+        for a unit whose work failed)."""
         files = list_images(self.folder)
-        rng = np.random.default_rng(RANDOM_SEED)
-        picked = rng.choice(len(files), min(RANDOM_IMAGES, len(files)), replace=False)
+        picked = np.random.default_rng(RANDOM_SEED).choice(
+            len(files), min(RANDOM_IMAGES, len(files)), replace=False
+        )
         randoms = [str(files[i]) for i in sorted(picked)]
-        wanted: dict[str, None] = dict.fromkeys(randoms)
-        for unit, found, earlier in self.todo:
-            if earlier:
-                wanted[str(self.store.out / unit.images[0])] = None
-                wanted.update((str(self.folder / item["source"]), None) for item in found["items"])
-        layers = tuple(sorted({layer for *_, earlier in self.todo for layer in earlier}))
-        paths = list(wanted)
-        patterns: dict[str, dict[str, np.ndarray]] = {}
-        failures = []
-        if layers:
-            for outcome in pool.run(pattern_task, _chunks(paths, layers, pool.device)):
-                if outcome.error is not None:
-                    failures.append(f"trust of images {outcome.task.first}-: {outcome.error}")
-                    continue
-                result = outcome.result
-                for row, position in enumerate(result["kept"]):
-                    path = paths[result["first"] + position]
-                    patterns[path] = {n: v[row] for n, v in result["layers"].items()}
+        patterns, failures = self._patterns(pool, randoms)
+        evidence: dict[tuple[str, int], dict] = {}
+        tasks = [self._evidence_task(unit, found) for unit, found, _ in self.todo]
+        for outcome in pool.run(evidence_task, tasks):
+            task = outcome.task
+            if outcome.error is not None:
+                failures.append(f"inputs of {task.layer}:{task.index}: {outcome.error}")
+            else:
+                evidence[(task.layer, task.index)] = outcome.result
         if failures:
             return failures
         baseline = [patterns[p] for p in randoms if p in patterns]
@@ -179,18 +175,59 @@ class TrustPass:
                     [{layer: e[layer] for layer in earlier} for e in shown],
                     [{layer: r[layer] for layer in earlier} for r in baseline],
                 )
+            measured = evidence[(unit.layer, unit.index)]
             trust = {"unit_key": unit.key, "score": score, "layers": ratios}
+            trust.update(
+                images=measured["images"],
+                inputs=[list(pair) for pair in measured["inputs"]],
+                classes=[list(pair) for pair in measured["classes"]],
+            )
             self.store.save_exemplars({**found, "trust": trust})
         return []
+
+    def _patterns(
+        self, pool: Executor, randoms: list[str]
+    ) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+        """Every needed image's channel means at the layers some score reads, by path."""
+        wanted: dict[str, None] = dict.fromkeys(randoms)
+        for unit, found, earlier in self.todo:
+            if earlier:
+                wanted[str(self.store.out / unit.images[0])] = None
+                wanted.update((str(self.folder / item["source"]), None) for item in found["items"])
+        layers = tuple(sorted({layer for *_, earlier in self.todo for layer in earlier}))
+        paths = list(wanted)
+        patterns: dict[str, dict[str, np.ndarray]] = {}
+        failures = []
+        if not layers:
+            return patterns, failures
+        for outcome in pool.run(pattern_task, _chunks(paths, layers, pool.device)):
+            if outcome.error is not None:
+                failures.append(f"trust of images {outcome.task.first}-: {outcome.error}")
+                continue
+            result = outcome.result
+            for row, position in enumerate(result["kept"]):
+                path = paths[result["first"] + position]
+                patterns[path] = {n: v[row] for n, v in result["layers"].items()}
+        return patterns, failures
+
+    def _evidence_task(self, unit: UnitRecord, found: dict) -> EvidenceTask:
+        paths = [self.store.out / name for name in unit.images]
+        paths += [self.folder / item["source"] for item in found["items"]]
+        return EvidenceTask(unit.layer, unit.index, unit.inputs_from, _read(paths))
+
+
+def _read(paths: list[Path]) -> tuple[bytes, ...]:
+    """Each file's bytes; one that cannot be read is an empty blob (it does not decode)."""
+    blobs = []
+    for path in paths:
+        try:
+            blobs.append(Path(path).read_bytes())
+        except OSError:
+            blobs.append(b"")
+    return tuple(blobs)
 
 
 def _chunks(paths: list[str], layers: tuple[str, ...], device: str) -> Iterator[PatternTask]:
     size = CHUNK_IMAGES * (1 if device == "cpu" else 4)
     for first in range(0, len(paths), size):
-        blobs = []
-        for path in paths[first : first + size]:
-            try:
-                blobs.append(Path(path).read_bytes())
-            except OSError:
-                blobs.append(b"")
-        yield PatternTask(first, tuple(blobs), layers)
+        yield PatternTask(first, _read([Path(p) for p in paths[first : first + size]]), layers)

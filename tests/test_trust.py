@@ -60,6 +60,12 @@ def test_units_with_exemplars_and_an_earlier_layer_get_a_score_once(tmp_path, ph
         trust = units[name].trust
         assert set(trust["layers"]) <= ({"conv1"} if name == "conv2:1" else {"conv1", "conv2"})
         assert trust["score"] is None or 0 <= trust["score"] <= 1
+    measured = units["conv2:1"].trust  # inputs and classes on the picture and its exemplars
+    assert measured["images"] == 1 + len(units["conv2:1"].exemplars)
+    assert [list(pair) for pair in units["conv2:1"].inputs] == measured["inputs"] != []
+    assert [list(pair) for pair in units["conv2:1"].classes] == measured["classes"] != []
+    own = {r.id: r for r in Store(tmp_path).records()}["conv2:1"]  # the picture's alone
+    assert own.inputs and own.inputs != units["conv2:1"].inputs
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert any("trust" in unit for unit in manifest["units"])
 
