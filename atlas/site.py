@@ -15,6 +15,7 @@ unit files, which are the truth.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -23,7 +24,7 @@ import secrets
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -33,11 +34,12 @@ from PIL import Image, UnidentifiedImageError
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, exclusive_lock, remove_temporaries
 from atlas.names import LOGITS
+from atlas.record import UnitRecord
 from atlas.store import STATUSES, Store, layer_dirname, warn, webp_problem
+from atlas.views import CURVE_HEIGHT, CURVE_WIDTH, LOW_TRUST, UnitView, connect
 
 THUMB_SIZE = 128  # px; larger unit images get a downscaled WebP thumbnail
 PREVIEWS_PER_LAYER = 6
-CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
 
 
@@ -53,6 +55,8 @@ def environment() -> Environment:
     env.filters["number"] = lambda v: "-" if v is None else f"{v:.3f}"
     env.filters["seconds"] = lambda v: "-" if v is None else f"{v:.2f} s"
     env.filters["change"] = lambda v: "-" if v is None or math.isnan(v) else f"{v:.2f}"
+    env.filters["signed"] = lambda v: f"{v:+.3g}"
+    env.filters["dash"] = lambda v: "-" if v is None else v
     return env
 
 
@@ -67,85 +71,6 @@ class Page:
     context: dict
     unit: str | None = None
     links: tuple[str, ...] = ()
-
-
-@dataclass
-class UnitView:
-    """One unit as the pages show it."""
-
-    record: dict
-    layer_dir: str
-    images: list[str]  # relative to the layer folder
-    thumb: str | None
-    size: tuple[int, int] = (0, 0)  # of the images, for width and height attributes
-    thumb_size: tuple[int, int] = (0, 0)
-    timelapse: str | None = None  # the animated WebP of the optimization
-    exemplars: list[dict] = field(default_factory=list)  # src, source, score
-
-    @property
-    def activation_ratio(self) -> float | None:
-        """The unit's activation on its visualization over that on its best exemplar."""
-        activation = self.record.get("activation")
-        best = self.exemplars[0]["score"] if self.exemplars else None
-        if activation is None or best is None or best <= 0:
-            return None
-        return activation / best
-
-    @property
-    def index(self) -> int:
-        return self.record["index"]
-
-    @property
-    def status(self) -> str:
-        return self.record["status"]
-
-    @property
-    def title(self) -> str:
-        label = self.record.get("label")
-        return f"{self.record['id']} ({label})" if label else self.record["id"]
-
-    @property
-    def alt(self) -> str:
-        kind = "class" if self.record.get("kind") == "logit" else "channel"
-        what = f"{kind} {self.index}"
-        if self.record.get("label"):
-            what += f" ({self.record['label']})"
-        return f"Feature visualization of {self.record['layer']} {what}"
-
-    @property
-    def page(self) -> str:
-        return f"{self.index}.html"
-
-    @property
-    def curve(self) -> str:
-        """Computed while the page renders, so that a bad history names its page."""
-        return curve_points(self.record.get("history", []))
-
-    @property
-    def curve_range(self) -> tuple[float | None, float | None]:
-        values = [point[1] for point in self.record.get("history", [])]
-        return (min(values), max(values)) if values else (None, None)
-
-    def files(self) -> list[str]:
-        """The files of this unit that its page links (images, thumbnail, animation, exemplar
-        patches), relative to its layer folder."""
-        extras = [self.thumb, self.timelapse, *(item["src"] for item in self.exemplars)]
-        return [*self.images, *(name for name in extras if name)]
-
-
-def curve_points(history: list, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) -> str:
-    """SVG polyline points for [[step, value], ...], scaled into the box."""
-    if len(history) < 2:
-        return ""
-    steps = [point[0] for point in history]
-    values = [point[1] for point in history]
-    low, high = min(values), max(values)
-    span_x = (steps[-1] - steps[0]) or 1
-    span_y = (high - low) or 1
-    return " ".join(
-        f"{(s - steps[0]) / span_x * width:.1f},{height - (v - low) / span_y * height:.1f}"
-        for s, v in zip(steps, values, strict=True)
-    )
 
 
 def write_if_changed(path: Path, text: str) -> None:
@@ -189,39 +114,55 @@ def _thumbnail(source: Path, target: Path) -> tuple[int, int]:
         return image.size
 
 
-def _unit_view(out: Path, site: Path, record: dict, warn: Callable[[str], None] = warn) -> UnitView:
+def _unit_view(
+    out: Path, site: Path, record: UnitRecord, warn: Callable[[str], None] = warn
+) -> UnitView:
     """Link the unit's images into the site (so that it can be published alone), make its
     thumbnail, and describe it for the pages; paths are relative to the layer folder. A unit
     with a damaged image is named in a warning and shown as missing, not a crash."""
-    redo = f"the next atlas run redoes {record['layer']}:{record['index']}"
-    for name in [*record.get("images", []), record.get("timelapse")]:
-        if isinstance(name, str) and (problem := webp_problem(out / name)):
+    redo = f"the next atlas run redoes {record.id}"
+    for name in record.files:
+        if problem := webp_problem(out / name):
             warn(f"{name} {problem}; {redo}")
             return _missing_view(record)
     try:
         return _linked_view(out, site, record, warn)
     except DECODE_ERRORS:  # a sound header over damaged pixels: Pillow tells at decode
-        warn(f"{record['images'][0]} is corrupt (cannot decode); {redo}")
+        warn(f"{record.images[0]} is corrupt (cannot decode); {redo}")
         return _missing_view(record)
 
 
-def _missing_view(record: dict) -> UnitView:
+def _missing_view(record: UnitRecord) -> UnitView:
     """A unit whose stored images cannot be shown: as planned but not computed."""
-    plain = {**record, "status": "missing", "images": [], "timelapse": None, "exemplars": []}
-    return UnitView(plain, layer_dirname(record["layer"]), [], None)
+    plain = dataclasses.replace(
+        record,
+        status="missing",
+        images=(),
+        timelapse=None,
+        exemplars=(),
+        inputs_from=None,
+        inputs=(),
+        classes=(),
+        maps=None,
+        map_range=None,
+        trust=None,
+    )
+    return UnitView(plain, layer_dirname(record.layer), [], None)
 
 
-def _linked_view(out: Path, site: Path, record: dict, warn: Callable[[str], None]) -> UnitView:
-    layer_dir = layer_dirname(record["layer"])
+def _linked_view(
+    out: Path, site: Path, record: UnitRecord, warn: Callable[[str], None]
+) -> UnitView:
+    layer_dir = layer_dirname(record.layer)
     view = UnitView(record, layer_dir, [], None)
-    for image in record.get("images", []):
+    for image in record.images:
         source = out / image
         if not source.is_file():
             continue
         name = Path(image).name
         link_or_copy(source, site / layer_dir / "img" / name)
         view.images.append(f"img/{name}")
-    for item in record.get("exemplars", []):
+    for item in record.exemplars:
         source = out / item["image"]
         if problem := webp_problem(source):
             if problem != "is missing":
@@ -229,10 +170,11 @@ def _linked_view(out: Path, site: Path, record: dict, warn: Callable[[str], None
         else:
             link_or_copy(source, site / layer_dir / "ex" / source.name)
             view.exemplars.append({**item, "src": f"ex/{source.name}"})
-    timelapse = out / record["timelapse"] if record.get("timelapse") else None
-    if timelapse is not None and timelapse.is_file():
-        link_or_copy(timelapse, site / layer_dir / "img" / timelapse.name)
-        view.timelapse = f"img/{timelapse.name}"
+    view.timelapse = _linked_file(out, site, layer_dir, record.timelapse)
+    view.maps = _linked_file(out, site, layer_dir, record.maps)
+    if view.maps:
+        with Image.open(site / layer_dir / view.maps) as image:
+            view.maps_size = image.size
     if view.images:
         first = site / layer_dir / view.images[0]
         with Image.open(first) as image:
@@ -241,6 +183,16 @@ def _linked_view(out: Path, site: Path, record: dict, warn: Callable[[str], None
         view.thumb_size = _thumbnail(first, thumb)
         view.thumb = f"img/{thumb.name}"
     return view
+
+
+def _linked_file(out: Path, site: Path, layer_dir: str, name: str | None) -> str | None:
+    """One more file of a unit (its animation, its maps) linked into the layer's img/ folder;
+    its path there, or None when the record names none or it is gone."""
+    source = out / name if name else None
+    if source is None or not source.is_file():
+        return None
+    link_or_copy(source, site / layer_dir / "img" / source.name)
+    return f"img/{source.name}"
 
 
 def site_info(manifest: dict, units: list[dict]) -> dict:
@@ -305,17 +257,36 @@ def _render(out: Path, manifest: dict, sweep: bool, warn: Callable[[str], None] 
     return site / "index.html"
 
 
+def unit_records(
+    out: Path, manifest: dict, warn: Callable[[str], None]
+) -> tuple[dict, list[UnitRecord]]:
+    """The manifest and its unit records. A manifest with an entry that is no unit record atlas
+    can read is damaged: it is rebuilt from the unit files (which are the truth), as
+    load_manifest does with one that is no JSON. Whole-layer images (no index) are left out."""
+    try:
+        records = [UnitRecord.from_json(data) for data in manifest.get("units", [])]
+    except (TypeError, ValueError, AttributeError):  # a field of the wrong shape
+        records = [None]
+    if any(record is None for record in records):
+        warn("manifest.json is corrupt (a unit atlas cannot read); rebuilt from the unit files")
+        manifest = Store(out, warn).write_manifest()
+        records = [UnitRecord.from_json(data) for data in manifest["units"]]
+    return manifest, [record for record in records if record.index is not None]
+
+
 def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None]) -> list[Page]:
     """Every page of the atlas: the index, a grid per layer, a page per unit and the search
     index. Links the unit images into `site` and makes thumbnails on the way (see _unit_view)."""
-    records = manifest.get("units", [])
+    manifest, records = unit_records(out, manifest, warn)
     layers = [dict(layer) for layer in manifest.get("layers", [])]
-    units_by_layer: dict[str, list[UnitView]] = {layer["name"]: [] for layer in layers}
+    planned = [layer["name"] for layer in layers]
+    units_by_layer: dict[str, list[UnitView]] = {name: [] for name in planned}
     for record in records:
-        if record["layer"] not in units_by_layer:  # a layer no longer planned: its units are stale
-            units_by_layer[record["layer"]] = []
-            layers.append({"name": record["layer"], "type": "not planned", "shape": []})
-        units_by_layer[record["layer"]].append(_unit_view(out, site, record, warn))
+        if record.layer not in units_by_layer:  # a layer no longer planned: its units are stale
+            units_by_layer[record.layer] = []
+            layers.append({"name": record.layer, "type": "not planned", "shape": []})
+        units_by_layer[record.layer].append(_unit_view(out, site, record, warn))
+    connect(units_by_layer, planned)
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
         layer["units"] = len(units_by_layer[layer["name"]])
@@ -325,12 +296,14 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     exemplars = manifest.get("exemplars") or {}
     shown = sum(counts_by_layer.values(), Counter())  # a damaged unit counts as missing
     common = {
-        "info": site_info(manifest, records),
+        "info": site_info(manifest, manifest.get("units", [])),
         "counts": {status: shown.get(status, 0) for status in STATUSES},
         "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
+        "low_trust": LOW_TRUST,
     }
     pages = []
     search = []
+    labels = {}  # class index -> label, of the class logits in the atlas
     for layer in layers:
         units = units_by_layer[layer["name"]]
         context = {
@@ -340,20 +313,41 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
             "units": units,
             "is_logits": layer["name"] == LOGITS,
             "layer_counts": counts_by_layer[layer["name"]],
+            "sorts": _sorts(units),
+            "push_filter": any(unit.classes.up for unit in units),
+            "low_trust_units": sum(unit.low_trust for unit in units),
         }
         pages.append(Page(f"{layer['dir']}/index.html", "layer.html", context))
         for position, unit in enumerate(units):
             pages.append(_unit_page(common, layer, units, position))
-            label = unit.record.get("label") or ""
-            search.append([unit.record["id"], label, f"{layer['dir']}/{unit.page}"])
+            label = unit.record.label or ""
+            pushes = [index for index, effect in unit.record.classes if effect > 0]
+            search.append([unit.record.id, label, f"{layer['dir']}/{unit.page}", pushes])
+            if layer["name"] == LOGITS and label:
+                labels[str(unit.index)] = label
     previews = {
         name: [unit for unit in units if unit.thumb][:PREVIEWS_PER_LAYER]
         for name, units in units_by_layer.items()
     }
     context = {**common, "root": "", "layers": layers, "previews": previews}
     pages.append(Page("index.html", "index.html", {**context, "status_by_layer": counts_by_layer}))
-    pages.append(Page("search-index.js", "search-index.js", {"search": search}))
+    search_context = {"search": search, "labels": labels}
+    pages.append(Page("search-index.js", "search-index.js", search_context))
     return pages
+
+
+def _sorts(units: list[UnitView]) -> list[tuple[str, str]]:
+    """The orders the layer grid offers (value, name): by index, and by trust and activation
+    ratio when some unit has one."""
+    sorts = [("index", "unit index")]
+    if any(unit.trust_score is not None for unit in units):
+        sorts += [("trust-low", "trust, lowest first"), ("trust-high", "trust, highest first")]
+    if any(unit.activation_ratio is not None for unit in units):
+        sorts += [
+            ("ratio-high", "activation ratio, highest first"),
+            ("ratio-low", "activation ratio, lowest first"),
+        ]
+    return sorts
 
 
 def _unit_page(common: dict, layer: dict, units: list[UnitView], position: int) -> Page:
@@ -368,7 +362,7 @@ def _unit_page(common: dict, layer: dict, units: list[UnitView], position: int) 
         "next": units[position + 1] if position + 1 < len(units) else None,
     }
     links = tuple(f"{layer['dir']}/{name}" for name in unit.files())
-    return Page(f"{layer['dir']}/{unit.page}", "unit.html", context, unit.record["id"], links)
+    return Page(f"{layer['dir']}/{unit.page}", "unit.html", context, unit.record.id, links)
 
 
 def write_pages(root: Path, pages: list[Page], *, sweep: bool = True) -> None:

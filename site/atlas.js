@@ -4,61 +4,136 @@
 
   function normalize(text) { return text.toLowerCase().trim(); }
 
-  // Layer pages: filter the grid by channel number or label; ?q= deep links.
+  function words(text) { return normalize(text).split(/\s+/).filter(Boolean); }
+
+  // Does one of `labels` hold every word? ("white shark" finds "great white shark")
+  function labelMatches(labels, query) {
+    return labels.filter(function (label) {
+      var text = normalize(label);
+      return query.every(function (word) { return text.indexOf(word) >= 0; });
+    });
+  }
+
+  // Layer pages: filter the grid by channel number or label, and by the classes a unit pushes
+  // up; sort it by index, trust or activation ratio (data-* of each cell); ?q=, ?pushes= and
+  // ?sort= deep links.
   var filter = document.getElementById("filter");
   var grid = document.getElementById("grid");
   if (filter && grid) {
     var cells = Array.prototype.slice.call(grid.querySelectorAll(".cell"));
     var matches = document.getElementById("matches");
+    var pushes = document.getElementById("pushes");
+    var sort = document.getElementById("sort");
+    var controls = {q: filter, pushes: pushes, sort: sort};
     var apply = function () {
-      var words = normalize(filter.value).split(/\s+/).filter(Boolean);
+      var query = words(filter.value);
+      var classes = pushes ? words(pushes.value) : [];
       var shown = 0;
       cells.forEach(function (cell) {
         var haystack = normalize(cell.getAttribute("data-q"));
         var index = cell.getAttribute("data-index");
-        var hit = words.every(function (word) {
+        var hit = query.every(function (word) {
           // a number is a channel or class index, never a digit of the layer's name
           return /^\d+$/.test(word) ? index === word : haystack.indexOf(word) >= 0;
         });
+        if (hit && classes.length) {
+          var pushed = (cell.getAttribute("data-pushes") || "").split("|").filter(Boolean);
+          hit = labelMatches(pushed, classes).length > 0;
+        }
         cell.hidden = !hit;
         if (hit) { shown += 1; }
       });
       if (matches) {
-        matches.textContent = words.length ? shown + " of " + cells.length + " units match" : "";
+        var asked = query.length || classes.length;
+        matches.textContent = asked ? shown + " of " + cells.length + " units match" : "";
       }
     };
-    var query = new URLSearchParams(window.location.search).get("q");
-    if (query) { filter.value = query; }
-    apply();
-    filter.addEventListener("input", function () {
-      apply();
+    var order = function () {
+      var how = sort.value;
+      var key = how.split("-")[0];  // index, trust or ratio
+      var sign = how === "trust-high" || how === "ratio-high" ? -1 : 1;
+      var value = function (cell) {
+        var text = cell.getAttribute(key === "index" ? "data-index" : "data-" + key);
+        return text === null || text === "" ? null : parseFloat(text);
+      };
+      var byIndex = function (a, b) {
+        return parseInt(a.getAttribute("data-index"), 10) - parseInt(b.getAttribute("data-index"), 10);
+      };
+      cells.slice().sort(function (a, b) {
+        var x = value(a), y = value(b);
+        if (x === null || y === null) {  // units without the value go last, by index
+          return x === y ? byIndex(a, b) : (x === null ? 1 : -1);
+        }
+        return sign * (x - y) || byIndex(a, b);
+      }).forEach(function (cell) { grid.appendChild(cell); });
+    };
+    var remember = function () {
       try {
         var url = new URL(window.location.href);
-        if (filter.value) { url.searchParams.set("q", filter.value); }
-        else { url.searchParams.delete("q"); }
+        Object.keys(controls).forEach(function (name) {
+          var box = controls[name];
+          if (box && box.value && !(name === "sort" && box.value === "index")) {
+            url.searchParams.set(name, box.value);
+          } else {
+            url.searchParams.delete(name);
+          }
+        });
         window.history.replaceState(null, "", url.toString());
       } catch (error) { /* some file:// settings refuse replaceState: the filter still works */ }
+    };
+    var params = new URLSearchParams(window.location.search);
+    Object.keys(controls).forEach(function (name) {
+      var box = controls[name];
+      var given = params.get(name);
+      if (!box || !given) { return; }
+      var known = name !== "sort" || Array.prototype.some.call(box.options, function (option) {
+        return option.value === given;
+      });
+      if (known) { box.value = given; }
     });
+    if (sort) { order(); }  // without one the grid keeps its order (compare: most changed first)
+    apply();
+    filter.addEventListener("input", function () { apply(); remember(); });
+    if (pushes) { pushes.addEventListener("input", function () { apply(); remember(); }); }
+    if (sort) { sort.addEventListener("change", function () { order(); remember(); }); }
   }
 
-  // Index page: search every unit by id or label (the index is search-index.js).
+  // Index page: search every unit by id or label, and by the classes it pushes up (the index
+  // is search-index.js: [id, label, href, class indices]; ATLAS_LABELS names the classes).
   var search = document.getElementById("search");
   var results = document.getElementById("results");
   if (search && results && window.ATLAS_SEARCH) {
+    var labels = window.ATLAS_LABELS || {};
+    var pushed = function (entry) {
+      return (entry[3] || []).map(function (k) { return labels[k] || "class " + k; });
+    };
     search.addEventListener("input", function () {
-      var words = normalize(search.value).split(/\s+/).filter(Boolean);
+      var query = words(search.value);
       results.textContent = "";
-      if (!words.length) { return; }
-      var found = window.ATLAS_SEARCH.filter(function (entry) {
+      if (!query.length) { return; }
+      var byName = [], byClass = [];
+      window.ATLAS_SEARCH.forEach(function (entry) {
         var haystack = normalize(entry[0] + " " + entry[1]);
-        return words.every(function (word) { return haystack.indexOf(word) >= 0; });
-      }).slice(0, 50);
-      found.forEach(function (entry) {
+        if (query.every(function (word) { return haystack.indexOf(word) >= 0; })) {
+          byName.push([entry, null]);
+          return;
+        }
+        var classes = labelMatches(pushed(entry), query);
+        if (classes.length) { byClass.push([entry, classes]); }
+      });
+      byName.concat(byClass).slice(0, 50).forEach(function (found) {
+        var entry = found[0];
         var item = document.createElement("li");
         var link = document.createElement("a");
         link.href = entry[2];
         link.textContent = entry[1] ? entry[0] + " (" + entry[1] + ")" : entry[0];
         item.appendChild(link);
+        if (found[1]) {
+          var why = document.createElement("span");
+          why.className = "why";
+          why.textContent = " pushes " + found[1].join(", ");
+          item.appendChild(why);
+        }
         results.appendChild(item);
       });
     });

@@ -1,5 +1,7 @@
 """Synthetic atlases (no torch needed): stored units, plan.json and manifest, built with the
-real Store, for tests of the site and for the render benchmark."""
+real Store, for tests of the site and for the render benchmark. Units can also get what a
+worker measures of them (inputs, classes, activation maps) and dataset exemplars with a trust
+score, as `analysis` says (see purposes())."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ from atlas.store import Store, layer_dirname
 
 STATUS_CYCLE = ("done",) * 7 + ("failed",)
 PLANNED_FIELDS = ("id", "layer", "kind", "index", "label", "key")  # a unit in plan.json
+DIGEST = "0123456789abcdef"
+EXEMPLAR_FOLDER = "/photos/synthetic"
+PATCH_SIZE = 112  # px, as atlas.exemplars cuts them
 
 
 def webp(seed: int, size: int = 64) -> bytes:
@@ -35,15 +40,22 @@ def make_atlas(
     stale: dict[str, list[int]] | None = None,
     missing: dict[str, list[int]] | None = None,
     images: list[bytes] | None = None,
+    analysis: dict[tuple[str, int], dict] | None = None,
 ) -> Store:
-    """`layers` maps layer name -> unit count; every 8th unit is failed; `missing` units are
-    planned but not stored; `stale` units are stored with an outdated key. `images` (optional)
-    are reused round-robin instead of generating one per unit."""
+    """`layers` maps layer name -> unit count, in plan order; every 8th unit is failed;
+    `missing` units are planned but not stored; `stale` units are stored with an outdated key.
+    `images` (optional) are reused round-robin instead of generating one per unit.
+
+    `analysis` gives done units what the workers measure, by (layer, index): "inputs" and
+    "classes" (lists of [index, weight]), "maps" (True: a real WebP of two random maps),
+    "activation", and "trust" ({"score", "layers"}; with "exemplars": N patches, 3 by
+    default); a unit's inputs are from the layer before it in `layers`."""
     store = Store(out)
-    stale, missing = stale or {}, missing or {}
+    stale, missing, analysis = stale or {}, missing or {}, analysis or {}
     planned = []
     seed = 0
-    for layer, count in layers.items():
+    names = list(layers)
+    for position, (layer, count) in enumerate(layers.items()):
         for index in range(count):
             label = (labels or {}).get(index) if layer == "logits" else None
             key = f"key-{layer}-{index}"
@@ -86,13 +98,17 @@ def make_atlas(
                 images[(seed + k) % len(images)] if images else webp(seed * 10 + k, image_size)
                 for k in range(samples)
             ]
-            store.save_unit(record, data)
+            measured = analysis.get((layer, index), {})
+            record, files = _measured(record, measured, names[position - 1] if position else None)
+            store.save_unit(record, data, files)
+            if "trust" in measured:
+                _save_exemplars(store, record, measured)
     store.write_plan(
         {
             "atlas_version": "0.1.0",
             "torch_version": "2.x",
             "engine_version": "1",
-            "model": {"spec": "synthetic<model>", "digest": "0123456789abcdef", "weights": None},
+            "model": {"spec": "synthetic<model>", "digest": DIGEST, "weights": None},
             "recipe": {"name": "fourier", "hash": "abc"},
             "recipe_settings": {"steps": 8, "size": image_size},
             "samples": samples,
@@ -112,8 +128,100 @@ def make_atlas(
             "units": planned,
         }
     )
+    if any("trust" in measured for measured in analysis.values()):
+        store.write_exemplar_summary({"folder": EXEMPLAR_FOLDER, "images": 40, "unreadable": []})
     store.write_manifest()
     return store
+
+
+def _measured(record: UnitRecord, measured: dict, before: str | None):
+    """The record with what `measured` gives it, and the files to store with it."""
+    changes: dict = {}
+    for name in ("inputs", "classes"):
+        if name in measured:
+            changes[name] = tuple((int(k), float(w)) for k, w in measured[name])
+    if "inputs" in measured:
+        changes["inputs_from"] = before
+    if "activation" in measured:
+        changes["activation"] = measured["activation"]
+    files = {}
+    if measured.get("maps"):
+        files["maps"], changes["map_range"] = map_webp(record.index)
+    return dataclasses.replace(record, **changes), files
+
+
+def _save_exemplars(store: Store, record: UnitRecord, measured: dict) -> None:
+    """Exemplar patches of a unit and their record, with a trust score for the unit's key."""
+    items = []
+    for rank in range(measured.get("exemplars", 3)):
+        path = store.exemplar_path(record.layer, record.index, f".{record.key[:8]}.{rank}.webp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(webp(10_000 + record.index * 10 + rank, PATCH_SIZE))
+        items.append(
+            {
+                "image": path.relative_to(store.out).as_posix(),
+                "source": f"photo{record.index}-{rank}.jpg",
+                "score": round(2.0 - 0.25 * rank, 5),
+                "box": [0.0, 0.0, 16.0, 16.0],
+            }
+        )
+    trust = {"unit_key": record.key, **measured["trust"]}
+    store.save_exemplars(
+        {
+            "layer": record.layer,
+            "index": record.index,
+            "key": f"exemplar-key-{record.id}",
+            "digest": DIGEST,
+            "items": items,
+            "trust": trust,
+        }
+    )
+
+
+def map_webp(seed: int, side: int = 7, scale: int = 8) -> tuple[bytes, tuple[float, float]]:
+    """Two random activation maps side by side on one grey scale, as atlas.analysis stores
+    them (lossless WebP, one pixel column between them), and their shared range."""
+    rng = np.random.default_rng(seed)
+    before, after = rng.random((side, side)), rng.random((side, side)) * 3
+    low, high = float(min(before.min(), after.min())), float(max(before.max(), after.max()))
+    joined = np.concatenate([before, np.full((side, 1), high), after], axis=1)
+    level = ((joined - low) / (high - low) * 255).astype(np.uint8)
+    size = (joined.shape[1] * scale, side * scale)
+    image = Image.fromarray(level).resize(size, Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="WEBP", lossless=True)
+    return buffer.getvalue(), (round(low, 5), round(high, 5))
+
+
+def purposes(
+    layers: dict[str, int], classes: int = 10, trust: bool = True
+) -> dict[tuple[str, int], dict]:
+    """An `analysis` for make_atlas where every unit has inputs (but the first layer's),
+    classes and maps (but the logits'), and, with `trust`, exemplars and a trust score: unit i
+    of a layer is excited most by channel i of the layer before and inhibited most by channel
+    i + 1, pushes class i % classes up and (i + 1) % classes down; its trust score is
+    ((i * 37) % 100) / 100 (below 0.3 for i = 0, 3, ...), and None for the first layer."""
+    found = {}
+    names = list(layers)
+    for position, (layer, count) in enumerate(layers.items()):
+        before = layers[names[position - 1]] if position else 0
+        for index in range(count):
+            measured: dict = {"activation": round(1.0 + 0.1 * index, 5)}
+            if before:
+                measured["inputs"] = [
+                    [index % before, 0.9],
+                    [(index + 2) % before, 0.4],
+                    [(index + 1) % before, -0.7],
+                ]
+            if layer != "logits":
+                measured["classes"] = [[index % classes, 2.5], [(index + 1) % classes, -1.5]]
+                measured["maps"] = True
+            if trust:
+                score = ((index * 37) % 100) / 100 if position else None
+                ratios = {name: score for name in names[:position] if name != "logits"}
+                measured["trust"] = {"score": score, "layers": ratios if score is not None else {}}
+            found[(layer, index)] = measured
+    return found
 
 
 def make_image_folder(folder: Path, count: int = 40) -> list[str]:

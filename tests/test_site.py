@@ -16,8 +16,9 @@ from synthetic import make_atlas
 from atlas.cli import cli
 from atlas.errors import AtlasError
 from atlas.files import exclusive_lock
-from atlas.site import Page, curve_points, render, write_pages
+from atlas.site import Page, render, write_pages
 from atlas.store import Store
+from atlas.views import curve_points
 
 HOSTILE_LABEL = "<script>alert('label')</script>"
 HOSTILE_LAYER = '<b onmouseover="x">../../evil'
@@ -102,7 +103,7 @@ def test_logits_grid_shows_labels_and_the_search_index_lists_every_unit(atlas_ou
     assert "Class logits" in grid and "8 hen" in " ".join(grid.split())
     search = (atlas_out / "site" / "search-index.js").read_text()
     assert search.startswith("window.ATLAS_SEARCH = [")
-    assert '["logits:8", "hen", "logits/8.html"]' in search
+    assert '["logits:8", "hen", "logits/8.html", []]' in search
 
 
 def test_curve_points_fill_the_box():
@@ -199,7 +200,7 @@ def test_the_files_a_build_keeps_are_its_pages_their_links_and_the_assets(tmp_pa
     for name in ("old.html", *linked, "img/unlinked.webp", "static/atlas.css"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("earlier")
-    search = {"search": [["conv2:0", "", "conv2/0.html"]]}
+    search = {"search": [["conv2:0", "", "conv2/0.html", []]], "labels": {}}
     write_pages(tmp_path, [Page("search-index.js", "search-index.js", search, None, linked)])
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.*")) == [
         "img/linked.webp",

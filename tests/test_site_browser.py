@@ -537,15 +537,24 @@ def test_links_resolve_to_files_inside_the_site(atlas_out):
     assert checked > 10 * len(list(site.rglob("*.html")))  # css, js, home, pager, images...
 
     # the search index: links relative to the site root, made by atlas.js on the index page
-    text = (site / "search-index.js").read_text()
-    prefix = "window.ATLAS_SEARCH = "
-    assert text.startswith(prefix)
-    entries = json.loads(text[len(prefix) :].rstrip().rstrip(";"))
+    entries, labels = search_index(site)
     assert len(entries) == sum(LAYERS.values())
-    for unit_id, _label, href in entries:
+    for unit_id, _label, href, _pushes in entries:
         assert not urlsplit(href).scheme and not href.startswith("/"), href
         assert (site / href).is_file(), f"{unit_id}: {href}"
-    assert [label for _id, label, _href in entries if "onerror" in label] == [HOSTILE]
+    assert [label for _id, label, _href, _pushes in entries if "onerror" in label] == [HOSTILE]
+    assert labels == {str(k): v for k, v in LABELS.items()}
+
+
+def search_index(site: Path) -> tuple[list, dict]:
+    """search-index.js's two assignments: the entries and the class labels."""
+    lines = (site / "search-index.js").read_text().splitlines()
+    values = []
+    for line, name in zip(lines, ("ATLAS_SEARCH", "ATLAS_LABELS"), strict=True):
+        prefix = f"window.{name} = "
+        assert line.startswith(prefix) and line.endswith(";"), line[:80]
+        values.append(json.loads(line[len(prefix) : -1]))
+    return values[0], values[1]
 
 
 def test_ids_are_unique_on_every_page(atlas_out):

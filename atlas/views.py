@@ -1,0 +1,249 @@
+"""Units as the site's pages show them: one UnitView per unit, read from its UnitRecord, and
+what each unit is for: the units that drive it (inputs), the units it drives (outputs), the
+classes it pushes, where it fires, and how far to trust its picture.
+
+Outputs are not stored: they are found at build time by inverting the `inputs` lists of the
+next planned layer's units (u's outputs are the units v whose inputs list u, with v's weight).
+Each unit keeps only its strongest inputs of each sign, so u's outputs are the units it is
+among the strongest inputs of. Class labels come from the class logits in the atlas (the
+manifest holds no label list), so a class the plan left out is shown as "class k".
+
+This module imports neither torch nor Jinja2 (atlas.site renders these views).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from atlas.names import LOGITS
+from atlas.record import UnitRecord
+
+CURVE_WIDTH, CURVE_HEIGHT = 480, 160
+# Below this trust score the layer grid flags a unit. The score is atlas/trust.py's, which
+# holds the same threshold (it imports torch, which the site must not).
+LOW_TRUST = 0.3
+SHOWN_UP, SHOWN_DOWN = 6, 3  # exciting and inhibiting inputs (and outputs) a page shows
+
+
+@dataclass(frozen=True)
+class Link:
+    """Another unit (an input or an output) or a class, as one unit's page shows it; paths are
+    relative to that page."""
+
+    name: str  # a channel number, a class label, or "class <k>"
+    weight: float  # signed
+    href: str | None = None  # None: not in the atlas
+    thumb: str | None = None
+    thumb_size: tuple[int, int] = (0, 0)
+    alt: str = ""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Links of both signs: the strongest positive first, then the most negative."""
+
+    up: tuple[Link, ...] = ()
+    down: tuple[Link, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.up or self.down)
+
+
+def ranked(links: Iterable[Link], up: int, down: int) -> Ranked:
+    """The `up` largest positive weights and the `down` most negative, strongest first (ties by
+    name, so that a rerender is byte for byte the same)."""
+    links = list(links)
+    positive = sorted((li for li in links if li.weight > 0), key=lambda li: (-li.weight, li.name))
+    negative = sorted((li for li in links if li.weight < 0), key=lambda li: (li.weight, li.name))
+    return Ranked(tuple(positive[:up]), tuple(negative[:down]))
+
+
+@dataclass
+class UnitView:
+    """One unit as the pages show it. `record` is the manifest's UnitRecord (for a unit whose
+    files are damaged, the record as planned, marked missing)."""
+
+    record: UnitRecord
+    layer_dir: str
+    images: list[str]  # relative to the layer folder
+    thumb: str | None
+    size: tuple[int, int] = (0, 0)  # of the images, for width and height attributes
+    thumb_size: tuple[int, int] = (0, 0)
+    timelapse: str | None = None  # the animated WebP of the optimization
+    exemplars: list[dict] = field(default_factory=list)  # src, source, score
+    maps: str | None = None  # the activation maps, starting image | best image
+    maps_size: tuple[int, int] = (0, 0)
+    # set by connect(): the planned layers around this one, and what the unit is for
+    before: str | None = None
+    after: str | None = None
+    inputs: Ranked = field(default_factory=Ranked)
+    outputs: Ranked = field(default_factory=Ranked)
+    outputs_measured: int = 0  # units of the next layer whose inputs are known
+    classes: Ranked = field(default_factory=Ranked)
+
+    @property
+    def activation_ratio(self) -> float | None:
+        """The unit's activation on its visualization over that on its best exemplar."""
+        activation = self.record.activation
+        best = self.exemplars[0]["score"] if self.exemplars else None
+        if activation is None or best is None or best <= 0:
+            return None
+        return activation / best
+
+    @property
+    def index(self) -> int:
+        return self.record.index
+
+    @property
+    def status(self) -> str:
+        return self.record.status
+
+    @property
+    def is_logit(self) -> bool:
+        return self.record.layer == LOGITS
+
+    @property
+    def title(self) -> str:
+        label = self.record.label
+        return f"{self.record.id} ({label})" if label else self.record.id
+
+    @property
+    def alt(self) -> str:
+        kind = "class" if self.record.kind == "logit" else "channel"
+        what = f"{kind} {self.index}"
+        if self.record.label:
+            what += f" ({self.record.label})"
+        return f"Feature visualization of {self.record.layer} {what}"
+
+    @property
+    def page(self) -> str:
+        return f"{self.index}.html"
+
+    @property
+    def curve(self) -> str:
+        """Computed while the page renders, so that a bad history names its page."""
+        return curve_points(self.record.history)
+
+    @property
+    def curve_range(self) -> tuple[float | None, float | None]:
+        values = [point[1] for point in self.record.history]
+        return (min(values), max(values)) if values else (None, None)
+
+    @property
+    def trust_score(self) -> float | None:
+        score = (self.record.trust or {}).get("score")
+        return float(score) if isinstance(score, int | float) else None
+
+    @property
+    def low_trust(self) -> bool:
+        return self.trust_score is not None and self.trust_score < LOW_TRUST
+
+    @property
+    def trust_note(self) -> str:
+        """The low-trust badge's title."""
+        return (
+            f"trust {self.trust_score:.2f}, under {LOW_TRUST}: this picture may drive the unit "
+            "another way than its dataset exemplars do"
+        )
+
+    @property
+    def trust_layers(self) -> list[tuple[str, float]]:
+        ratios = (self.record.trust or {}).get("layers") or {}
+        return [(name, float(ratio)) for name, ratio in ratios.items()]
+
+    @property
+    def measured_on(self) -> str:
+        """What its inputs and class effects were measured on: the store puts those measured
+        on its pictures and exemplars together in place of its pictures' alone, when it can."""
+        trust = self.record.trust or {}
+        together = isinstance(trust.get("inputs"), list) or isinstance(trust.get("classes"), list)
+        return "its pictures and its dataset exemplars" if together else "its pictures"
+
+    @property
+    def pushes(self) -> str:
+        """The labels of the classes it pushes up, for the grid's class filter."""
+        return "|".join(link.name for link in self.classes.up)
+
+    def files(self) -> list[str]:
+        """The files of this unit that its page links (images, thumbnail, animation, maps,
+        exemplar patches), relative to its layer folder."""
+        extras = [self.thumb, self.timelapse, self.maps, *(e["src"] for e in self.exemplars)]
+        return [*self.images, *(name for name in extras if name)]
+
+
+def curve_points(history, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) -> str:
+    """SVG polyline points for [[step, value], ...], scaled into the box."""
+    if len(history) < 2:
+        return ""
+    steps = [point[0] for point in history]
+    values = [point[1] for point in history]
+    low, high = min(values), max(values)
+    span_x = (steps[-1] - steps[0]) or 1
+    span_y = (high - low) or 1
+    return " ".join(
+        f"{(s - steps[0]) / span_x * width:.1f},{height - (v - low) / span_y * height:.1f}"
+        for s, v in zip(steps, values, strict=True)
+    )
+
+
+def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> None:
+    """Set every view's neighbouring planned layers, inputs, outputs and classes. `planned` is
+    the plan's layer order (the class logits last); a layer not in it has no neighbours."""
+    views = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
+    logits = {v.index: v for v in units_by_layer.get(LOGITS, [])}
+    for layer, units in units_by_layer.items():
+        position = planned.index(layer) if layer in planned else None
+        before = planned[position - 1] if position else None
+        after = None
+        if position is not None and layer != LOGITS and position + 1 < len(planned):
+            after = planned[position + 1]
+        # the next layer's units that weigh this layer's channels, inverted: channel -> links
+        driven: dict[int, list[Link]] = {}
+        measured = 0
+        for target in units_by_layer.get(after, []) if after else []:
+            if target.record.inputs_from != layer or not target.record.inputs:
+                continue
+            measured += 1
+            for channel, weight in target.record.inputs:
+                driven.setdefault(channel, []).append(unit_link(target, target.index, weight))
+        for view in units:
+            view.before, view.after, view.outputs_measured = before, after, measured
+            source = view.record.inputs_from
+            view.inputs = ranked(
+                (
+                    unit_link(views.get((source, channel)), channel, weight)
+                    for channel, weight in view.record.inputs
+                ),
+                SHOWN_UP,
+                SHOWN_DOWN,
+            )
+            view.outputs = ranked(driven.get(view.index, []), SHOWN_UP, SHOWN_DOWN)
+            classes = (class_link(logits.get(k), k, effect) for k, effect in view.record.classes)
+            view.classes = ranked(classes, len(view.record.classes), len(view.record.classes))
+
+
+def unit_link(view: UnitView | None, index: int, weight: float) -> Link:
+    """A link to another unit's page, with its thumbnail when it has one; the bare channel
+    number when the unit is not in the atlas."""
+    if view is None:
+        return Link(str(index), weight)
+    folder = f"../{view.layer_dir}/"
+    return Link(
+        view.record.label or (f"class {index}" if view.is_logit else str(index)),
+        weight,
+        folder + view.page,
+        folder + view.thumb if view.thumb else None,
+        view.thumb_size,
+        view.alt,
+    )
+
+
+def class_link(view: UnitView | None, index: int, effect: float) -> Link:
+    """A class: its label, linked to its logit's page (with its picture) when the logit is in
+    the atlas; "class <k>" when no label is known."""
+    if view is None:
+        return Link(f"class {index}", effect)
+    name = view.record.label or f"class {index}"
+    return dataclasses.replace(unit_link(view, index, effect), name=name)
