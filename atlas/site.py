@@ -15,7 +15,6 @@ unit files, which are the truth.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -36,7 +35,16 @@ from atlas.files import atomic_write_bytes, exclusive_lock, remove_temporaries
 from atlas.names import LOGITS
 from atlas.record import UnitRecord
 from atlas.store import STATUSES, Store, layer_dirname, warn, webp_problem
-from atlas.views import CURVE_HEIGHT, CURVE_WIDTH, LOW_TRUST, UnitView, connect
+from atlas.views import (
+    CURVE_HEIGHT,
+    CURVE_WIDTH,
+    LOW_TRUST,
+    PLANNED,
+    UnitView,
+    as_planned,
+    connect,
+    parse_record,
+)
 
 THUMB_SIZE = 128  # px; larger unit images get a downscaled WebP thumbnail
 PREVIEWS_PER_LAYER = 6
@@ -134,20 +142,7 @@ def _unit_view(
 
 def _missing_view(record: UnitRecord) -> UnitView:
     """A unit whose stored images cannot be shown: as planned but not computed."""
-    plain = dataclasses.replace(
-        record,
-        status="missing",
-        images=(),
-        timelapse=None,
-        exemplars=(),
-        inputs_from=None,
-        inputs=(),
-        classes=(),
-        maps=None,
-        map_range=None,
-        trust=None,
-    )
-    return UnitView(plain, layer_dirname(record.layer), [], None)
+    return UnitView(as_planned(record), layer_dirname(record.layer), [], None)
 
 
 def _linked_view(
@@ -262,16 +257,27 @@ def unit_records(
 ) -> tuple[dict, list[UnitRecord]]:
     """The manifest and its unit records. A manifest with an entry that is no unit record atlas
     can read is damaged: it is rebuilt from the unit files (which are the truth), as
-    load_manifest does with one that is no JSON. Whole-layer images (no index) are left out."""
-    try:
-        records = [UnitRecord.from_json(data) for data in manifest.get("units", [])]
-    except (TypeError, ValueError, AttributeError):  # a field of the wrong shape
-        records = [None]
+    load_manifest does with one that is no JSON; a unit whose own file is what is damaged is
+    named and shown as missing. Whole-layer images (no index) are left out."""
+    entries = manifest.get("units", [])
+    records = [parse_record(data) for data in entries]
     if any(record is None for record in records):
         warn("manifest.json is corrupt (a unit atlas cannot read); rebuilt from the unit files")
         manifest = Store(out, warn).write_manifest()
-        records = [UnitRecord.from_json(data) for data in manifest["units"]]
-    return manifest, [record for record in records if record.index is not None]
+        entries = manifest["units"]
+        records = [parse_record(data) for data in entries]
+    shown = []
+    for record, data in zip(records, entries, strict=True):
+        if record is None:  # the unit's own file: the store took it for sound
+            record = parse_record({name: data.get(name) for name in PLANNED if name in data})
+            if record is None:
+                continue
+            name = f"units/{layer_dirname(record.layer)}/{record.index}.json"
+            warn(f"{name} has fields atlas cannot read; shown as missing (delete it to redo it)")
+            record = as_planned(record)
+        if record.index is not None:
+            shown.append(record)
+    return manifest, shown
 
 
 def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None]) -> list[Page]:

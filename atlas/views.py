@@ -8,7 +8,9 @@ Each unit keeps only its strongest inputs of each sign, so u's outputs are the u
 among the strongest inputs of. Class labels come from the class logits in the atlas (the
 manifest holds no label list), so a class the plan left out is shown as "class k".
 
-This module imports neither torch nor Jinja2 (atlas.site renders these views).
+Records are read with UnitRecord.from_json, which is tolerant; parse_record also checks the
+shapes of the fields the build computes with, so that a damaged one is caught before it is
+used. This module imports neither torch nor Jinja2 (atlas.site renders these views).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 # holds the same threshold (it imports torch, which the site must not).
 LOW_TRUST = 0.3
 SHOWN_UP, SHOWN_DOWN = 6, 3  # exciting and inhibiting inputs (and outputs) a page shows
+PLANNED = ("layer", "index", "kind", "id", "label", "key")  # what a plan says of a unit
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,11 @@ class Ranked:
 
 
 def ranked(links: Iterable[Link], up: int, down: int) -> Ranked:
-    """The `up` largest positive weights and the `down` most negative, strongest first (ties by
-    name, so that a rerender is byte for byte the same)."""
+    """The `up` largest positive weights and the `down` most negative, strongest first (ties in
+    the order given: a stable sort, so that a rerender is byte for byte the same)."""
     links = list(links)
-    positive = sorted((li for li in links if li.weight > 0), key=lambda li: (-li.weight, li.name))
-    negative = sorted((li for li in links if li.weight < 0), key=lambda li: (li.weight, li.name))
+    positive = sorted((link for link in links if link.weight > 0), key=lambda link: -link.weight)
+    negative = sorted((link for link in links if link.weight < 0), key=lambda link: link.weight)
     return Ranked(tuple(positive[:up]), tuple(negative[:down]))
 
 
@@ -247,3 +250,46 @@ def class_link(view: UnitView | None, index: int, effect: float) -> Link:
         return Link(f"class {index}", effect)
     name = view.record.label or f"class {index}"
     return dataclasses.replace(unit_link(view, index, effect), name=name)
+
+
+# --- reading the manifest's records ---
+
+
+def parse_record(data: object) -> UnitRecord | None:
+    """The unit record in a manifest entry, or None when it is none atlas can read."""
+    try:
+        record = UnitRecord.from_json(data)
+        return record if record is not None and readable(record) else None
+    except (TypeError, ValueError, AttributeError):  # a field of the wrong shape
+        return None
+
+
+def readable(record: UnitRecord) -> bool:
+    """Whether the fields that the build computes with (beyond printing them) have the types
+    that from_json gives them; a bad value that a page only prints fails that page instead."""
+    names = (record.inputs_from, *record.files)
+    sequences = (record.images, record.exemplars, record.inputs, record.classes)
+    return (
+        all(isinstance(value, tuple) for value in sequences)
+        and all(isinstance(item, dict) for item in record.exemplars)
+        and isinstance(record.trust, dict | None)
+        and all(isinstance(name, str | None) for name in names)
+    )
+
+
+def as_planned(record: UnitRecord) -> UnitRecord:
+    """The record as the plan has it, marked missing: what it names and measured cleared."""
+    return dataclasses.replace(
+        record,
+        status="missing",
+        images=(),
+        timelapse=None,
+        variants={},
+        exemplars=(),
+        inputs_from=None,
+        inputs=(),
+        classes=(),
+        maps=None,
+        map_range=None,
+        trust=None,
+    )

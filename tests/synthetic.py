@@ -165,7 +165,7 @@ def _save_exemplars(store: Store, record: UnitRecord, measured: dict) -> None:
                 "box": [0.0, 0.0, 16.0, 16.0],
             }
         )
-    trust = {"unit_key": record.key, **measured["trust"]}
+    trust = {"unit_key": record.key, **measured["trust"]}  # "unit_key" there: another key
     store.save_exemplars(
         {
             "layer": record.layer,
@@ -200,7 +200,7 @@ def purposes(
     classes and maps (but the logits'), and, with `trust`, exemplars and a trust score: unit i
     of a layer is excited most by channel i of the layer before and inhibited most by channel
     i + 1, pushes class i % classes up and (i + 1) % classes down; its trust score is
-    ((i * 37) % 100) / 100 (below 0.3 for i = 0, 3, ...), and None for the first layer."""
+    ((i * 37) % 100) / 100 (under 0.3 for i = 0, 3, 6, 11), and None for the first layer."""
     found = {}
     names = list(layers)
     for position, (layer, count) in enumerate(layers.items()):

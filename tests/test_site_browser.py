@@ -9,6 +9,7 @@ kind go to test-artifacts/ at the repository root (git-ignored).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 from links import check_links, parse
-from synthetic import make_atlas
+from synthetic import make_atlas, purposes
 
 from atlas.serve import make_server
 from atlas.site import render
@@ -99,15 +100,22 @@ def browser():
         instance.close()
 
 
-@pytest.fixture(scope="module")
-def http_root(atlas_out):
-    server = make_server(atlas_out, 0)
+@contextlib.contextmanager
+def serving(out: Path):
+    """`atlas serve` of an atlas on a free port, for the block: its root URL."""
+    server = make_server(out, 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def http_root(atlas_out):
+    with serving(atlas_out) as root:
+        yield root
 
 
 class Site:
@@ -186,8 +194,8 @@ class Tab:
         assert any(url.endswith("static/atlas.js") for url in self.requests), self.requests
 
 
-@pytest.fixture
-def tab(browser, site):
+@contextlib.contextmanager
+def opened(browser, site: Site):
     context = browser.new_context(viewport={"width": 1280, "height": 640})
     context.set_default_timeout(5000)
     recorder = Tab(context.new_page(), site)
@@ -195,6 +203,12 @@ def tab(browser, site):
     context.close()
     if not recorder.checked:  # every test ends with assert_clean(); this catches one that won't
         recorder.assert_clean()
+
+
+@pytest.fixture
+def tab(browser, site):
+    with opened(browser, site) as recorder:
+        yield recorder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,6 +542,131 @@ def test_every_page_has_no_errors_and_well_formed_images(tab, atlas_out):
 
 
 # ---------------------------------------------------------------------------------------------
+# What a unit is for (a second atlas, with inputs, classes, maps, exemplars and trust)
+
+PURPOSE_LAYERS = {"conv1": 6, "conv2": 12, "logits": 10}
+
+
+def trust_of(index: int) -> float:
+    return ((index * 37) % 100) / 100  # synthetic.purposes()
+
+
+@pytest.fixture(scope="module")
+def purpose_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("atlas-purpose")
+    analysis = purposes(PURPOSE_LAYERS)
+    make_atlas(out, PURPOSE_LAYERS, labels=LABELS, analysis=analysis, image_size=160)
+    render(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["file", "http"])
+def purpose_site(request, purpose_out):
+    if request.param == "file":
+        yield Site("file", (purpose_out / "site").as_uri() + "/")
+        return
+    with serving(purpose_out) as root:
+        yield Site("http", root)
+
+
+@pytest.fixture
+def purpose_tab(browser, purpose_site):
+    with opened(browser, purpose_site) as recorder:
+        yield recorder
+
+
+def test_an_input_thumbnail_opens_that_units_page_and_its_outputs_lead_back(purpose_tab):
+    tab = purpose_tab
+    page = tab.goto("conv2/1.html")
+    # purposes(): conv2:1 is excited most by conv1:1, then conv1:3; inhibited by conv1:2
+    inputs = page.locator("#inputs ol.links.up li")
+    expect(inputs).to_have_count(2)
+    expect(inputs.nth(0)).to_contain_text("+0.9")
+    expect(page.locator("#inputs ol.links.down li")).to_contain_text("-0.7")
+    assert check_images(page, scroll=True) > 0  # thumbnails, maps and exemplars load, sized
+    screenshot(page, tab.site, "purpose-unit")
+    inputs.nth(0).locator("img").click()
+    expect(page).to_have_url(tab.site.url("conv1/1.html"))
+    expect(page).to_have_title(title("conv1:1"))
+    expect(page.locator("#inputs")).to_contain_text("No planned layer before conv1")
+    # conv2:1 lists conv1:1 as its top input: it is conv1:1's top output
+    first = page.locator("#outputs ol.links.up li").first
+    expect(first).to_contain_text("+0.9")
+    first.locator("a").click()
+    expect(page).to_have_url(tab.site.url("conv2/1.html"))
+    page.locator("#classes ol.links.up a", has_text="goldfish").click()
+    expect(page).to_have_url(tab.site.url("logits/1.html"))
+    tab.assert_clean()
+
+
+def test_the_layer_grid_sorts_by_trust_and_filters_by_a_class(purpose_tab):
+    tab = purpose_tab
+    page = tab.goto("conv2/index.html")
+    count = PURPOSE_LAYERS["conv2"]
+    scored = [i for i in range(count) if i % 8 != FAILED]  # a failed unit has no score
+    assert visible_cells(page) == [f"c{i}" for i in range(count)]
+    low = [i for i in scored if trust_of(i) < 0.3]
+    for index in low:
+        badge = page.locator(f"#c{index} .badge.low-trust")
+        expect(badge).to_be_visible()
+        expect(badge).to_have_attribute("title", re.compile(rf"^trust {trust_of(index):.2f}, "))
+    expect(page.locator(".cell .badge.low-trust")).to_have_count(len(low))
+
+    page.locator("#sort").select_option("trust-low")
+    lowest_first = [f"c{i}" for i in sorted(scored, key=trust_of)] + [f"c{FAILED}"]
+    assert visible_cells(page) == lowest_first
+    expect(page).to_have_url(tab.site.url("conv2/index.html", "sort=trust-low"))
+
+    # purposes(): conv2:i pushes class i % 10 up; class 1 is goldfish
+    page.locator("#pushes").press_sequentially("goldf")
+    assert visible_cells(page) == ["c11", "c1"]  # trust 0.07, then 0.37
+    expect(page.locator("#matches")).to_have_text(f"2 of {count} units match")
+    page.locator("#sort").select_option("trust-high")
+    assert visible_cells(page) == ["c1", "c11"]
+    page.locator("#sort").select_option("index")
+    assert visible_cells(page) == ["c1", "c11"]
+    page.locator("#pushes").fill("")
+    assert visible_cells(page) == [f"c{i}" for i in range(count)]
+    expect(page).to_have_url(tab.site.url("conv2/index.html"))
+
+    page = tab.goto("conv2/index.html", "sort=ratio-high&pushes=" + quote("white shark"))
+    expect(page.locator("#sort")).to_have_value("ratio-high")
+    expect(page.locator("#pushes")).to_have_value("white shark")
+    assert visible_cells(page) == ["c6"]  # class 6 is "great white shark"
+    page.locator("#pushes").fill("tench")  # class 0: conv2:0 and conv2:10
+    assert visible_cells(page) == ["c10", "c0"]
+    page.locator("#pushes").fill("")
+    # activation 1 + 0.1 i over the best exemplar's 2.0: the highest index first
+    assert visible_cells(page)[:3] == ["c11", "c10", "c9"]
+    tab.assert_clean()
+
+
+def test_the_index_search_finds_units_by_the_classes_they_push(purpose_tab):
+    tab = purpose_tab
+    page = tab.goto("index.html")
+    results = page.locator("#results li")
+    page.locator("#search").press_sequentially("goldfish")
+    expect(results).to_have_text(
+        [
+            "logits:1 (goldfish)",  # by its label first, then by the classes units push
+            "conv1:1 pushes goldfish",
+            "conv2:1 pushes goldfish",
+            "conv2:11 pushes goldfish",
+        ]
+    )
+    # a hostile label is text in the results, never markup (conv1:3 and conv2:3 push class 3)
+    page.locator("#search").fill("onerror")
+    expect(results).to_have_text(
+        [f"logits:3 ({HOSTILE})", f"conv1:3 pushes {HOSTILE}", f"conv2:3 pushes {HOSTILE}"]
+    )
+    expect(page.locator("#results img")).to_have_count(0)
+    page.locator("#search").fill("goldfish")
+    results.nth(3).locator("a").click()
+    expect(page).to_have_url(tab.site.url("conv2/11.html"))
+    tab.assert_clean()
+
+
+# ---------------------------------------------------------------------------------------------
 # Link checker (no browser)
 
 
@@ -557,8 +696,10 @@ def search_index(site: Path) -> tuple[list, dict]:
     return values[0], values[1]
 
 
-def test_ids_are_unique_on_every_page(atlas_out):
-    for page in sorted((atlas_out / "site").rglob("*.html")):
+@pytest.mark.parametrize("which", ["atlas_out", "purpose_out"])
+def test_ids_are_unique_on_every_page(request, which):
+    out = request.getfixturevalue(which)
+    for page in sorted((out / "site").rglob("*.html")):
         ids = parse(page).ids
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         assert not duplicates, f"{page.name}: duplicate ids {duplicates}"
