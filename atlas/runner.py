@@ -21,7 +21,8 @@ from atlas.config import AtlasConfig
 from atlas.execute import executor
 from atlas.exemplars import ExemplarPass, ExemplarSummary
 from atlas.files import writable_folder
-from atlas.plan import ENGINE_VERSION, Plan, load_and_plan, make_tasks
+from atlas.layers import select
+from atlas.plan import ENGINE_VERSION, Plan, default_layer_patterns, load_and_plan, make_tasks
 from atlas.progress import Progress
 from atlas.site import render
 from atlas.store import Store, layer_dirname
@@ -101,9 +102,8 @@ def _run_claimed(
         exemplars = ExemplarPass(model, plan.units, config.exemplars, store.out, top)
     clock = time.monotonic()
 
-    def trust_pass() -> TrustPass | None:  # read afresh: it follows what this run stored
-        names = [layer.name for layer in plan.layers]
-        return TrustPass(names, config.exemplars, store.out) if config.exemplars else None
+    def trust_pass() -> TrustPass:  # read afresh: it follows what this run stored
+        return TrustPass(trust_path(model, plan), config.exemplars, store.out)
 
     needs_trust = config.exemplars and trust_pass().needed  # e.g. a run killed before it
     if todo or (exemplars and exemplars.needed) or needs_trust:
@@ -122,7 +122,7 @@ def _run_claimed(
             if exemplars and exemplars.needed:
                 summary.exemplars = exemplars.run(pool, on_progress)
                 summary.failures += summary.exemplars.failures
-            if (trust := trust_pass()) and trust.needed:
+            if config.exemplars and (trust := trust_pass()).needed:
                 summary.failures += trust.run(pool)
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
@@ -131,6 +131,14 @@ def _run_claimed(
     summary.site = str(render(store.out))
     summary.seconds = time.monotonic() - clock
     return summary
+
+
+def trust_path(model, plan: Plan) -> list[str]:
+    """The layers whose activation patterns judge a unit's picture (atlas.trust): the model's
+    main path and the planned layers, in the model's order."""
+    chosen = {layer.name for layer in select(model, default_layer_patterns(model))}
+    chosen |= {layer.name for layer in plan.layers}
+    return [layer.name for layer in model.layers if layer.name in chosen]
 
 
 def _store_outcome(store: Store, outcome, summary: RunSummary) -> None:

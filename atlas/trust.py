@@ -2,23 +2,23 @@
 images do?
 
 Geirhos et al. (2023) showed that a visualization can drive a unit through another path than
-natural images do. The check here follows that idea. At each planned layer before the unit,
-take every image's channel means (its activation pattern), centred on the mean over random
-images of the exemplar folder. A picture that reaches the unit the natural way has a pattern
-pointing where its top exemplars' patterns point:
+natural images do: a picture that excites the unit as much as its exemplars can still be, on
+the way up, nothing like a natural image. The check here looks at that path. At each layer of
+the model's main path before the unit (and each planned one), an image's activation pattern is
+its channel means, standardized by those of 64 random images of the exemplar folder:
 
-    agreement(x) at layer P = cos(x - mean, exemplars' centroid - mean)
-    ratio at layer P        = (agreement(picture) - chance) / (typical - chance)
-    trust                   = the mean ratio over the layers, clipped to [0, 1]
+    natural at layer P = the share of the random images whose pattern lies at least as far
+                         from their mean as the picture's does (1: typical, 0: beyond all)
+    trust              = natural, averaged over the layers before the unit
 
-where `typical` is an exemplar's agreement with the other exemplars' centroid and `chance`
-a random image's, both averaged.
-
-1 means the picture looks, on the way up, as much like the exemplars as an exemplar does; 0
-means no more than a random image. It needs exemplars (`--exemplars DIR`) and an earlier
-planned layer. The activations are computed on the workers, in chunks of images, like the
-exemplar pass; the scores are stored in the unit's exemplar record with the unit key they were
-computed for, so they are redone only when the picture or the exemplars change.
+Plain pixel-space images, which reach a unit the adversarial way, score clearly lower than the
+fourier recipe's on the same units (bench/RESULTS.md). Beside it, `agreement` says how much the
+picture's pattern points where its exemplars' do, against chance (1: as much as an exemplar
+does, 0: as much as a random image), averaged over the layers where the exemplars share a
+direction. Both need exemplars (`--exemplars DIR`). The activations are computed on the
+workers, in chunks of images, like the exemplar pass; the results are stored in the unit's
+exemplar record with the unit key they were computed for, so they are redone only when the
+picture or the exemplars change.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 RANDOM_IMAGES = 64  # folder images: half set each layer's mean, half what chance agreement is
 RANDOM_SEED = 0
-LOW_TRUST = 0.3  # below this, the layer grid flags a unit
+LOW_TRUST = 0.2  # below this, the layer grid flags a unit (plain images score ~0.2 on Lite0)
 MIN_SPREAD = 0.1  # exemplars must agree this much more than random images to judge by
 
 
@@ -83,35 +83,51 @@ def pattern_task(model, task: PatternTask, device: str | None = None) -> dict:
     return result
 
 
+def naturalness(picture: np.ndarray, randoms: np.ndarray) -> float:
+    """The share of `randoms` [N, C] at least as far from their mean as `picture` [C] is, in
+    units of each channel's spread over them."""
+    mean, spread = randoms.mean(0), randoms.std(0) + 1e-6
+    distances = np.linalg.norm((randoms - mean) / spread, axis=1)
+    return float(np.mean(distances >= np.linalg.norm((picture - mean) / spread)))
+
+
+def agreement(picture: np.ndarray, exemplars: np.ndarray, randoms: np.ndarray) -> float | None:
+    """How much `picture` points where `exemplars` [K, C] do (both centred on random images),
+    from 0 (as much as a random image) to 1 (as much as an exemplar does); None when there are
+    fewer than two exemplars or they share no direction."""
+    if len(exemplars) < 2:
+        return None
+    # half the random images set the mean, the other half what chance agreement is: compared
+    # with the images that set it, anything would look a little like anything else
+    mean, baseline = randoms[::2].mean(0), randoms[1::2]
+    found = exemplars - mean
+    total = found.sum(0)
+    centroid = total / len(found)
+    # each exemplar against the others' centroid, so that none is compared with itself
+    typical = np.mean([_cos(e, (total - e) / (len(found) - 1)) for e in found])
+    chance = np.mean([_cos(r - mean, centroid) for r in baseline])
+    if typical - chance < MIN_SPREAD:
+        return None
+    return (_cos(picture - mean, centroid) - chance) / (typical - chance)
+
+
 def trust_score(
     picture: dict[str, np.ndarray],
     exemplars: list[dict[str, np.ndarray]],
     randoms: list[dict[str, np.ndarray]],
-) -> tuple[float | None, dict[str, float]]:
-    """The trust score and the ratio at each layer (see the module's docstring); None when
-    no layer can say (fewer than two exemplars, or exemplars no closer to their centroid than
-    random images are)."""
-    ratios = {}
-    # half the random images set the mean, the other half what chance agreement is: compared
-    # with the images that set it, anything would look a little like anything else
-    centring, baseline = randoms[::2], randoms[1::2]
+) -> dict:
+    """{"score", "layers" (naturalness per layer), "agreement"} for the layers of `picture`
+    (see the module's docstring); score and agreement are None where no layer can say."""
+    natural, agreed = {}, []
     for layer in picture:
-        mean = np.mean([r[layer] for r in centring], axis=0)
-        found = np.stack([e[layer] for e in exemplars]) - mean
-        if len(found) < 2:
-            continue
-        total = found.sum(0)
-        centroid = total / len(found)
-        # each exemplar against the others' centroid, so that none is compared with itself
-        typical = np.mean([_cos(e, (total - e) / (len(found) - 1)) for e in found])
-        chance = np.mean([_cos(r[layer] - mean, centroid) for r in baseline])
-        if typical - chance < MIN_SPREAD:  # the exemplars share no direction at this layer
-            continue
-        agreement = _cos(picture[layer] - mean, centroid)
-        ratios[layer] = round(float((agreement - chance) / (typical - chance)), 4)
-    if not ratios:
-        return None, ratios
-    return round(float(np.clip(np.mean(list(ratios.values())), 0, 1)), 4), ratios
+        pool = np.stack([r[layer] for r in randoms])
+        natural[layer] = round(naturalness(picture[layer], pool), 4)
+        found = np.stack([e[layer] for e in exemplars]) if exemplars else np.zeros((0, 1))
+        if (value := agreement(picture[layer], found, pool)) is not None:
+            agreed.append(value)
+    score = round(float(np.mean(list(natural.values()))), 4) if natural else None
+    together = round(float(np.clip(np.mean(agreed), 0, 1)), 4) if agreed else None
+    return {"score": score, "layers": natural, "agreement": together}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,12 +139,14 @@ class TrustPass:
     """The trust work of one run: which units need a score (done, with current exemplars,
     and no score for their present key), the images to read, and the stored scores."""
 
-    def __init__(self, plan_layers: list[str], folder: str | Path, out: Path):
+    def __init__(self, path: list[str], folder: str | Path, out: Path):
+        """`path`: the layers whose patterns judge a unit, in the model's order (its main path
+        and the planned layers); a unit is judged by those before it."""
         self.store = Store(out)
         self.folder = Path(folder)
         units, _ = self.store.classify()
         stored = self.store.exemplars(verify=False)
-        planned = [name for name in plan_layers if name != LOGITS]
+        planned = [name for name in path if name != LOGITS]
         self.todo = []  # (unit record, exemplar record, earlier layers)
         for unit in units:
             found = stored.get((unit.layer, unit.index))
@@ -136,7 +154,8 @@ class TrustPass:
                 continue
             if (found.get("trust") or {}).get("unit_key") == unit.key:
                 continue
-            earlier = planned if unit.layer == LOGITS else planned[: planned.index(unit.layer)]
+            before = planned.index(unit.layer) if unit.layer in planned else len(planned)
+            earlier = planned[:before]
             self.todo.append((unit, found, earlier))
 
     @property
@@ -165,18 +184,17 @@ class TrustPass:
             return failures
         baseline = [patterns[p] for p in randoms if p in patterns]
         for unit, found, earlier in self.todo:
-            score, ratios = None, {}
+            trust = {"unit_key": unit.key, "score": None, "layers": {}, "agreement": None}
             picture = patterns.get(str(self.store.out / unit.images[0]))
             shown = [patterns.get(str(self.folder / item["source"])) for item in found["items"]]
             shown = [pattern for pattern in shown if pattern is not None]
             if earlier and picture is not None and baseline:
-                score, ratios = trust_score(
+                trust |= trust_score(
                     {layer: picture[layer] for layer in earlier},
                     [{layer: e[layer] for layer in earlier} for e in shown],
                     [{layer: r[layer] for layer in earlier} for r in baseline],
                 )
             measured = evidence[(unit.layer, unit.index)]
-            trust = {"unit_key": unit.key, "score": score, "layers": ratios}
             trust.update(
                 images=measured["images"],
                 inputs=[list(pair) for pair in measured["inputs"]],

@@ -10,33 +10,43 @@ from synthetic import make_image_folder
 import atlas.trust
 from atlas.cli import cli
 from atlas.store import Store
-from atlas.trust import trust_score
+from atlas.trust import naturalness, trust_score
 
 
 def patterns(rng, centre, count, spread=0.3):
     return [{"a": centre + spread * rng.normal(size=centre.shape)} for _ in range(count)]
 
 
-def test_a_picture_like_its_exemplars_scores_1_and_one_like_random_images_0():
+def test_a_typical_picture_is_natural_and_an_extreme_one_is_not():
+    rng = np.random.default_rng(0)
+    randoms = patterns(rng, np.full(16, 2.0), 64, spread=1.0)
+    typical = patterns(rng, np.full(16, 2.0), 1, spread=1.0)[0]
+    extreme = {"a": np.full(16, 2.0) + 6 * rng.normal(size=16)}  # far beyond every random image
+    assert 0.2 < trust_score(typical, [], randoms)["score"] <= 1
+    assert trust_score(extreme, [], randoms)["score"] == 0.0
+    assert naturalness(np.full(16, 2.0), np.stack([r["a"] for r in randoms])) == 1.0
+
+
+def test_agreement_runs_from_chance_to_an_exemplar():
     rng = np.random.default_rng(0)
     direction = rng.normal(size=16)
     exemplars = patterns(rng, 2 + direction, 6)
-    randoms = patterns(rng, np.full(16, 2.0), 32, spread=1.0)
-    like_exemplars, _ = trust_score({"a": 2 + direction}, exemplars, randoms)
-    like_random, _ = trust_score(
-        patterns(rng, np.full(16, 2.0), 1, spread=1.0)[0], exemplars, randoms
-    )
-    opposite, ratios = trust_score({"a": 2 - direction}, exemplars, randoms)
-    assert like_exemplars == 1.0 and like_random < 0.2 and opposite == 0.0
-    assert ratios["a"] < 0  # the layer's own ratio keeps its sign; the score is clipped
+    randoms = patterns(rng, np.full(16, 2.0), 64, spread=1.0)
+    like_exemplars = trust_score({"a": 2 + direction}, exemplars, randoms)["agreement"]
+    like_random = trust_score(patterns(rng, np.full(16, 2.0), 1, 1.0)[0], exemplars, randoms)
+    opposite = trust_score({"a": 2 - direction}, exemplars, randoms)["agreement"]
+    assert like_exemplars == 1.0 and like_random["agreement"] < 0.3 and opposite == 0.0
 
 
-def test_no_score_without_two_exemplars_or_a_shared_direction():
+def test_no_agreement_without_two_exemplars_or_a_shared_direction():
     rng = np.random.default_rng(1)
-    randoms = patterns(rng, np.zeros(8), 16, spread=1.0)
-    assert trust_score({"a": np.ones(8)}, patterns(rng, np.ones(8), 1), randoms) == (None, {})
+    randoms = patterns(rng, np.zeros(8), 32, spread=1.0)
+    assert (
+        trust_score({"a": np.ones(8)}, patterns(rng, np.ones(8), 1), randoms)["agreement"] is None
+    )
     scattered = patterns(rng, np.zeros(8), 6, spread=1.0)  # exemplars no different from random
-    assert trust_score({"a": np.ones(8)}, scattered, randoms)[0] is None
+    assert trust_score({"a": np.ones(8)}, scattered, randoms)["agreement"] is None
+    assert trust_score({}, [], randoms) == {"score": None, "layers": {}, "agreement": None}
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +65,11 @@ def run(out, photos, *extra):
 def test_units_with_exemplars_and_an_earlier_layer_get_a_score_once(tmp_path, photos, monkeypatch):
     assert run(tmp_path, photos).exit_code == 0
     units = {u.id: u for u in Store(tmp_path).classify()[0]}
-    assert units["conv1:0"].trust["score"] is None  # no planned layer before conv1
+    assert units["conv1:0"].trust["score"] is None  # no layer before conv1
     for name in ("conv2:1", "logits:0"):
         trust = units[name].trust
-        assert set(trust["layers"]) <= ({"conv1"} if name == "conv2:1" else {"conv1", "conv2"})
-        assert trust["score"] is None or 0 <= trust["score"] <= 1
+        assert "conv1" in trust["layers"] and ("conv2" in trust["layers"]) == (name == "logits:0")
+        assert 0 <= trust["score"] <= 1
     measured = units["conv2:1"].trust  # inputs and classes on the picture and its exemplars
     assert measured["images"] == 1 + len(units["conv2:1"].exemplars)
     assert [list(pair) for pair in units["conv2:1"].inputs] == measured["inputs"] != []
