@@ -59,6 +59,7 @@ def environment() -> Environment:
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        auto_reload=False,  # one build: no stat of every template for each page
     )
     env.filters["number"] = lambda v: "-" if v is None else f"{v:.3f}"
     env.filters["seconds"] = lambda v: "-" if v is None else f"{v:.2f} s"

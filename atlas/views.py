@@ -16,7 +16,7 @@ used. This module imports neither torch nor Jinja2 (atlas.site renders these vie
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from atlas.names import LOGITS
@@ -54,13 +54,14 @@ class Ranked:
         return bool(self.up or self.down)
 
 
-def ranked(links: Iterable[Link], up: int, down: int) -> Ranked:
-    """The `up` largest positive weights and the `down` most negative, strongest first (ties in
-    the order given: a stable sort, so that a rerender is byte for byte the same)."""
-    links = list(links)
-    positive = sorted((link for link in links if link.weight > 0), key=lambda link: -link.weight)
-    negative = sorted((link for link in links if link.weight < 0), key=lambda link: link.weight)
-    return Ranked(tuple(positive[:up]), tuple(negative[:down]))
+def ranked(pairs: Iterable[tuple], up: int, down: int, link: Callable[..., Link]) -> Ranked:
+    """Of (what, weight) pairs, the `up` largest positive weights and the `down` most negative,
+    strongest first, as link(what, weight). Ties keep the order given (a stable sort, so that
+    a rerender is byte for byte the same); links are made for the pairs shown only."""
+    pairs = list(pairs)
+    positive = sorted((p for p in pairs if p[1] > 0), key=lambda p: -p[1])[:up]
+    negative = sorted((p for p in pairs if p[1] < 0), key=lambda p: p[1])[:down]
+    return Ranked(tuple(link(*p) for p in positive), tuple(link(*p) for p in negative))
 
 
 @dataclass
@@ -85,6 +86,7 @@ class UnitView:
     outputs: Ranked = field(default_factory=Ranked)
     outputs_measured: int = 0  # units of the next layer whose inputs are known
     classes: Ranked = field(default_factory=Ranked)
+    trust_layers: list[tuple[str, float]] = field(default_factory=list)  # in plan order
 
     @property
     def activation_ratio(self) -> float | None:
@@ -152,11 +154,6 @@ class UnitView:
         )
 
     @property
-    def trust_layers(self) -> list[tuple[str, float]]:
-        ratios = (self.record.trust or {}).get("layers") or {}
-        return [(name, float(ratio)) for name, ratio in ratios.items()]
-
-    @property
     def measured_on(self) -> str:
         """What its inputs and class effects were measured on: the store puts those measured
         on its pictures and exemplars together in place of its pictures' alone, when it can."""
@@ -192,9 +189,11 @@ def curve_points(history, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) 
 
 
 def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> None:
-    """Set every view's neighbouring planned layers, inputs, outputs and classes. `planned` is
-    the plan's layer order (the class logits last); a layer not in it has no neighbours."""
+    """Set every view's neighbouring planned layers, inputs, outputs, classes and trust ratios
+    (in plan order). `planned` is the plan's layer order (the class logits last); a layer not
+    in it has no neighbours."""
     views = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
+    order = {name: position for position, name in enumerate(planned)}
     logits = {v.index: v for v in units_by_layer.get(LOGITS, [])}
     for layer, units in units_by_layer.items():
         position = planned.index(layer) if layer in planned else None
@@ -202,29 +201,39 @@ def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> No
         after = None
         if position is not None and layer != LOGITS and position + 1 < len(planned):
             after = planned[position + 1]
-        # the next layer's units that weigh this layer's channels, inverted: channel -> links
-        driven: dict[int, list[Link]] = {}
+        # the next layer's units that weigh this layer's channels, inverted: channel -> units
+        driven: dict[int, list[tuple[UnitView, float]]] = {}
         measured = 0
         for target in units_by_layer.get(after, []) if after else []:
             if target.record.inputs_from != layer or not target.record.inputs:
                 continue
             measured += 1
             for channel, weight in target.record.inputs:
-                driven.setdefault(channel, []).append(unit_link(target, target.index, weight))
+                driven.setdefault(channel, []).append((target, weight))
         for view in units:
             view.before, view.after, view.outputs_measured = before, after, measured
             source = view.record.inputs_from
-            view.inputs = ranked(
-                (
-                    unit_link(views.get((source, channel)), channel, weight)
-                    for channel, weight in view.record.inputs
-                ),
+
+            def input_link(channel: int, weight: float, source=source) -> Link:
+                return unit_link(views.get((source, channel)), channel, weight)
+
+            view.inputs = ranked(view.record.inputs, SHOWN_UP, SHOWN_DOWN, input_link)
+            view.outputs = ranked(
+                driven.get(view.index, ()),
                 SHOWN_UP,
                 SHOWN_DOWN,
+                lambda target, weight: unit_link(target, target.index, weight),
             )
-            view.outputs = ranked(driven.get(view.index, []), SHOWN_UP, SHOWN_DOWN)
-            classes = (class_link(logits.get(k), k, effect) for k, effect in view.record.classes)
-            view.classes = ranked(classes, len(view.record.classes), len(view.record.classes))
+            kept = len(view.record.classes)
+            view.classes = ranked(
+                view.record.classes, kept, kept, lambda k, e: class_link(logits.get(k), k, e)
+            )
+            ratios = (view.record.trust or {}).get("layers")
+            ratios = ratios.items() if isinstance(ratios, dict) else ()
+            view.trust_layers = sorted(
+                ((name, float(r)) for name, r in ratios if isinstance(r, int | float)),
+                key=lambda item: (order.get(item[0], len(order)), item[0]),
+            )
 
 
 def unit_link(view: UnitView | None, index: int, weight: float) -> Link:
