@@ -6,8 +6,10 @@
 
 The optimization is timed over `--steps` steps of one task (the median step, after the first)
 and scaled to 512 steps; the analyses are timed on the same task's images, as a worker runs
-them. The trust pass forwards each unit's picture and its exemplars once (the 64 random images
-are shared by every unit of an atlas and left out). Prints one JSON line and a sentence.
+them. With exemplars, the trust pass forwards each unit's picture and its exemplars once (the
+64 random images are shared by every unit of an atlas and left out), and the evidence task
+measures inputs and classes again on the picture and its exemplars (random images stand in
+for them: the cost is the same). Prints one JSON line and a sentence.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from atlas import models
-from atlas.analysis import analyse
+from atlas.analysis import analyse, class_effects, input_weights
 from atlas.layers import capture, deepest, run_forward
 from atlas.optim import channel, get, visualize
 from atlas.optim.device import describe_device, resolve_device
@@ -68,13 +70,20 @@ def main() -> None:
     with torch.no_grad(), capture(model, layers, deepest(model, layers)):
         run_forward(model.module, model_inputs(model, shown, device))
     patterns = time.perf_counter() - started
+    started = time.perf_counter()  # evidence: one unit's inputs and classes on 1 + K images
+    evidence = shown[:1] + shown[args.batch : args.batch + args.exemplars]
+    input_weights(model, targets[:1] * len(evidence), evidence, args.inputs)
+    class_effects(model, targets[:1] * len(evidence), evidence)
+    evidence_seconds = time.perf_counter() - started
     optimization = step * FULL_STEPS
     per_unit = {
         "optimization_512_steps": optimization / args.batch,
         "analysis": analysis / args.batch,
         "trust_patterns": patterns / args.batch,
+        "evidence": evidence_seconds,
     }
-    share = (per_unit["analysis"] + per_unit["trust_patterns"]) / per_unit["optimization_512_steps"]
+    extra = per_unit["analysis"] + per_unit["trust_patterns"] + per_unit["evidence"]
+    share = extra / per_unit["optimization_512_steps"]
     row = {
         "model": args.model,
         "layer": args.layer,
@@ -87,8 +96,9 @@ def main() -> None:
     }
     print(json.dumps(row))
     print(
-        f"analyses {per_unit['analysis']:.2f} s + trust {per_unit['trust_patterns']:.2f} s per "
-        f"unit against {per_unit['optimization_512_steps']:.1f} s of 512 steps: {share:.1%}"
+        f"analyses {per_unit['analysis']:.2f} s + trust {per_unit['trust_patterns']:.2f} s + "
+        f"exemplar evidence {per_unit['evidence']:.2f} s per unit against "
+        f"{per_unit['optimization_512_steps']:.1f} s of 512 steps: {share:.1%}"
     )
 
 
