@@ -19,7 +19,7 @@ from atlas.files import (
 from atlas.optim import Recipe, Target, visualize
 from atlas.optim.device import resolve_device
 from atlas.optim.loop import UnitResult
-from atlas.record import UnitRecord, downsample
+from atlas.record import UnitRecord, optimization_facts
 
 
 def unit_record(
@@ -40,13 +40,7 @@ def unit_record(
         image_seeds=tuple(r.seed for r in results),
         images=tuple(images),
         timelapse=animation,
-        steps=len(main.history),
-        objective_start=main.objective_start,
-        objective_final=main.objective_final,
-        objective_best=main.objective_best,
-        best_step=main.best_step,
-        activation=main.activation,
-        history=tuple(map(tuple, downsample(main.history))),
+        **optimization_facts(main),
         **facts,
     )
 

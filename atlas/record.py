@@ -27,6 +27,20 @@ def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[
     return [[int(step), round(float(history[int(step)]), 5)] for step in steps]
 
 
+def optimization_facts(result) -> dict:
+    """The UnitRecord fields of how an optimization went, from its first image's result (an
+    atlas.optim UnitResult): objective values, best step, clean activation, the curve."""
+    return {
+        "steps": len(result.history),
+        "objective_start": result.objective_start,
+        "objective_final": result.objective_final,
+        "objective_best": result.objective_best,
+        "best_step": result.best_step,
+        "activation": result.activation,
+        "history": tuple(map(tuple, downsample(result.history))),
+    }
+
+
 @dataclass(frozen=True)
 class UnitRecord:
     """One unit: what it is, how it was made, how the optimization went, and its files

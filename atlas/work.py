@@ -17,7 +17,7 @@ from atlas.files import encode_animation, encode_image
 from atlas.optim import visualize
 from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
-from atlas.record import VARIANT_FILE, UnitRecord, downsample
+from atlas.record import VARIANT_FILE, UnitRecord, optimization_facts
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -91,12 +91,13 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
     for unit, group, analysis in zip(task.units, groups, analyses, strict=True):
         facts = {
             "seconds": round(seconds / len(task.units), 6),
-            "steps": len(group[0].history),
             "device": describe_device(device),
             "image_seeds": tuple(r.seed for r in group[: task.samples]),
         }
         if not all(math.isfinite(v) for r in group for v in r.history):
-            failed = unit_record(unit, task, status="failed", error="objective became NaN", **facts)
+            error = "objective became NaN"
+            steps = len(group[0].history)
+            failed = unit_record(unit, task, status="failed", error=error, steps=steps, **facts)
             outcomes.append({"record": failed})
             continue
         outcomes.append(_done(unit, task, group, analysis, facts))
@@ -110,12 +111,7 @@ def _done(unit, task: Task, group: list, analysis, facts: dict) -> dict:
     record = unit_record(
         unit,
         task,
-        objective_start=main.objective_start,
-        objective_final=main.objective_final,
-        objective_best=main.objective_best,
-        best_step=main.best_step,
-        activation=main.activation,
-        history=tuple(map(tuple, downsample(main.history))),
+        **optimization_facts(main),
         frames_every=task.timelapse if main.frames else None,
         inputs_from=task.inputs_from,
         inputs=analysis.inputs,
