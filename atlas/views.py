@@ -16,6 +16,7 @@ used. This module imports neither torch nor Jinja2 (atlas.site renders these vie
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from atlas.record import UnitRecord
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 # Below this trust score the layer grid flags a unit. The score is atlas/trust.py's, which
 # holds the same threshold (it imports torch, which the site must not).
-LOW_TRUST = 0.3
+LOW_TRUST = 0.2
 SHOWN_UP, SHOWN_DOWN = 6, 3  # exciting and inhibiting inputs (and outputs) a page shows
 PLANNED = ("layer", "index", "kind", "id", "label", "key")  # what a plan says of a unit
 
@@ -142,6 +143,11 @@ class UnitView:
         return float(score) if isinstance(score, int | float) else None
 
     @property
+    def trust_agreement(self) -> float | None:
+        value = (self.record.trust or {}).get("agreement")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
     def low_trust(self) -> bool:
         return self.trust_score is not None and self.trust_score < LOW_TRUST
 
@@ -189,11 +195,10 @@ def curve_points(history, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) 
 
 
 def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> None:
-    """Set every view's neighbouring planned layers, inputs, outputs, classes and trust ratios
-    (in plan order). `planned` is the plan's layer order (the class logits last); a layer not
-    in it has no neighbours."""
+    """Set every view's neighbouring planned layers, inputs, outputs, classes and trust
+    layers. `planned` is the plan's layer order (the class logits last); a layer not in it has
+    no neighbours."""
     views = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
-    order = {name: position for position, name in enumerate(planned)}
     logits = {v.index: v for v in units_by_layer.get(LOGITS, [])}
     for layer, units in units_by_layer.items():
         position = planned.index(layer) if layer in planned else None
@@ -232,8 +237,14 @@ def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> No
             ratios = ratios.items() if isinstance(ratios, dict) else ()
             view.trust_layers = sorted(
                 ((name, float(r)) for name, r in ratios if isinstance(r, int | float)),
-                key=lambda item: (order.get(item[0], len(order)), item[0]),
+                key=lambda item: path_order(item[0]),
             )
+
+
+def path_order(name: str) -> tuple:
+    """A sort key for the layers trust judges a unit at (the record, a JSON object with sorted
+    keys, keeps no order): digits as numbers, so that blocks.2 comes before blocks.10."""
+    return tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", name))
 
 
 def unit_link(view: UnitView | None, index: int, weight: float) -> Link:

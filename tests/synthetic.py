@@ -48,7 +48,8 @@ def make_atlas(
 
     `analysis` gives done units what the workers measure, by (layer, index): "inputs" and
     "classes" (lists of [index, weight]), "maps" (True: a real WebP of two random maps),
-    "activation", and "trust" ({"score", "layers"}; with "exemplars": N patches, 3 by
+    "activation", and "trust" ({"score", "layers", "agreement"}, as atlas.trust stores it;
+    with "exemplars": N patches, 3 by
     default); a unit's inputs are from the layer before it in `layers`."""
     store = Store(out)
     stale, missing, analysis = stale or {}, missing or {}, analysis or {}
@@ -200,7 +201,8 @@ def purposes(
     classes and maps (but the logits'), and, with `trust`, exemplars and a trust score: unit i
     of a layer is excited most by channel i of the layer before and inhibited most by channel
     i + 1, pushes class i % classes up and (i + 1) % classes down; its trust score is
-    ((i * 37) % 100) / 100 (under 0.3 for i = 0, 3, 6, 11), and None for the first layer."""
+    ((i * 37) % 100) / 100 (under 0.2 for i = 0, 3, 11), the naturalness at each layer before
+    it, and its agreement half the score (None for odd i); the first layer's score is None."""
     found = {}
     names = list(layers)
     for position, (layer, count) in enumerate(layers.items()):
@@ -218,8 +220,12 @@ def purposes(
                 measured["maps"] = True
             if trust:
                 score = ((index * 37) % 100) / 100 if position else None
-                ratios = {name: score for name in names[:position] if name != "logits"}
-                measured["trust"] = {"score": score, "layers": ratios if score is not None else {}}
+                natural = {name: score for name in names[:position] if name != "logits"}
+                measured["trust"] = {
+                    "score": score,
+                    "layers": natural if score is not None else {},
+                    "agreement": score / 2 if score is not None and index % 2 == 0 else None,
+                }
             found[(layer, index)] = measured
     return found
 

@@ -25,6 +25,7 @@ from synthetic import make_atlas, purposes
 from atlas.serve import make_server
 from atlas.site import render
 from atlas.store import layer_dirname
+from atlas.views import LOW_TRUST
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -605,7 +606,7 @@ def test_the_layer_grid_sorts_by_trust_and_filters_by_a_class(purpose_tab):
     count = PURPOSE_LAYERS["conv2"]
     scored = [i for i in range(count) if i % 8 != FAILED]  # a failed unit has no score
     assert visible_cells(page) == [f"c{i}" for i in range(count)]
-    low = [i for i in scored if trust_of(i) < 0.3]
+    low = [i for i in scored if trust_of(i) < LOW_TRUST]
     for index in low:
         badge = page.locator(f"#c{index} .badge.low-trust")
         expect(badge).to_be_visible()

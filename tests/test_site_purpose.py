@@ -24,7 +24,8 @@ from atlas.views import LOW_TRUST
 LAYERS = {"conv1": 6, "conv2": 12, "logits": 10}
 LABELS = {0: "tench", 1: "goldfish", 8: "hen"}  # logits:2 has no label
 A, B, C = 4, 5, 6  # conv1:4 is planted as the top input of conv2:5 and the worst of conv2:6
-LOW = [0, 3, 6, 11]  # conv2 units with a trust score under 0.3 (purposes(); 7 is failed)
+SCORED = [0, 1, 3, 5, 6, 8, 9, 11]  # conv2 units with a score (7 failed; see planted())
+LOW = [i for i in SCORED if ((i * 37) % 100) / 100 < LOW_TRUST]  # purposes()
 
 
 def planted() -> dict:
@@ -284,25 +285,32 @@ def test_the_trust_section_shows_the_score_its_layers_and_how_to_read_it(out):
     page = sections(out, "conv2/1.html")
     trust = page.text["Trust"]
     assert trust.startswith("0.37 Does this picture reach the unit the way natural images do?")
-    assert "1 means the picture looks, on the way up, as much like the exemplars" in trust
-    assert "no more than a random image of synthetic" in trust  # the exemplar folder's name
-    assert "layer ratio conv1 0.37" in trust
+    assert "its naturalness there is the share of them that lie at least as far" in trust
+    assert "random images of synthetic" in trust  # the exemplar folder's name
+    assert "layer naturalness conv1 0.37" in trust
+    assert "Agreement with its exemplars: none to measure" in trust  # purposes(): odd index
     assert "low" not in trust.split("Does")[0]
+    assert LOW == [0, 3, 11]
     low = sections(out, "conv2/3.html").text["Trust"]
     assert low.startswith("0.11 low Does this picture")
-    assert f"Under {LOW_TRUST} the picture may drive the unit another way" in low
+    assert f"Under {LOW_TRUST} the picture likely drives the unit another way" in low
     assert 'trust</dt><dd><a href="#trust">0.11</a> (low)' in html(out, "conv2/3.html")
-    assert "layer ratio conv1 0.48 conv2 0.48" in sections(out, "logits/4.html").text["Trust"]
+    logit = sections(out, "logits/4.html").text["Trust"]
+    assert "layer naturalness conv1 0.48 conv2 0.48" in logit
+    assert "Agreement with its exemplars: 0.24" in logit and "patterns point where" in logit
 
 
 def test_trust_says_why_when_there_is_no_score(out):
     def trust(page: str) -> str:
         return sections(out, page).text["Trust"]
 
-    assert "there is none. Plan an earlier layer to get it." in trust("conv1/0.html")
-    assert trust("conv2/4.html").startswith("Unavailable: at no planned layer below conv2 do")
+    assert trust("conv1/0.html") == (
+        "Unavailable for this picture: there is no layer below conv1 to judge it at, or its "
+        "image could not be read."
+    )
+    assert trust("conv2/4.html").startswith("Unavailable for this picture: there is no layer")
     assert trust("conv2/2.html").startswith("Not computed for this picture yet")  # another key
-    assert trust("conv2/10.html").startswith("Trust compares this picture with the unit's")
+    assert trust("conv2/10.html").startswith("Trust sets this picture among natural images")
     assert "--exemplars DIR" in trust("conv2/10.html")
 
 
