@@ -110,14 +110,26 @@ class UnitRecord:
     @classmethod
     def from_json(cls, data: object) -> UnitRecord | None:
         """The record in a unit JSON, or None when `data` is no unit record (a dict with a
-        string layer and an integer index, or a whole layer's record)."""
+        string layer and an integer index, or a whole layer's record). A unit record whose
+        fields are damaged raises ValueError naming the field."""
         if not (
             isinstance(data, dict)
             and isinstance(data.get("layer"), str)
             and (type(data.get("index")) is int or _whole_layer(data))
         ):
             return None
+        try:
+            return cls._parse(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(str(error)) from None
+
+    @classmethod
+    def _parse(cls, data: dict) -> UnitRecord:
         known = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        files = [*known.get("images", []), known.get("timelapse"), known.get("maps")]
+        files += list(dict(known.get("variants") or {}).values())
+        if not all(name is None or isinstance(name, str) for name in files):
+            raise ValueError("a file name that is not a string")
         for name in ("image_seeds", "images", "exemplars"):
             if isinstance(known.get(name), list):
                 known[name] = tuple(known[name])

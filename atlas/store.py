@@ -149,8 +149,13 @@ class Store:
         no unit record (a user's note) are skipped silently."""
         records = []
         for path in sorted(self.units_dir.glob("*/*.json")):
-            data = self._read_json(path, "the next atlas run redoes this unit")
-            record = UnitRecord.from_json(data)
+            redo = "the next atlas run redoes this unit"
+            data = self._read_json(path, redo)
+            try:
+                record = UnitRecord.from_json(data)
+            except ValueError as error:
+                self.report(path, f"is corrupt ({error})", redo)
+                continue
             if record is not None and (not verify or self._images_usable(record)):
                 records.append(record)
         return records

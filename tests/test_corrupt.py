@@ -113,6 +113,23 @@ def test_a_corrupt_unit_json_is_named_and_redone(out, optimized):
     assert json.loads((out / "units/conv2/2.json").read_text())["status"] == "done"
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [("inputs", [[1]], "not enough values"), ("images", [3], "a file name that is not a string")],
+)
+def test_a_unit_json_with_a_damaged_field_is_named_and_redone(
+    out, optimized, field, value, problem
+):
+    path = out / "units/conv2/1.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    status = invoke("status", out, "--json")
+    assert status.exit_code == 0 and json.loads(status.stdout)["conv2"] == {"done": 3, "missing": 1}
+    (warning,) = warnings_in(status)
+    assert warning.startswith("warning: units/conv2/1.json is corrupt (") and problem in warning
+    again = invoke("run", *RUN, "--out", out)
+    assert again.exit_code == 0 and optimized == ["conv2:1"]
+
+
 @pytest.mark.parametrize("content", ["{", "[]", '{"units": 3}'])
 def test_a_corrupt_plan_stops_status_with_one_line_and_the_next_run_rewrites_it(
     out, optimized, content
