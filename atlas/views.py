@@ -155,8 +155,8 @@ class UnitView:
     def trust_note(self) -> str:
         """The low-trust badge's title."""
         return (
-            f"trust {self.trust_score:.2f}, under {LOW_TRUST}: this picture may drive the unit "
-            "another way than its dataset exemplars do"
+            f"trust {self.trust_score:.2f}, under {LOW_TRUST}: this picture likely drives the "
+            "unit another way than natural images do"
         )
 
     @property
