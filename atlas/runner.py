@@ -64,6 +64,7 @@ def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
         "started": started,
         "finished": finished,
         "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
+        "labels": list(model.labels or []),  # the site names the classes units push
         "units": [unit.as_json() for unit in plan.units],
     }
 

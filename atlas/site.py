@@ -168,6 +168,9 @@ def _linked_view(
             view.exemplars.append({**item, "src": f"ex/{source.name}"})
     view.timelapse = _linked_file(out, site, layer_dir, record.timelapse)
     view.maps = _linked_file(out, site, layer_dir, record.maps)
+    for variant, name in sorted(record.variants.items()):
+        if src := _linked_file(out, site, layer_dir, name):
+            view.variants.append((variant, src))
     if view.maps:
         with Image.open(site / layer_dir / view.maps) as image:
             view.maps_size = image.size
@@ -255,11 +258,11 @@ def _render(out: Path, manifest: dict, sweep: bool, warn: Callable[[str], None] 
 
 def unit_records(
     out: Path, manifest: dict, warn: Callable[[str], None]
-) -> tuple[dict, list[UnitRecord]]:
-    """The manifest and its unit records. A manifest with an entry that is no unit record atlas
-    can read is damaged: it is rebuilt from the unit files (which are the truth), as
-    load_manifest does with one that is no JSON; a unit whose own file is what is damaged is
-    named and shown as missing. Whole-layer images (no index) are left out."""
+) -> tuple[dict, list[UnitRecord], dict[str, UnitRecord]]:
+    """The manifest, its unit records and its whole-layer images by layer. A manifest with an
+    entry that is no unit record atlas can read is damaged: it is rebuilt from the unit files
+    (which are the truth), as load_manifest does with one that is no JSON; a unit whose own
+    file is what is damaged is named and shown as missing."""
     entries = manifest.get("units", [])
     records = [parse_record(data) for data in entries]
     if any(record is None for record in records):
@@ -267,7 +270,7 @@ def unit_records(
         manifest = Store(out, warn).write_manifest()
         entries = manifest["units"]
         records = [parse_record(data) for data in entries]
-    shown = []
+    shown, wholes = [], []
     for record, data in zip(records, entries, strict=True):
         if record is None:  # the unit's own file: the store took it for sound
             record = parse_record({name: data.get(name) for name in PLANNED if name in data})
@@ -276,15 +279,14 @@ def unit_records(
             name = f"units/{layer_dirname(record.layer)}/{record.index}.json"
             warn(f"{name} has fields atlas cannot read; shown as missing (delete it to redo it)")
             record = as_planned(record)
-        if record.index is not None:
-            shown.append(record)
-    return manifest, shown
+        (shown if record.index is not None else wholes).append(record)
+    return manifest, shown, {record.layer: record for record in wholes}
 
 
 def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None]) -> list[Page]:
     """Every page of the atlas: the index, a grid per layer, a page per unit and the search
     index. Links the unit images into `site` and makes thumbnails on the way (see _unit_view)."""
-    manifest, records = unit_records(out, manifest, warn)
+    manifest, records, wholes = unit_records(out, manifest, warn)
     layers = [dict(layer) for layer in manifest.get("layers", [])]
     planned = [layer["name"] for layer in layers]
     units_by_layer: dict[str, list[UnitView]] = {name: [] for name in planned}
@@ -293,7 +295,7 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
             units_by_layer[record.layer] = []
             layers.append({"name": record.layer, "type": "not planned", "shape": []})
         units_by_layer[record.layer].append(_unit_view(out, site, record, warn))
-    connect(units_by_layer, planned)
+    connect(units_by_layer, planned, _labels(manifest))
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
         layer["units"] = len(units_by_layer[layer["name"]])
@@ -310,7 +312,8 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     }
     pages = []
     search = []
-    labels = {}  # class index -> label, of the class logits in the atlas
+    model_labels = _labels(manifest)
+    labels = {}  # class index -> label, of the classes the search can name
     for layer in layers:
         units = units_by_layer[layer["name"]]
         context = {
@@ -323,13 +326,17 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
             "sorts": _sorts(units),
             "push_filter": any(unit.classes.up for unit in units),
             "low_trust_units": sum(unit.low_trust for unit in units),
+            "whole": _whole_layer(out, site, wholes.get(layer["name"]), warn),
         }
-        pages.append(Page(f"{layer['dir']}/index.html", "layer.html", context))
+        whole_files = tuple(context["whole"].files()) if context["whole"] else ()
+        links = tuple(f"{layer['dir']}/{name}" for name in whole_files)
+        pages.append(Page(f"{layer['dir']}/index.html", "layer.html", context, links=links))
         for position, unit in enumerate(units):
             pages.append(_unit_page(common, layer, units, position))
             label = unit.record.label or ""
             pushes = [index for index, effect in unit.record.classes if effect > 0]
             search.append([unit.record.id, label, f"{layer['dir']}/{unit.page}", pushes])
+            labels.update((str(k), model_labels[k]) for k in pushes if k < len(model_labels))
             if layer["name"] == LOGITS and label:
                 labels[str(unit.index)] = label
     previews = {
@@ -341,6 +348,22 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     search_context = {"search": search, "labels": labels}
     pages.append(Page("search-index.js", "search-index.js", search_context))
     return pages
+
+
+def _whole_layer(
+    out: Path, site: Path, record: UnitRecord | None, warn: Callable[[str], None]
+) -> UnitView | None:
+    """The layer's whole-layer image (`--variants layer`) as its page shows it, if done."""
+    if record is None or record.status != "done":
+        return None
+    view = _unit_view(out, site, record, warn)
+    return view if view.images else None
+
+
+def _labels(manifest: dict) -> list[str]:
+    """The model's class labels as plan.json records them (none for older atlases)."""
+    labels = manifest.get("labels")
+    return [str(label) for label in labels] if isinstance(labels, list) else []
 
 
 def _sorts(units: list[UnitView]) -> list[tuple[str, str]]:

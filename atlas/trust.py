@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 RANDOM_IMAGES = 64  # folder images: half set each layer's mean, half what chance agreement is
 RANDOM_SEED = 0
-LOW_TRUST = 0.2  # below this, the layer grid flags a unit (plain images score ~0.2 on Lite0)
+TRUST_VERSION = 2  # 2: naturalness along the main path; a record of another version is redone
 MIN_SPREAD = 0.1  # exemplars must agree this much more than random images to judge by
 
 
@@ -116,8 +116,8 @@ def trust_score(
     exemplars: list[dict[str, np.ndarray]],
     randoms: list[dict[str, np.ndarray]],
 ) -> dict:
-    """{"score", "layers" (naturalness per layer), "agreement"} for the layers of `picture`
-    (see the module's docstring); score and agreement are None where no layer can say."""
+    """{"score", "layers" ([layer, naturalness] in the order of `picture`), "agreement"} (see
+    the module's docstring); score and agreement are None where no layer can say."""
     natural, agreed = {}, []
     for layer in picture:
         pool = np.stack([r[layer] for r in randoms])
@@ -127,7 +127,8 @@ def trust_score(
             agreed.append(value)
     score = round(float(np.mean(list(natural.values()))), 4) if natural else None
     together = round(float(np.clip(np.mean(agreed), 0, 1)), 4) if agreed else None
-    return {"score": score, "layers": natural, "agreement": together}
+    layers = [[layer, value] for layer, value in natural.items()]
+    return {"score": score, "layers": layers, "agreement": together}
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -152,7 +153,11 @@ class TrustPass:
             found = stored.get((unit.layer, unit.index))
             if unit.status != "done" or not unit.images or found is None or not unit.exemplars:
                 continue
-            if (found.get("trust") or {}).get("unit_key") == unit.key:
+            stored_trust = found.get("trust") or {}
+            if (stored_trust.get("unit_key"), stored_trust.get("version")) == (
+                unit.key,
+                TRUST_VERSION,
+            ):
                 continue
             before = planned.index(unit.layer) if unit.layer in planned else len(planned)
             earlier = planned[:before]
@@ -184,7 +189,8 @@ class TrustPass:
             return failures
         baseline = [patterns[p] for p in randoms if p in patterns]
         for unit, found, earlier in self.todo:
-            trust = {"unit_key": unit.key, "score": None, "layers": {}, "agreement": None}
+            trust = {"unit_key": unit.key, "version": TRUST_VERSION, "score": None, "layers": []}
+            trust["agreement"] = None
             picture = patterns.get(str(self.store.out / unit.images[0]))
             shown = [patterns.get(str(self.folder / item["source"])) for item in found["items"]]
             shown = [pattern for pattern in shown if pattern is not None]

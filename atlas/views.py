@@ -5,8 +5,8 @@ classes it pushes, where it fires, and how far to trust its picture.
 Outputs are not stored: they are found at build time by inverting the `inputs` lists of the
 next planned layer's units (u's outputs are the units v whose inputs list u, with v's weight).
 Each unit keeps only its strongest inputs of each sign, so u's outputs are the units it is
-among the strongest inputs of. Class labels come from the class logits in the atlas (the
-manifest holds no label list), so a class the plan left out is shown as "class k".
+among the strongest inputs of. Class labels come from plan.json (the model's labels), else
+from the class logits in the atlas; a class without either is shown as "class k".
 
 Records are read with UnitRecord.from_json, which is tolerant; parse_record also checks the
 shapes of the fields the build computes with, so that a damaged one is caught before it is
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from atlas.names import LOGITS
@@ -80,6 +80,7 @@ class UnitView:
     exemplars: list[dict] = field(default_factory=list)  # src, source, score
     maps: str | None = None  # the activation maps, starting image | best image
     maps_size: tuple[int, int] = (0, 0)
+    variants: list[tuple[str, str]] = field(default_factory=list)  # (neuron|negative, src)
     # set by connect(): the planned layers around this one, and what the unit is for
     before: str | None = None
     after: str | None = None
@@ -176,6 +177,7 @@ class UnitView:
         """The files of this unit that its page links (images, thumbnail, animation, maps,
         exemplar patches), relative to its layer folder."""
         extras = [self.thumb, self.timelapse, self.maps, *(e["src"] for e in self.exemplars)]
+        extras += [src for _, src in self.variants]
         return [*self.images, *(name for name in extras if name)]
 
 
@@ -194,10 +196,12 @@ def curve_points(history, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) 
     )
 
 
-def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> None:
+def connect(
+    units_by_layer: dict[str, list[UnitView]], planned: list[str], labels: Sequence[str] = ()
+) -> None:
     """Set every view's neighbouring planned layers, inputs, outputs, classes and trust
     layers. `planned` is the plan's layer order (the class logits last); a layer not in it has
-    no neighbours."""
+    no neighbours. `labels` are the model's class names (plan.json has them)."""
     views = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
     logits = {v.index: v for v in units_by_layer.get(LOGITS, [])}
     for layer, units in units_by_layer.items():
@@ -231,19 +235,28 @@ def connect(units_by_layer: dict[str, list[UnitView]], planned: list[str]) -> No
             )
             kept = len(view.record.classes)
             view.classes = ranked(
-                view.record.classes, kept, kept, lambda k, e: class_link(logits.get(k), k, e)
+                view.record.classes,
+                kept,
+                kept,
+                lambda k, e: class_link(logits.get(k), k, e, labels),
             )
-            ratios = (view.record.trust or {}).get("layers")
-            ratios = ratios.items() if isinstance(ratios, dict) else ()
-            view.trust_layers = sorted(
-                ((name, float(r)) for name, r in ratios if isinstance(r, int | float)),
-                key=lambda item: path_order(item[0]),
-            )
+            view.trust_layers = trust_layers(view.record.trust)
 
 
-def path_order(name: str) -> tuple:
-    """A sort key for the layers trust judges a unit at (the record, a JSON object with sorted
-    keys, keeps no order): digits as numbers, so that blocks.2 comes before blocks.10."""
+def trust_layers(trust: dict | None) -> list[tuple[str, float]]:
+    """(layer, naturalness) in the model's order, as atlas.trust stores them ([layer, value]
+    pairs); an older record's object of layers is sorted by name, digits as numbers."""
+    layers = (trust or {}).get("layers")
+    if isinstance(layers, dict):
+        pairs = sorted(layers.items(), key=lambda item: _name_order(item[0]))
+    elif isinstance(layers, list):
+        pairs = [tuple(pair) for pair in layers if isinstance(pair, list) and len(pair) == 2]
+    else:
+        return []
+    return [(str(name), float(value)) for name, value in pairs if isinstance(value, int | float)]
+
+
+def _name_order(name: str) -> tuple:
     return tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", name))
 
 
@@ -263,12 +276,15 @@ def unit_link(view: UnitView | None, index: int, weight: float) -> Link:
     )
 
 
-def class_link(view: UnitView | None, index: int, effect: float) -> Link:
+def class_link(
+    view: UnitView | None, index: int, effect: float, labels: Sequence[str] = ()
+) -> Link:
     """A class: its label, linked to its logit's page (with its picture) when the logit is in
     the atlas; "class <k>" when no label is known."""
+    known = labels[index] if 0 <= index < len(labels) else None
     if view is None:
-        return Link(f"class {index}", effect)
-    name = view.record.label or f"class {index}"
+        return Link(known or f"class {index}", effect)
+    name = view.record.label or known or f"class {index}"
     return dataclasses.replace(unit_link(view, index, effect), name=name)
 
 

@@ -228,6 +228,20 @@ def test_classes_are_labelled_and_linked_when_the_logit_is_in_the_atlas(out):
     ]
 
 
+def test_classes_the_plan_left_out_take_the_models_labels_from_plan_json(out, tmp_path):
+    copy = tmp_path / "atlas"
+    shutil.copytree(out, copy)
+    plan = json.loads((copy / "plan.json").read_text())
+    labels = [f"label {k}" for k in range(50)]
+    (copy / "plan.json").write_text(json.dumps({**plan, "labels": labels}))
+    Store(copy).write_manifest()
+    render(copy)
+    page = sections(copy, "conv2/1.html")
+    assert (None, None, "label 42", "+1.25") in page.lists["Classes / Pushes up"]  # no page
+    assert page.lists["Classes / Pushes down"][0][2] == "label 2"  # its record has none
+    assert '"42": "label 42"' in (copy / "site/search-index.js").read_text()
+
+
 def test_the_activation_maps_are_shown_with_their_scale_and_kept_by_a_rerender(out):
     record = json.loads((out / "units/conv2/1.json").read_text())
     assert record["maps"] == "units/conv2/1.maps.webp"

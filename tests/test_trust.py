@@ -46,7 +46,7 @@ def test_no_agreement_without_two_exemplars_or_a_shared_direction():
     )
     scattered = patterns(rng, np.zeros(8), 6, spread=1.0)  # exemplars no different from random
     assert trust_score({"a": np.ones(8)}, scattered, randoms)["agreement"] is None
-    assert trust_score({}, [], randoms) == {"score": None, "layers": {}, "agreement": None}
+    assert trust_score({}, [], randoms) == {"score": None, "layers": [], "agreement": None}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,8 @@ def test_units_with_exemplars_and_an_earlier_layer_get_a_score_once(tmp_path, ph
     assert units["conv1:0"].trust["score"] is None  # no layer before conv1
     for name in ("conv2:1", "logits:0"):
         trust = units[name].trust
-        assert "conv1" in trust["layers"] and ("conv2" in trust["layers"]) == (name == "logits:0")
+        layers = [layer for layer, _ in trust["layers"]]  # in the model's order
+        assert layers[0] == "conv1" and ("conv2" in layers) == (name == "logits:0")
         assert 0 <= trust["score"] <= 1
     measured = units["conv2:1"].trust  # inputs and classes on the picture and its exemplars
     assert measured["images"] == 1 + len(units["conv2:1"].exemplars)

@@ -11,6 +11,7 @@ from tinymodels import tiny_model
 from atlas.cli import cli
 from atlas.layers import capture, run_forward
 from atlas.quality import model_inputs
+from atlas.site import render
 from atlas.store import Store
 
 ARGS = ["run", "tinymodels:tiny", "--layers", "conv2", "--channels", "0-2", "--classes", "0-1"]
@@ -46,6 +47,13 @@ def test_variants_are_stored_with_each_unit_and_a_layer_image_per_layer(tmp_path
     assert "logits" not in records  # no whole-layer image of the logits
     for name, path in records["conv2:1"].variants.items():
         assert path == f"units/conv2/1.{name}.webp" and (tmp_path / path).is_file()
+    page = (tmp_path / "site/conv2/1.html").read_text()
+    assert 'src="img/1.negative.webp"' in page and 'src="img/1.neuron.webp"' in page
+    layer_page = (tmp_path / "site/conv2/index.html").read_text()
+    assert 'src="img/layer.webp"' in layer_page and not (tmp_path / "site/conv2/None.html").exists()
+    render(tmp_path)  # a rerender keeps every linked file
+    assert (tmp_path / "site/conv2/img/layer.webp").is_file()
+    assert (tmp_path / "site/conv2/img/1.negative.webp").is_file()
     main = channel_mean(tmp_path, records["conv2:1"].images[0], 1)
     negative = channel_mean(tmp_path, records["conv2:1"].variants["negative"], 1)
     assert negative < main  # what turns the unit off
