@@ -16,6 +16,9 @@ import pytest
         ("atlas.mainpath", ("dask", "distributed", "jinja2", "click")),
         ("atlas.store", ("torch",)),
         ("atlas.site", ("torch",)),
+        ("atlas.views", ("torch", "jinja2")),  # the pages' data, testable without templates
+        ("atlas.record", ("torch", "dask")),  # read by the store, the site and compare
+        ("atlas.analysis", ("dask", "distributed", "jinja2", "click")),  # worker side
         ("atlas.optim.recipes", ("torch",)),  # recipes and the CLI's options start fast
         ("atlas.cli", ("torch", "dask", "jinja2")),
     ],
