@@ -7,7 +7,14 @@ import pytest
 from PIL import Image
 from tinymodels import planted
 
-from atlas.analysis import analyse, class_effects, input_weights, map_image, strongest
+from atlas.analysis import (
+    analyse,
+    channel_maps,
+    class_effects,
+    input_weights,
+    map_image,
+    strongest,
+)
 from atlas.optim import channel, get, logit, visualize
 
 QUICK = get("fourier", steps=8, size=16)
@@ -88,6 +95,18 @@ def test_class_logits_get_inputs_and_no_class_effects_or_maps(model):
     assert analyses[0].inputs[0][0] == 0  # class 0 reads mix.0
     assert analyses[1].inputs[0][0] == 2
     assert analyses[0].classes == () and analyses[0].maps is None
+
+
+def test_maps_have_the_layers_shape(model, images):
+    from atlas.layers import resolve
+
+    height, width = resolve(model, "mix").shape[1:]
+    maps = channel_maps(model, [channel("mix", 0), channel("mix", 2)], images[:2])
+    assert maps.shape == (2, height, width)
+    data, _ = map_image(maps[0], maps[1])
+    with Image.open(io.BytesIO(data)) as picture:
+        scale = picture.height // height
+        assert picture.size == ((2 * width + 1) * scale, height * scale)  # two maps and a gap
 
 
 def test_maps_share_one_colour_scale():
