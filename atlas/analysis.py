@@ -31,6 +31,8 @@ INPUTS_KEPT = 16  # strongest inputs of each sign (pages show 6 and 3; outputs a
 CLASSES_KEPT = 5  # classes pushed up most, and down most
 EFFECT_STEP = 0.05  # the relative gain change of the central difference
 MAP_SCALE = 160  # px: the longer side of each activation map as stored
+MAP_GAP = 6  # px between the two maps
+GAP_GREY = (32, 34, 38)  # neither end of the colour scale
 
 
 @dataclass
@@ -92,19 +94,21 @@ def channel_maps(model, targets: Sequence[Target], images) -> np.ndarray:
 
 
 def map_image(before: np.ndarray, after: np.ndarray) -> tuple[bytes, tuple[float, float]]:
-    """The two maps side by side on one colour scale (dark low, bright high), as WebP."""
+    """The two maps side by side on one colour scale (dark low, bright high), MAP_GAP px of
+    the page's grey between them, as lossless WebP."""
     low, high = float(min(before.min(), after.min())), float(max(before.max(), after.max()))
     span = (high - low) or 1.0
     height, width = before.shape
     scale = max(1, MAP_SCALE // max(height, width))
-    gap = np.full((height, 1), np.nan)
-    joined = np.concatenate([before, gap, after], axis=1)
-    level = np.nan_to_num((joined - low) / span, nan=1.0)
-    image = Image.fromarray(_colour(level)).resize(
-        (joined.shape[1] * scale, height * scale), Image.Resampling.NEAREST
-    )
+    size = (width * scale, height * scale)
+    canvas = Image.new("RGB", (2 * size[0] + MAP_GAP, size[1]), GAP_GREY)
+    for column, values in enumerate((before, after)):
+        tile = Image.fromarray(_colour((values - low) / span)).resize(
+            size, Image.Resampling.NEAREST
+        )
+        canvas.paste(tile, (column * (size[0] + MAP_GAP), 0))
     encoded = io.BytesIO()
-    image.save(encoded, format="WEBP", lossless=True)
+    canvas.save(encoded, format="WEBP", lossless=True)
     return encoded.getvalue(), (round(low, 5), round(high, 5))
 
 

@@ -8,6 +8,8 @@ from PIL import Image
 from tinymodels import planted
 
 from atlas.analysis import (
+    GAP_GREY,
+    MAP_GAP,
     analyse,
     channel_maps,
     class_effects,
@@ -106,7 +108,7 @@ def test_maps_have_the_layers_shape(model, images):
     data, _ = map_image(maps[0], maps[1])
     with Image.open(io.BytesIO(data)) as picture:
         scale = picture.height // height
-        assert picture.size == ((2 * width + 1) * scale, height * scale)  # two maps and a gap
+        assert picture.size == (2 * width * scale + MAP_GAP, height * scale)  # two maps, a gap
 
 
 def test_maps_share_one_colour_scale():
@@ -116,6 +118,8 @@ def test_maps_share_one_colour_scale():
     with Image.open(io.BytesIO(data)) as picture:
         pixels = np.asarray(picture.convert("RGB")).astype(int)
     left, right = pixels[:, : pixels.shape[1] // 3], pixels[:, -pixels.shape[1] // 3 :]
+    gap = pixels[:, pixels.shape[1] // 2]
+    assert (gap == GAP_GREY).all()  # the gap is neither end of the scale
     assert left.sum() < right.sum()  # the higher map is brighter
 
 
