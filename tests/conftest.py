@@ -17,6 +17,7 @@ SLOW_FILES = {
     "test_examples.py",
     "test_execute.py",
     "test_families.py",
+    "test_gpu_script.py",
     "test_boundaries.py",
     "test_integration.py",
     "test_models.py",
