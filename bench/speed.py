@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from atlas import models
 from atlas.config import parse_indices
 from atlas.layers import LOGITS, capture, resolve
-from atlas.optim import channel, get, logit, render, visualize
+from atlas.optim import channel, get, logit, loop, visualize
 from atlas.plan import default_batch
 
 FULL_STEPS = 512  # the default recipe's steps, for the projection
@@ -210,12 +210,12 @@ def unfolded(run):
     """`run` with atlas's BatchNorm folding switched off: the engine as it was before it."""
 
     def without_folding(*args):
-        saved = render.running_module
-        render.running_module = lambda model, hooked: model.module
+        saved = loop.running_module
+        loop.running_module = lambda model, hooked: model.module
         try:
             return run(*args)
         finally:
-            render.running_module = saved
+            loop.running_module = saved
 
     return without_folding
 
