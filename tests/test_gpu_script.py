@@ -14,9 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "bench/gpu.sh"
 STEPS = 6
 DRY_RUN_LIMIT_S = 300  # about 60 s on a quiet 2-core CPU; shared machines are slower
-# Until bench/speed.py follows the rename of atlas.optim.render to atlas.optim.loop (e20daf8), its
-# import fails and so does step 3; the mark goes away by itself once the import is fixed.
-SPEED_IMPORT_BROKEN = "logit, render, visualize" in (ROOT / "bench/speed.py").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +73,6 @@ def test_the_results_list_every_step_with_a_status_and_its_commands(dry_run):
     assert "every worker got tasks" in results
 
 
-@pytest.mark.xfail(SPEED_IMPORT_BROKEN, reason="bench/speed.py imports atlas.optim.render")
 def test_every_step_passes_in_the_dry_run(dry_run):
     done, out, _ = dry_run
     rows = summary_rows((out / "gpu-results.md").read_text())
