@@ -95,7 +95,9 @@ def channel_maps(model, targets: Sequence[Target], images) -> np.ndarray:
 
 def map_image(before: np.ndarray, after: np.ndarray) -> tuple[bytes, tuple[float, float]]:
     """The two maps side by side on one colour scale (dark low, bright high), MAP_GAP px of
-    the page's grey between them, as lossless WebP."""
+    the page's grey between them, as lossless WebP. (A unit whose optimization became NaN
+    fails; its maps are drawn as zeros here and never stored.)"""
+    before, after = np.nan_to_num(before), np.nan_to_num(after)
     low, high = float(min(before.min(), after.min())), float(max(before.max(), after.max()))
     span = (high - low) or 1.0
     height, width = before.shape
