@@ -378,6 +378,7 @@ def run_command(force: bool, prune: bool, **options) -> None:
     """Visualize every planned unit of MODEL on Dask and store the results in OUT."""
     from atlas.progress import RunProgress
     from atlas.runner import run_atlas
+    from atlas.views import LOW_TRUST
 
     config = dataclasses.replace(build_config(**options), force=force, prune=prune)
     progress = RunProgress()
@@ -399,6 +400,9 @@ def run_command(force: bool, prune: bool, **options) -> None:
             f"exemplars: {found.images} images ({found.unreadable} unreadable, skipped) "
             f"for {found.units} units"
         )
+    if summary.trust is not None and summary.trust.units:
+        low = summary.trust.low
+        click.echo(f"trust: {summary.trust.units} units scored, {low} under {LOW_TRUST}")
     click.echo(f"atlas: {summary.site}")
     for failure in summary.failures[:10]:
         click.echo(f"failed: {failure}", err=True)

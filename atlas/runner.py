@@ -26,7 +26,7 @@ from atlas.plan import ENGINE_VERSION, Plan, default_layer_patterns, load_and_pl
 from atlas.progress import Progress
 from atlas.site import render
 from atlas.store import Store, layer_dirname
-from atlas.trust import TrustPass
+from atlas.trust import TrustPass, TrustSummary
 from atlas.work import run_task, unit_record
 
 MANIFEST_EVERY_SECONDS = 60.0
@@ -43,6 +43,7 @@ class RunSummary:
     out: str = ""
     site: str = ""  # the atlas's index.html
     exemplars: ExemplarSummary | None = None
+    trust: TrustSummary | None = None
 
 
 def now() -> str:
@@ -124,7 +125,8 @@ def _run_claimed(
                 summary.exemplars = exemplars.run(pool, on_progress)
                 summary.failures += summary.exemplars.failures
             if config.exemplars and (trust := trust_pass()).needed:
-                summary.failures += trust.run(pool)
+                summary.trust = trust.run(pool)
+                summary.failures += summary.trust.failures
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
     store.write_plan(plan_record(plan, model, started, now()))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,7 @@ from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
 from atlas.record import UnitRecord
 from atlas.store import Store
+from atlas.views import LOW_TRUST
 
 if TYPE_CHECKING:
     from atlas.execute import Executor
@@ -136,6 +137,13 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / norm if norm > 0 else 0.0
 
 
+@dataclass
+class TrustSummary:
+    units: int  # units scored in this run
+    low: int  # of them, under LOW_TRUST
+    failures: list[str] = field(default_factory=list)
+
+
 class TrustPass:
     """The trust work of one run: which units need a score (done, with current exemplars,
     and no score for their present key), the images to read, and the stored scores."""
@@ -167,10 +175,10 @@ class TrustPass:
     def needed(self) -> bool:
         return bool(self.todo)
 
-    def run(self, pool: Executor) -> list[str]:
+    def run(self, pool: Executor) -> TrustSummary:
         """Compute and store every needed score, and each unit's inputs and class effects
-        measured on its pictures and exemplars together; returns failures (nothing is stored
-        for a unit whose work failed)."""
+        measured on its pictures and exemplars together (nothing is stored when any of the
+        work failed: the next run retries it)."""
         files = list_images(self.folder)
         picked = np.random.default_rng(RANDOM_SEED).choice(
             len(files), min(RANDOM_IMAGES, len(files)), replace=False
@@ -186,8 +194,9 @@ class TrustPass:
             else:
                 evidence[(task.layer, task.index)] = outcome.result
         if failures:
-            return failures
+            return TrustSummary(0, 0, failures)
         baseline = [patterns[p] for p in randoms if p in patterns]
+        summary = TrustSummary(len(self.todo), 0)
         for unit, found, earlier in self.todo:
             trust = {"unit_key": unit.key, "version": TRUST_VERSION, "score": None, "layers": []}
             trust["agreement"] = None
@@ -207,7 +216,8 @@ class TrustPass:
                 classes=[list(pair) for pair in measured["classes"]],
             )
             self.store.save_exemplars({**found, "trust": trust})
-        return []
+            summary.low += trust["score"] is not None and trust["score"] < LOW_TRUST
+        return summary
 
     def _patterns(
         self, pool: Executor, randoms: list[str]

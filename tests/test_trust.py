@@ -63,7 +63,8 @@ def run(out, photos, *extra):
 
 
 def test_units_with_exemplars_and_an_earlier_layer_get_a_score_once(tmp_path, photos, monkeypatch):
-    assert run(tmp_path, photos).exit_code == 0
+    first = run(tmp_path, photos)
+    assert first.exit_code == 0 and "trust: 10 units scored, " in first.output
     units = {u.id: u for u in Store(tmp_path).classify()[0]}
     assert units["conv1:0"].trust["score"] is None  # no layer before conv1
     for name in ("conv2:1", "logits:0"):
@@ -83,7 +84,8 @@ def test_units_with_exemplars_and_an_earlier_layer_get_a_score_once(tmp_path, ph
     calls = []
     real = atlas.trust.pattern_task
     monkeypatch.setattr(atlas.trust, "pattern_task", lambda m, t: calls.append(t) or real(m, t))
-    assert run(tmp_path, photos).exit_code == 0 and calls == []  # unchanged: no work
+    unchanged = run(tmp_path, photos)
+    assert unchanged.exit_code == 0 and calls == [] and "trust:" not in unchanged.output
     again = run(tmp_path, photos, "--steps", "4")  # new pictures: new scores
     assert again.exit_code == 0 and calls
     units = {u.id: u for u in Store(tmp_path).classify()[0]}
