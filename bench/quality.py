@@ -1,6 +1,7 @@
 """Image quality of atlas's recipes against Lucent's default (issue 6).
 
-    .venv/bin/python bench/quality.py [--classes 8] [--channels blocks.5:0-7 ...] [--steps 128]
+    .venv/bin/python bench/quality.py [--classes 8 | --sample 48 --block 0]
+        [--channels blocks.5:0-7 ...] [--steps 128]
         [--methods plain,blur-l2,octaves,fourier,lucent] [--variant 'fourier lr=0.1' ...]
         [--crops 8] [--seed 0]
 
@@ -41,6 +42,20 @@ from atlas.optim import channel, get, logit, visualize
 
 # Well-known, varied ImageNet classes (animals, objects, food, scenes); --classes N: the first N.
 CLASSES = (1, 8, 144, 323, 483, 951, 967, 980, 207, 409, 417, 430, 504, 555, 717, 850)
+SAMPLE_SEED = 2026  # the one shuffle of the other 984 classes that --sample blocks are cut from
+
+
+def sampled_classes(size: int, block: int) -> tuple[int, ...]:
+    """Block `block` of `size` classes of one seeded shuffle of the ImageNet classes that
+    CLASSES (used while tuning the presets) leaves out: blocks never share a class, so block 0
+    can be the tuning sample and block 1 the held-out one, drawn, never picked."""
+    others = [k for k in range(1000) if k not in CLASSES]
+    order = np.random.default_rng(SAMPLE_SEED).permutation(others)
+    if (block + 1) * size > len(order):
+        raise SystemExit(f"only {len(order) // size} blocks of {size} classes")
+    return tuple(int(k) for k in order[block * size : (block + 1) * size])
+
+
 CHANNELS = ("blocks.5:0-7", "blocks.9:0-7")  # two middle layers of Lite0's 16 blocks
 # scikit-image's bundled photographs (grey ones shown as grey RGB); drawings and masks left out.
 PHOTOS = (
@@ -205,6 +220,10 @@ def compare(rows, default: str, baseline: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=8, help=f"first N of {len(CLASSES)}")
+    parser.add_argument(
+        "--sample", type=int, metavar="N", help="instead: N classes drawn from the others"
+    )
+    parser.add_argument("--block", type=int, default=0, help="which block of --sample (0, 1, ..)")
     parser.add_argument("--channels", action="append", help="LAYER:RANGE, repeatable")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--methods", default="plain,blur-l2,octaves,fourier,lucent")
@@ -217,7 +236,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script in kornia
     lite0 = models.load("efficientnet_lite0")
     judges = {name: models.load(f"efficientnet_{name.lower()}") for name in ("Lite1", "Lite2")}
-    groups = [(LOGITS, [logit(c) for c in CLASSES[: args.classes]])]
+    classes = sampled_classes(args.sample, args.block) if args.sample else CLASSES[: args.classes]
+    groups = [(LOGITS, [logit(c) for c in classes])]
     for spec in args.channels or CHANNELS:
         layer, units = spec.rsplit(":", 1)
         info = resolve(lite0, layer)
@@ -226,7 +246,9 @@ def main() -> None:
     channels = [t for layer, targets in groups[1:] for t in targets]
     print(
         f"{datetime.date.today()}  commit {git_commit()}  torch {torch.__version__}  {cores()} "
-        f"CPU threads  {lite0.spec}  {args.classes} classes, {len(channels)} channels "
+        f"CPU threads  {lite0.spec}  {len(classes)} classes"
+        f"{f' (sample block {args.block} of seed {SAMPLE_SEED})' if args.sample else ''}, "
+        f"{len(channels)} channels "
         f"({', '.join(args.channels or CHANNELS)})  {args.steps} steps, {SIZE} px  "
         f"seed {args.seed}",
         flush=True,
@@ -256,7 +278,7 @@ def main() -> None:
         seconds = time.perf_counter() - started
         rows[name] = score(images, groups, lite0, judges, photo_maxima)
         rows[name]["seconds"] = seconds
-    print_table(rows, photo_hf, photo_clipped, judges, args.classes, len(channels))
+    print_table(rows, photo_hf, photo_clipped, judges, len(classes), len(channels))
     compare(rows, "fourier", "Lucent render_vis (default)")
 
 
