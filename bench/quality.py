@@ -27,16 +27,19 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
+import io
 import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from speed import StepClock, cores, git_commit, run_lucent
 
 from atlas import models, quality
 from atlas.config import parse_indices
+from atlas.files import encode_image
 from atlas.layers import LOGITS, resolve
 from atlas.optim import channel, get, logit, visualize
 
@@ -125,6 +128,15 @@ def render_lucent(model, groups, steps, seed):
             images.append((image.cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
         print(f"    {layer}: {len(targets)} units", flush=True)
     return images
+
+
+def as_stored(images):
+    """The images as an atlas stores them: through its WebP encoding and back."""
+    decoded = []
+    for image in images:
+        with Image.open(io.BytesIO(encode_image(image))) as picture:
+            decoded.append(np.asarray(picture.convert("RGB")))
+    return decoded
 
 
 def score(images, groups, lite0, judges, photo_maxima):
@@ -224,6 +236,7 @@ def main() -> None:
         "--sample", type=int, metavar="N", help="instead: N classes drawn from the others"
     )
     parser.add_argument("--block", type=int, default=0, help="which block of --sample (0, 1, ..)")
+    parser.add_argument("--stored", action="store_true", help="judge the images as WebP, stored")
     parser.add_argument("--channels", action="append", help="LAYER:RANGE, repeatable")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--methods", default="plain,blur-l2,octaves,fourier,lucent")
@@ -250,7 +263,7 @@ def main() -> None:
         f"{f' (sample block {args.block} of seed {SAMPLE_SEED})' if args.sample else ''}, "
         f"{len(channels)} channels "
         f"({', '.join(args.channels or CHANNELS)})  {args.steps} steps, {SIZE} px  "
-        f"seed {args.seed}",
+        f"seed {args.seed}{'  images as stored (WebP)' if args.stored else ''}",
         flush=True,
     )
 
@@ -276,6 +289,7 @@ def main() -> None:
         else:
             images = render_atlas(lite0, groups, recipe.replace(steps=args.steps), args.seed)
         seconds = time.perf_counter() - started
+        images = as_stored(images) if args.stored else images
         rows[name] = score(images, groups, lite0, judges, photo_maxima)
         rows[name]["seconds"] = seconds
     print_table(rows, photo_hf, photo_clipped, judges, len(classes), len(channels))
