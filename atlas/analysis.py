@@ -24,7 +24,7 @@ from PIL import Image
 
 from atlas.layers import capture, gained, module_device, resolve, run_forward
 from atlas.names import LOGITS
-from atlas.optim.objectives import BatchObjective, Target, as_objective, channel, logit
+from atlas.optim.objectives import BatchObjective, Target, as_objective, unit_target
 from atlas.quality import model_inputs
 
 INPUTS_KEPT = 16  # strongest inputs of each sign (pages show 6 and 3; outputs are derived)
@@ -179,7 +179,7 @@ def evidence_task(model, task: EvidenceTask) -> dict:
 
     pixels, kept = decode(task.blobs, model.input_size, model.input_channels)
     images = list(pixels.to(module_device(model.module)))
-    target = logit(task.index) if task.layer == LOGITS else channel(task.layer, task.index)
+    target = unit_target(task.layer, task.index)
     result: dict = {"images": len(kept), "inputs": (), "classes": ()}
     if not images:
         return result

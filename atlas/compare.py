@@ -31,7 +31,7 @@ from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import resolve
 from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
-from atlas.optim.objectives import channel, logit
+from atlas.optim.objectives import unit_target
 from atlas.quality import activation_grid, clean_activations
 from atlas.record import UnitRecord
 from atlas.site import Page, link_or_copy, site_info, write_pages
@@ -95,10 +95,6 @@ def fits(model, layer: str, index: int) -> bool:
         return False
 
 
-def target_of(layer: str, index: int):
-    return logit(index) if layer == LOGITS else channel(layer, index)
-
-
 def _cross(value: float, own: float, grey: float) -> float:
     gain = own - grey
     if not gain > 0 or not math.isfinite(value):
@@ -114,7 +110,7 @@ def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.dev
         return []
     for side in (a, b):
         side.model.module.to(device)
-    targets = [target_of(*key) for key in keys]
+    targets = [unit_target(*key) for key in keys]
     grey = np.full_like(a.image(keys[0]), 128)
     a_on_grey = activation_grid(a.model, targets, [grey])[0].tolist()
     b_on_grey = activation_grid(b.model, targets, [grey])[0].tolist()

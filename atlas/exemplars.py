@@ -271,13 +271,18 @@ def read_chunks(
     for first in range(0, len(files), chunk):
         if first in skip:
             continue
-        blobs = []
-        for path in files[first : first + chunk]:
-            try:
-                blobs.append(path.read_bytes())
-            except OSError:
-                blobs.append(b"")
-        yield ExemplarTask(first, tuple(blobs), spec, top)
+        yield ExemplarTask(first, read_blobs(files[first : first + chunk]), spec, top)
+
+
+def read_blobs(paths: Iterable[Path]) -> tuple[bytes, ...]:
+    """Each file's bytes; one that cannot be read is an empty blob (it does not decode)."""
+    blobs = []
+    for path in paths:
+        try:
+            blobs.append(Path(path).read_bytes())
+        except OSError:
+            blobs.append(b"")
+    return tuple(blobs)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from atlas.layers import LayerInfo, select
 from atlas.mainpath import default_layers
 from atlas.models import LoadedModel
 from atlas.names import LOGITS
-from atlas.optim.objectives import Target, channel, logit, neuron, whole_layer
+from atlas.optim.objectives import Target, neuron, unit_target, whole_layer
 from atlas.optim.recipes import Recipe
 
 # Bump when the engine's images for equal inputs change: every unit is then recomputed.
@@ -53,7 +53,7 @@ class Unit:
     def target(self) -> Target:
         if self.index is None:
             return whole_layer(self.layer)
-        return logit(self.index) if self.layer == LOGITS else channel(self.layer, self.index)
+        return unit_target(self.layer, self.index)
 
     def variant_targets(self) -> list[Target]:
         """The targets of this unit's variants, in `variants` order."""

@@ -140,7 +140,7 @@ class UnitRecord:
             known["history"] = tuple(_point(p, step) for step, p in enumerate(history))
         for name in ("inputs", "classes"):
             if isinstance(known.get(name), list):
-                known[name] = tuple((int(i), float(w)) for i, w in known[name])
+                known[name] = _pairs(known[name])
         if isinstance(known.get("map_range"), list):
             known["map_range"] = tuple(known["map_range"])
         return cls(**known)
@@ -158,13 +158,18 @@ class UnitRecord:
                 changes["trust"] = trust
                 for name in ("inputs", "classes"):
                     if isinstance(trust.get(name), list):
-                        changes[name] = tuple((int(i), float(w)) for i, w in trust[name])
+                        changes[name] = _pairs(trust[name])
         return dataclasses.replace(self, **changes)
 
 
 def _whole_layer(data: dict) -> bool:
     """A layer's whole-layer image: kind "layer", no index."""
     return data.get("kind") == "layer" and data.get("index") is None
+
+
+def _pairs(listed: list) -> tuple[tuple[int, float], ...]:
+    """(index, weight) pairs from their JSON lists."""
+    return tuple((int(index), float(weight)) for index, weight in listed)
 
 
 def _point(point: object, step: int) -> tuple[int, float]:

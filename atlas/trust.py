@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from atlas.analysis import EvidenceTask, evidence_task
-from atlas.exemplars import CHUNK_IMAGES, decode, list_images
+from atlas.exemplars import CHUNK_IMAGES, decode, list_images, read_blobs
 from atlas.layers import capture, deepest, run_forward
 from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
@@ -247,21 +247,10 @@ class TrustPass:
     def _evidence_task(self, unit: UnitRecord, found: dict) -> EvidenceTask:
         paths = [self.store.out / name for name in unit.images]
         paths += [self.folder / item["source"] for item in found["items"]]
-        return EvidenceTask(unit.layer, unit.index, unit.inputs_from, _read(paths))
-
-
-def _read(paths: list[Path]) -> tuple[bytes, ...]:
-    """Each file's bytes; one that cannot be read is an empty blob (it does not decode)."""
-    blobs = []
-    for path in paths:
-        try:
-            blobs.append(Path(path).read_bytes())
-        except OSError:
-            blobs.append(b"")
-    return tuple(blobs)
+        return EvidenceTask(unit.layer, unit.index, unit.inputs_from, read_blobs(paths))
 
 
 def _chunks(paths: list[str], layers: tuple[str, ...], device: str) -> Iterator[PatternTask]:
     size = CHUNK_IMAGES * (1 if device == "cpu" else 4)
     for first in range(0, len(paths), size):
-        yield PatternTask(first, _read([Path(p) for p in paths[first : first + size]]), layers)
+        yield PatternTask(first, read_blobs([Path(p) for p in paths[first : first + size]]), layers)

@@ -154,6 +154,11 @@ def logit(index: int, *, negative: bool = False) -> Target:
     return Target(LOGITS, "logit", index, negative=negative)
 
 
+def unit_target(layer: str, index: int) -> Target:
+    """The target an atlas unit maximizes: a class logit, or a channel of its layer."""
+    return logit(index) if layer == LOGITS else channel(layer, index)
+
+
 def diversity(layer: str) -> Diversity:
     return Diversity(layer)
 
