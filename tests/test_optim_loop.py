@@ -191,3 +191,32 @@ def test_visualize_leaves_the_caller_s_random_generators_alone(tiny):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     again = visualize(tiny, [channel("conv2", 0)], get("plain", steps=3, size=32), seed=1)
     assert (first[0].image == again[0].image).all()  # its own streams still make it repeatable
+
+
+def test_one_view_draws_what_it_always_did_and_more_views_average_theirs(tiny):
+    targets = [channel("conv2", 1), logit(2)]
+    default = visualize(tiny, targets, QUICK, seed=5)
+    one = visualize(tiny, targets, QUICK.replace(views=1), seed=5)
+    assert QUICK.replace(views=1).hash == QUICK.hash
+    for a, b in zip(default, one, strict=True):
+        assert (a.image == b.image).all() and a.history == b.history
+    four = visualize(tiny, targets, QUICK.replace(views=4), seed=5)
+    assert QUICK.replace(views=4).hash != QUICK.hash
+    for result in four:
+        assert result.objective_best > result.objective_start
+    # a view's image does not depend on the other targets of the batch
+    (alone,) = visualize(tiny, targets[:1], QUICK.replace(views=4), seed=5)
+    np.testing.assert_allclose(alone.history, four[0].history, rtol=1e-3, atol=1e-4)
+
+
+def test_the_learning_rate_schedule_warms_up_and_decays_to_zero():
+    recipe = get("fourier", steps=101, warmup=0.1, schedule="cosine")
+    factors = [recipe.lr_factor(step) for step in range(101)]
+    assert factors[0] < 0.1 and factors[9] < 1 and factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-12)
+    assert [get("fourier", steps=8).lr_factor(s) for s in range(8)] == [1.0] * 8
+    with pytest.raises(AtlasError, match="schedule must be one of constant, cosine"):
+        get("fourier", schedule="linear")
+    with pytest.raises(AtlasError, match="warmup"):
+        get("fourier", warmup=1.0)

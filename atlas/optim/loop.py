@@ -202,9 +202,7 @@ def visualize(
     latent = next(iter(param.parameters()))
     noise = torch.stack([torch.randn(latent.shape[1:], generator=g) for g in generators])
     param.initialize(noise.to(device), recipe.init_noise)
-    draws = torch.stack(
-        [torch.rand(total, transforms.DRAWS_PER_STEP, generator=g) for g in generators], dim=1
-    ).to(device)  # [steps, B, draws]
+    draws = _draws(generators, total, recipe.views).to(device)  # [steps, views * B, draws]
 
     batch_objective = BatchObjective(objectives)
     history = torch.zeros(total, batch, device=device)
@@ -227,7 +225,7 @@ def visualize(
             for stage_step in range(stage.steps):
                 progress = stage_step / max(stage.steps - 1, 1)
                 for group in optimizer.param_groups:
-                    group["lr"] = _lerp(stage.lr, progress)
+                    group["lr"] = _lerp(stage.lr, progress) * recipe.lr_factor(step)
                 if redirect is not None:
                     redirect.on = step < recipe.redirect_relu
                 images = param()
@@ -235,13 +233,14 @@ def visualize(
                     start = _as_uint8(images.detach())
                 if timelapse and (step % timelapse == 0 or step == total - 1):
                     frames.append(_as_uint8(images.detach()))
-                view = normalize(transforms.apply(images, draws[step], recipe, model.input_size))
+                views = images.repeat(recipe.views, 1, 1, 1)
+                view = normalize(transforms.apply(views, draws[step], recipe, model.input_size))
                 view = view.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                     output = run_forward(module, view)
                 if output is not None:
                     acts[LOGITS] = output
-                values = batch_objective(acts)
+                values = _mean_over_views(batch_objective, acts, recipe.views, batch)
                 loss = (_penalties(images, recipe) - values).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -278,6 +277,30 @@ def visualize(
         for result, image in zip(results, frame.cpu().numpy(), strict=True):
             result.frames.append(image)
     return results
+
+
+def _draws(generators: Sequence[torch.Generator], steps: int, views: int) -> torch.Tensor:
+    """[steps, views * B, DRAWS_PER_STEP] uniform draws, view-major like the repeated batch.
+    The first view's draws come first from each stream, so one view draws what it always did."""
+    per_image = []
+    for generator in generators:
+        first = torch.rand(steps, 1, transforms.DRAWS_PER_STEP, generator=generator)
+        more = torch.rand(steps, views - 1, transforms.DRAWS_PER_STEP, generator=generator)
+        per_image.append(torch.cat([first, more], dim=1))
+    return torch.stack(per_image, dim=2).flatten(1, 2)
+
+
+def _mean_over_views(
+    objective: BatchObjective, acts: dict[str, torch.Tensor], views: int, batch: int
+) -> torch.Tensor:
+    """Per-image objective values averaged over the views of the image (rows v * B + i)."""
+    if views == 1:
+        return objective(acts)
+    values = [
+        objective({k: a[v * batch : (v + 1) * batch] for k, a in acts.items()})
+        for v in range(views)
+    ]
+    return torch.stack(values).mean(0)
 
 
 def _shown(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

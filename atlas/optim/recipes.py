@@ -39,6 +39,7 @@ class Stage:
 
 
 OPTIMIZERS = ("adam", "nadam")
+SCHEDULES = ("constant", "cosine")
 # the names of atlas.optim.param's registries, spelled here so that recipes (and the CLI's
 # option parsing) need no torch; tests/test_optim_param.py keeps them in step
 PARAMETERIZATIONS = ("fourier", "pixel", "phase")
@@ -77,6 +78,12 @@ class Recipe:
     # hash, so adding them reran nothing.
     optimizer: str = field(default="adam", metadata={"hashed_if_changed": True})  # | nadam
     contrast: float = field(default=1.0, metadata={"hashed_if_changed": True})  # phase: sd
+    # transformed views of each image per step, their objectives averaged: N views cost N images
+    views: int = field(default=1, metadata={"hashed_if_changed": True})
+    # learning rate over the whole run: a linear warm-up over this share of the steps, then
+    # constant, or a cosine decay to 0 at the last step; multiplies the octaves' own lr
+    warmup: float = field(default=0.0, metadata={"hashed_if_changed": True})
+    schedule: str = field(default="constant", metadata={"hashed_if_changed": True})  # | cosine
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +95,9 @@ class Recipe:
                 f"param must be one of {', '.join(PARAMETERIZATIONS)}",
             ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (1 <= self.views <= 64, "views must be between 1 and 64"),
+            (0 <= self.warmup < 1, "warmup must be a share of the steps, 0 <= warmup < 1"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
             (math.isfinite(self.contrast) and self.contrast > 0, "contrast must be positive"),
             (
                 self.param == "phase" or self.contrast == 1.0,
@@ -149,6 +159,15 @@ class Recipe:
             for steps, octave in zip(counts, self.octaves, strict=True)
             if steps > 0
         ]
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier of the learning rate at `step` (0-based) of `steps`."""
+        ramp = round(self.warmup * self.steps)
+        if step < ramp:
+            return (step + 1) / (ramp + 1)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - ramp) / max(self.steps - 1 - ramp, 1)))
+        return 1.0
 
     def replace(self, **overrides) -> Recipe:
         """A copy with some settings changed; unknown names raise AtlasError."""
