@@ -374,6 +374,12 @@ def build_config(config_file, recipe, steps, size, lr, samples, **flags):
 @run_options
 @click.option("--force", is_flag=True, help="Rerun every unit, stored or not.")
 @click.option("--prune", is_flag=True, help="Delete stored units that are no longer planned.")
+@click.option("--label", help="Name this run's checkpoint in the history, e.g. step-12000.")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    help="Checkpoints kept in OUT, the newest (default 30).",
+)
 def run_command(force: bool, prune: bool, **options) -> None:
     """Visualize every planned unit of MODEL on Dask and store the results in OUT."""
     from atlas.progress import RunProgress
@@ -459,6 +465,21 @@ def status_command(out: str, as_json: bool) -> None:
     click.echo(f"{'layer':<{width}}  " + "  ".join(f"{s:>7}" for s in STATUSES))
     for layer, counts in table.items():
         click.echo(f"{layer:<{width}}  " + "  ".join(f"{counts[s]:>7}" for s in STATUSES))
+
+
+@cli.command("history")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+def history_command(out: str) -> None:
+    """Print the checkpoints OUT holds, oldest first, with each layer's mean change."""
+    from atlas.history import History, describe
+    from atlas.store import Store
+
+    store = Store(out)
+    units, plan = store.classify()
+    if plan is None:
+        raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
+    timeline, _ = History(store).view(plan, units)
+    click.echo(describe(timeline))
 
 
 @cli.command("render")

@@ -1,18 +1,9 @@
 """`atlas compare OUT_A OUT_B --out DIR`: two atlases side by side, the most changed units first.
 
 Two models, two checkpoints of one model, or two recipes: units are matched by layer and index.
-A unit's change score asks how well each atlas's picture drives the other side's unit, against
-that side's own picture, both measured from the unit's response to a plain grey image (so that
-units whose activations are negative, before a ReLU, score too):
-
-    cross A = (A's unit on B's image - on grey) / (A's unit on A's image - on grey)
-    cross B = (B's unit on A's image - on grey) / (B's unit on B's image - on grey)
-    change  = 1 - mean(clip(cross A, 0, 1), clip(cross B, 0, 1))
-
-0 means each picture excites the other side's unit as much as its own (nothing changed for
-this unit); 1 means no more than grey does. A side whose own picture does not beat grey has no
-cross ratio. Activations are measured cleanly (quality.clean_activations:
-the stored image, resized, no transforms). The pages are a small static site in DIR.
+Each unit's change score is atlas.change's, with both sides measured (each model on both
+pictures; activations measured cleanly: the stored image, resized, no transforms). The pages
+are a small static site in DIR. A side is an OUT folder or one checkpoint of it (OUT@label).
 """
 
 from __future__ import annotations
@@ -26,8 +17,10 @@ import torch
 from PIL import Image
 
 from atlas import models
+from atlas.change import change, cross
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_json, writable_folder
+from atlas.history import History
 from atlas.layers import resolve
 from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
@@ -57,8 +50,14 @@ class Side:
             return np.array(image.convert("RGB"))
 
 
-def read_side(name: str, out: str | Path) -> Side:
-    out = Path(out)
+def read_side(name: str, spec: str | Path) -> Side:
+    """An atlas folder, or one checkpoint of it: OUT@label (or OUT@id)."""
+    out, at = Path(spec), None
+    if not out.is_dir() and "@" in str(spec):
+        folder, at = str(spec).rsplit("@", 1)
+        out = Path(folder)
+    if at is not None:
+        return _checkpoint_side(name, out, at)
     units, plan = Store(out).classify()
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
@@ -69,6 +68,19 @@ def read_side(name: str, out: str | Path) -> Side:
     }
     info = site_info(plan, [u.as_json() for u in units])
     return Side(name, out, plan, {**info, "out": str(out)}, done)
+
+
+def _checkpoint_side(name: str, out: Path, at: str) -> Side:
+    if not (out / "plan.json").is_file():
+        raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
+    history = History(Store(out))
+    checkpoint = history.find(at)
+    done = {k: u for k, u in history.units(checkpoint).items() if u.status == "done"}
+    done = {k: u for k, u in done.items() if k[1] is not None}
+    facts = {"spec": checkpoint.spec, "digest": checkpoint.digest, "weights": checkpoint.weights}
+    plan = {**history.plan(checkpoint), "model": facts}
+    info = site_info(plan, [u.as_json() for u in done.values()])
+    return Side(name, out, plan, {**info, "out": f"{out}@{checkpoint.name}"}, done)
 
 
 def load_model(side: Side, loaded: dict):
@@ -93,13 +105,6 @@ def fits(model, layer: str, index: int) -> bool:
         return index < resolve(model, layer).channels
     except AtlasError:
         return False
-
-
-def _cross(value: float, own: float, grey: float) -> float:
-    gain = own - grey
-    if not gain > 0 or not math.isfinite(value):
-        return math.nan
-    return min(max((value - grey) / gain, 0.0), 1.0)
 
 
 def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.device) -> list:
@@ -138,10 +143,9 @@ def score_pairs(a: Side, b: Side, keys: list[tuple[str, int]], device: torch.dev
 
 def _row(a: Side, layer: str, index: int, values: dict[str, float]) -> dict:
     crosses = [
-        _cross(values["a_on_b"], values["a_on_a"], values["a_on_grey"]),
-        _cross(values["b_on_a"], values["b_on_b"], values["b_on_grey"]),
+        cross(values["a_on_b"], values["a_on_a"], values["a_on_grey"]),
+        cross(values["b_on_a"], values["b_on_b"], values["b_on_grey"]),
     ]
-    known = [c for c in crosses if not math.isnan(c)]
     return {
         "layer": layer,
         "index": index,
@@ -150,7 +154,7 @@ def _row(a: Side, layer: str, index: int, values: dict[str, float]) -> dict:
         **values,
         "cross_a": crosses[0],
         "cross_b": crosses[1],
-        "change": 1 - sum(known) / len(known) if known else math.nan,
+        "change": change(crosses),
     }
 
 
@@ -186,8 +190,8 @@ class CompareSummary:
 def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str | None = None):
     """Score every unit both atlases have done, write DIR/compare.json and the pages."""
     a, b = read_side("A", out_a), read_side("B", out_b)
-    if Path(out_a).resolve() == Path(out_b).resolve():
-        raise AtlasError("compare needs two different atlas folders")
+    if (a.out.resolve(), a.info["digest"]) == (b.out.resolve(), b.info["digest"]):
+        raise AtlasError("compare needs two different atlas folders, or two checkpoints of one")
     check_destination(Path(dest), [a.out, b.out])
     dest = writable_folder(dest)
     loaded: dict = {}

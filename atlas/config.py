@@ -20,6 +20,8 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     out = "atlas-out"
     scheduler = "local"                   # local | inline | tcp://host:port
     scheduler_file = ""
+    label = "step-12000"                  # names this run's checkpoint (atlas history)
+    keep = 30                             # checkpoints kept in OUT, the newest
 
     [recipe]
     name = "fourier"
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atlas.errors import AtlasError, did_you_mean
+from atlas.history import DEFAULT_KEEP
 from atlas.optim.recipes import DEFAULT, DEFAULT_DIVERSITY, Recipe, check_timelapse, get
 
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -66,6 +69,8 @@ class AtlasConfig:
     exemplars_top: int = 6
     scheduler: str = "local"
     scheduler_file: str | None = None
+    label: str | None = None  # the checkpoint's name in the history (default: its id)
+    keep: int = DEFAULT_KEEP  # checkpoints kept in OUT
     force: bool = False
     prune: bool = False
 
@@ -129,8 +134,8 @@ def _read_toml(path: str | Path) -> dict:
 
 _TYPES = {
     **dict.fromkeys(("model", "out", "weights", "channels", "classes", "scheduler"), str),
-    **dict.fromkeys(("samples", "seed", "batch", "timelapse", "exemplars_top"), int),
-    **dict.fromkeys(("scheduler_file", "exemplars"), str),
+    **dict.fromkeys(("samples", "seed", "batch", "timelapse", "exemplars_top", "keep"), int),
+    **dict.fromkeys(("scheduler_file", "exemplars", "label"), str),
     "layers": tuple,
     "variants": tuple,
 }
@@ -328,6 +333,8 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         (config.seed >= 0, "seed must be 0 or more"),
         (config.timelapse >= 0, "timelapse must be 0 (off) or a number of steps"),
         (config.exemplars_top >= 1, "exemplars_top must be at least 1"),
+        (config.keep >= 1, "keep must be at least 1 (the checkpoint being run)"),
+        (config.label != "", "label must not be empty"),
     ]
     for ok, message in checks:
         if not ok:

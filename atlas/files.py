@@ -58,6 +58,16 @@ def encode_image(pixels: np.ndarray, fmt: str = "webp", quality: int = 90) -> by
     return buffer.getvalue()
 
 
+def decode_image(data: bytes, like: np.ndarray | None = None) -> np.ndarray:
+    """Image bytes -> uint8 [H, W, 3]; resized to the shape of `like` when given and different
+    (the picture of a checkpoint made at another size)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        if like is not None and image.size != (like.shape[1], like.shape[0]):
+            image = image.resize((like.shape[1], like.shape[0]), Image.Resampling.BILINEAR)
+        return np.array(image)
+
+
 def encode_animation(
     frames: list[np.ndarray], frame_ms: int = 80, hold_ms: int = 1500, quality: int = 80
 ) -> bytes:

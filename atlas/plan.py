@@ -80,6 +80,10 @@ class Task:
     seed: int
     timelapse: int = 0  # keep a frame every N steps (0: no animation)
     inputs_from: str | None = None  # the planned layer whose channels feed these units
+    # each unit's image at the previous checkpoint (WebP, None where it had none): the worker
+    # scores the unit's change against it (atlas.change); not part of the key
+    previous: tuple[bytes | None, ...] = ()
+    previous_from: str | None = None  # that checkpoint's id
 
     @property
     def key(self) -> str:

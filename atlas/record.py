@@ -78,9 +78,15 @@ class UnitRecord:
     maps: str | None = None  # its map on the starting and the best image, side by side
     map_range: tuple[float, float] | None = None  # the maps' shared colour scale
     variants: dict[str, str] = field(default_factory=dict)  # "neuron"/"negative" -> its image
+    # against the previous checkpoint of OUT (atlas.history): its id, and atlas.change's score
+    change_from: str | None = None
+    change: float | None = None
     # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
     exemplars: tuple[dict, ...] = field(default=(), compare=False)
     trust: dict | None = field(default=None, compare=False)  # atlas.trust: score, layers
+    # attached by the store from OUT/checkpoints, oldest first, this record's image last:
+    # {"checkpoint": id, "image": path, "change": score or None}
+    filmstrip: tuple[dict, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -100,9 +106,9 @@ class UnitRecord:
             data[name] = [list(pair) for pair in data[name]]
         if self.map_range is not None:
             data["map_range"] = list(self.map_range)
-        for name in ("image_seeds", "images", "exemplars"):
+        for name in ("image_seeds", "images", "exemplars", "filmstrip"):
             data[name] = list(data[name])
-        for name in ("exemplars", "trust"):
+        for name in ("exemplars", "trust", "filmstrip"):
             if not data[name]:
                 del data[name]
         return data
@@ -130,7 +136,7 @@ class UnitRecord:
         files += list(dict(known.get("variants") or {}).values())
         if not all(name is None or isinstance(name, str) for name in files):
             raise ValueError("a file name that is not a string")
-        for name in ("image_seeds", "images", "exemplars"):
+        for name in ("image_seeds", "images", "exemplars", "filmstrip"):
             if isinstance(known.get(name), list):
                 known[name] = tuple(known[name])
         if isinstance(known.get("timelapse"), list):  # one animation per image, as visualize has

@@ -18,14 +18,23 @@ import torch
 
 import atlas
 from atlas.config import AtlasConfig
+from atlas.errors import AtlasError
 from atlas.execute import executor
 from atlas.exemplars import ExemplarPass, ExemplarSummary
 from atlas.files import writable_folder
+from atlas.history import Checkpoint, History
 from atlas.layers import select
-from atlas.plan import ENGINE_VERSION, Plan, default_layer_patterns, load_and_plan, make_tasks
+from atlas.plan import (
+    ENGINE_VERSION,
+    Plan,
+    Task,
+    default_layer_patterns,
+    load_and_plan,
+    make_tasks,
+)
 from atlas.progress import Progress
 from atlas.site import render
-from atlas.store import Store, layer_dirname
+from atlas.store import Store, layer_dirname, webp_problem
 from atlas.trust import TrustPass, TrustSummary
 from atlas.work import run_task, unit_record
 
@@ -50,8 +59,13 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
+def plan_record(
+    plan: Plan, model, started: str, finished: str | None, checkpoint: Checkpoint | None = None
+) -> dict:
+    """plan.json: what this run planned, with what, and which checkpoint (default: the first
+    of a new OUT)."""
     config = plan.config
+    checkpoint = checkpoint or Checkpoint.first(1, model, config.label, started)
     return {
         "atlas_version": atlas.__version__,
         "torch_version": torch.__version__,
@@ -66,6 +80,7 @@ def plan_record(plan: Plan, model, started: str, finished: str | None) -> dict:
         "finished": finished,
         "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
         "labels": list(model.labels or []),  # the site names the classes units push
+        "checkpoint": dataclasses.asdict(checkpoint),
         "units": [unit.as_json() for unit in plan.units],
     }
 
@@ -93,7 +108,9 @@ def _run_claimed(
     on_progress: Callable[[Progress], None] | None,
 ) -> RunSummary:
     started = now()
-    store.write_plan(plan_record(plan, model, started, None))
+    history = History(store)
+    checkpoint = history.begin(_last_plan(store), model, config.label, started)
+    store.write_plan(plan_record(plan, model, started, None, checkpoint))
     if config.prune:
         store.prune()
     todo = store.pending(plan.units, config.force)
@@ -113,7 +130,8 @@ def _run_claimed(
             if on_start:
                 on_start(len(todo), summary.skipped, pool.dashboard_link)
             last_manifest = clock
-            for outcome in pool.run(run_task, make_tasks(plan, todo, pool.device)):
+            tasks = with_previous(make_tasks(plan, todo, pool.device), history, checkpoint)
+            for outcome in pool.run(run_task, tasks):
                 _store_outcome(store, outcome, summary)
                 if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
                     store.write_manifest()
@@ -129,11 +147,42 @@ def _run_claimed(
                 summary.failures += summary.trust.failures
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
-    store.write_plan(plan_record(plan, model, started, now()))
+    finished = plan_record(plan, model, started, now(), checkpoint)
+    checkpoint = history.archive(dataclasses.replace(checkpoint, finished=now()), finished)
+    store.write_plan({**finished, "checkpoint": dataclasses.asdict(checkpoint)})
+    history.keep(config.keep)
     store.write_manifest()
     summary.site = str(render(store.out))
     summary.seconds = time.monotonic() - clock
     return summary
+
+
+def _last_plan(store: Store) -> dict | None:
+    """The last run's plan, which names the checkpoint units/ holds; a damaged one is
+    named, and this run starts a new checkpoint (its plan.json replaces the damaged one)."""
+    try:
+        return store.read_plan()
+    except AtlasError as error:
+        store.report(store.out / "plan.json", "is corrupt", f"{error}; a new checkpoint begins")
+        return None
+
+
+def with_previous(tasks: list[Task], history: History, checkpoint: Checkpoint) -> list[Task]:
+    """The tasks, each carrying its units' images at the previous checkpoint, so that the
+    worker scores how each unit changed since then."""
+    previous = history.previous(checkpoint)
+    if previous is None:
+        return tasks
+    archived = history.units(previous)
+    given = []
+    for task in tasks:
+        images = []
+        for unit in task.units:
+            record = archived.get((unit.layer, unit.index))
+            path = history.out / record.images[0] if record and record.status == "done" else None
+            images.append(path.read_bytes() if path and webp_problem(path) is None else None)
+        given.append(dataclasses.replace(task, previous=tuple(images), previous_from=previous.id))
+    return given
 
 
 def trust_path(model, plan: Plan) -> list[str]:

@@ -8,6 +8,7 @@ manifest.json is rebuilt from both, so it can never disagree with them.
     OUT/exemplars/<layer>/<index>.json    a unit's dataset exemplars (--exemplars DIR), written
     OUT/exemplars/<layer>/<index>.<key>.<j>.webp  after its patches; summary.json for the folder
     OUT/manifest.json                     everything the site needs
+    OUT/checkpoints/, OUT/blobs/          earlier checkpoints' results (atlas.history)
 
 Statuses, one per unit: done (stored with the planned key), failed (stored as failed with the
 planned key), missing (planned, nothing stored), stale (stored, but not planned any more or
@@ -39,6 +40,7 @@ from atlas.files import (
     remove_temporaries,
     safe_name,
 )
+from atlas.history import History
 from atlas.record import STATUSES, VARIANT_FILE, UnitRecord
 
 UNIT_FILES = ("timelapse", "maps")  # record fields that name a unit's extra WebP files
@@ -201,7 +203,9 @@ class Store:
                 named["variants"][variant] = write(f".{variant}.webp", data)
             else:
                 named[name] = write(f".{name}.webp", data)
-        record = dataclasses.replace(record, images=names, **named, exemplars=(), trust=None)
+        record = dataclasses.replace(
+            record, images=names, **named, exemplars=(), trust=None, filmstrip=()
+        )
         atomic_write_json(self.unit_path(layer, index, ".json"), record.as_json())
         keep = {Path(name).name for name in record.files}
         for old in self._images_of(layer, index):
@@ -345,13 +349,15 @@ class Store:
         return removed
 
     def write_manifest(self) -> dict:
-        """Rebuild manifest.json from plan.json and the unit JSONs."""
+        """Rebuild manifest.json from plan.json, the unit JSONs and the archived checkpoints."""
         units, plan = self.classify()
+        checkpoints, units = History(self).view(plan, units)
         plan = plan or {}
         counts = Counter(unit.status for unit in units)
         manifest = {
-            **{k: v for k, v in plan.items() if k != "units"},
+            **{k: v for k, v in plan.items() if k not in ("units", "checkpoint")},
             "counts": {status: counts.get(status, 0) for status in STATUSES},
+            "checkpoints": checkpoints,
             "exemplars": self.exemplar_summary(),
             "units": [unit.as_json() for unit in units],
         }

@@ -13,7 +13,8 @@ import time
 import torch
 
 from atlas.analysis import analyse
-from atlas.files import encode_animation, encode_image
+from atlas.change import against_previous
+from atlas.files import decode_image, encode_animation, encode_image
 from atlas.optim import visualize
 from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
@@ -86,9 +87,13 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
         task.samples,
         task.inputs_from,
     )
+    encoded = [[encode_image(r.image) for r in group[: task.samples]] for group in groups]
+    changes = _changes(model, task, encoded)
     seconds = time.perf_counter() - started
     outcomes = []
-    for unit, group, analysis in zip(task.units, groups, analyses, strict=True):
+    for unit, group, analysis, images, change in zip(
+        task.units, groups, analyses, encoded, changes, strict=True
+    ):
         facts = {
             "seconds": round(seconds / len(task.units), 6),
             "device": describe_device(device),
@@ -100,11 +105,28 @@ def run_task(model, task: Task, device: str | None = None) -> dict:
             failed = unit_record(unit, task, status="failed", error=error, steps=steps, **facts)
             outcomes.append({"record": failed})
             continue
-        outcomes.append(_done(unit, task, group, analysis, facts))
+        if change is not None:
+            facts.update(change=change, change_from=task.previous_from)
+        outcomes.append(_done(unit, task, group, analysis, images, facts))
     return {"units": outcomes, "seconds": seconds}
 
 
-def _done(unit, task: Task, group: list, analysis, facts: dict) -> dict:
+def _changes(model, task: Task, encoded: list[list[bytes]]) -> list[float | None]:
+    """Each unit's change since the previous checkpoint (None: it had no image there, or
+    the score is undefined), measured on the images as stored."""
+    if not task.previous:
+        return [None] * len(task.units)
+    have = [i for i, previous in enumerate(task.previous) if previous is not None]
+    images = [decode_image(encoded[i][0]) for i in have]
+    previous = [decode_image(task.previous[i], like) for i, like in zip(have, images, strict=True)]
+    scores = against_previous(model, [task.units[i].target() for i in have], images, previous)
+    changes: list[float | None] = [None] * len(task.units)
+    for i, score in zip(have, scores, strict=True):
+        changes[i] = round(score, 5) if math.isfinite(score) else None
+    return changes
+
+
+def _done(unit, task: Task, group: list, analysis, images: list[bytes], facts: dict) -> dict:
     """A finished unit's record, its K images and its other files (maps, animation,
     variants)."""
     main = group[0]
@@ -124,5 +146,4 @@ def _done(unit, task: Task, group: list, analysis, facts: dict) -> dict:
         files["timelapse"] = encode_animation(main.frames)
     for name, result in zip(unit.variants, group[task.samples :], strict=True):
         files[f"{VARIANT_FILE}{name}"] = encode_image(result.image)
-    images = [encode_image(r.image) for r in group[: task.samples]]
     return {"record": record, "images": images, "files": files}

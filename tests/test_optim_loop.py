@@ -1,5 +1,7 @@
 """visualize(): batching, determinism, hooks, truncation, recipes, devices."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -213,7 +215,7 @@ def test_the_learning_rate_schedule_warms_up_and_decays_to_zero():
     recipe = get("fourier", steps=101, warmup=0.1, schedule="cosine")
     factors = [recipe.lr_factor(step) for step in range(101)]
     assert factors[0] < 0.1 and factors[9] < 1 and factors[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert factors[-1] == pytest.approx(0.0, abs=1e-12)
     assert [get("fourier", steps=8).lr_factor(s) for s in range(8)] == [1.0] * 8
     with pytest.raises(AtlasError, match="schedule must be one of constant, cosine"):
