@@ -23,13 +23,14 @@ import secrets
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from PIL import Image, UnidentifiedImageError
 
+from atlas import history_view
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, exclusive_lock, remove_temporaries
 from atlas.names import LOGITS
@@ -184,6 +185,33 @@ def _linked_view(
     return view
 
 
+def _linked_frames(
+    out: Path,
+    site: Path,
+    layer_dir: str,
+    frames: list[history_view.Frame],
+    warn: Callable[[str], None],
+) -> list[history_view.Frame]:
+    """A unit's filmstrip with its pictures linked into the layer's img/ folder (archived ones
+    are named by their content's hash, so they never clash with a unit's own files). A frame
+    whose file is gone (an older checkpoint pruned) or damaged is a gap, not a broken image;
+    a damaged one is named in a warning."""
+    linked = []
+    for frame in frames:
+        problem = webp_problem(out / frame.image) if frame.image else "is missing"
+        if problem is None:
+            try:
+                src = _linked_file(out, site, layer_dir, frame.image)
+                with Image.open(site / layer_dir / src) as image:
+                    frame = replace(frame, src=src, size=image.size)
+            except DECODE_ERRORS:
+                problem = "is corrupt (cannot decode)"
+        if problem not in (None, "is missing"):
+            warn(f"{frame.image} {problem}; its filmstrip frame is left as a gap")
+        linked.append(frame)
+    return linked
+
+
 def _linked_file(out: Path, site: Path, layer_dir: str, name: str | None) -> str | None:
     """One more file of a unit (its animation, its maps) linked into the layer's img/ folder;
     its path there, or None when the record names none or it is gone."""
@@ -285,8 +313,11 @@ def unit_records(
 
 def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None]) -> list[Page]:
     """Every page of the atlas: the index, a grid per layer, a page per unit and the search
-    index. Links the unit images into `site` and makes thumbnails on the way (see _unit_view)."""
+    index. Links the unit images into `site` and makes thumbnails on the way (see _unit_view).
+    Each damaged file is named once, though several units' filmstrips share it."""
+    warn = _once(warn)
     manifest, records, wholes = unit_records(out, manifest, warn)
+    checkpoints = history_view.timeline(manifest)
     layers = [dict(layer) for layer in manifest.get("layers", [])]
     planned = [layer["name"] for layer in layers]
     units_by_layer: dict[str, list[UnitView]] = {name: [] for name in planned}
@@ -294,7 +325,11 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
         if record.layer not in units_by_layer:  # a layer no longer planned: its units are stale
             units_by_layer[record.layer] = []
             layers.append({"name": record.layer, "type": "not planned", "shape": []})
-        units_by_layer[record.layer].append(_unit_view(out, site, record, warn))
+        view = _unit_view(out, site, record, warn)
+        if checkpoints:
+            frames = history_view.filmstrip(view.record, checkpoints)
+            view.filmstrip = _linked_frames(out, site, view.layer_dir, frames, warn)
+        units_by_layer[record.layer].append(view)
     connect(units_by_layer, planned, _labels(manifest))
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
@@ -309,6 +344,7 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
         "counts": {status: shown.get(status, 0) for status in STATUSES},
         "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
         "low_trust": LOW_TRUST,
+        "timeline": checkpoints,
     }
     pages = []
     search = []
@@ -316,14 +352,17 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     labels = {}  # class index -> label, of the classes the search can name
     for layer in layers:
         units = units_by_layer[layer["name"]]
+        by_default, shown_units = history_view.grid_order(units, checkpoints)
         context = {
             **common,
             "root": "../",
             "layer": layer,
-            "units": units,
+            "units": shown_units,
             "is_logits": layer["name"] == LOGITS,
             "layer_counts": counts_by_layer[layer["name"]],
             "sorts": _sorts(units),
+            "default_sort": by_default,
+            "last_step": history_view.last_step(checkpoints),
             "push_filter": any(unit.classes.up for unit in units),
             "low_trust_units": sum(unit.low_trust for unit in units),
             "whole": _whole_layer(out, site, wholes.get(layer["name"]), warn),
@@ -350,6 +389,18 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     return pages
 
 
+def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    """`warn`, saying each message once (archived pictures are stored once by content)."""
+    said: set[str] = set()
+
+    def once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            warn(message)
+
+    return once
+
+
 def _whole_layer(
     out: Path, site: Path, record: UnitRecord | None, warn: Callable[[str], None]
 ) -> UnitView | None:
@@ -367,9 +418,11 @@ def _labels(manifest: dict) -> list[str]:
 
 
 def _sorts(units: list[UnitView]) -> list[tuple[str, str]]:
-    """The orders the layer grid offers (value, name): by index, and by trust and activation
-    ratio when some unit has one."""
+    """The orders the layer grid offers (value, name): by index, and by change since the
+    previous checkpoint, trust and activation ratio when some unit has one."""
     sorts = [("index", "unit index")]
+    if any(unit.change is not None for unit in units):
+        sorts.append((history_view.CHANGE_SORT, "change since the previous checkpoint, most first"))
     if any(unit.trust_score is not None for unit in units):
         sorts += [("trust-low", "trust, lowest first"), ("trust-high", "trust, highest first")]
     if any(unit.activation_ratio is not None for unit in units):
@@ -388,6 +441,8 @@ def _unit_page(common: dict, layer: dict, units: list[UnitView], position: int) 
         "layer": layer,
         "unit": unit,
         "curve_size": (CURVE_WIDTH, CURVE_HEIGHT),
+        "plot_size": (history_view.PLOT_WIDTH, history_view.PLOT_HEIGHT),
+        "change_dots": history_view.change_dots(unit.filmstrip, len(common["timeline"])),
         "previous": units[position - 1] if position > 0 else None,
         "next": units[position + 1] if position + 1 < len(units) else None,
     }

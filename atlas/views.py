@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from atlas.history_view import Frame, score
 from atlas.names import LOGITS
 from atlas.record import UnitRecord
 
@@ -81,6 +82,7 @@ class UnitView:
     maps: str | None = None  # the activation maps, starting image | best image
     maps_size: tuple[int, int] = (0, 0)
     variants: list[tuple[str, str]] = field(default_factory=list)  # (neuron|negative, src)
+    filmstrip: list[Frame] = field(default_factory=list)  # across checkpoints, oldest first
     # set by connect(): the planned layers around this one, and what the unit is for
     before: str | None = None
     after: str | None = None
@@ -139,6 +141,11 @@ class UnitView:
         return (min(values), max(values)) if values else (None, None)
 
     @property
+    def change(self) -> float | None:
+        """Its change score since the previous checkpoint, as the grid sorts and shows it."""
+        return score(self.record.change)
+
+    @property
     def trust_score(self) -> float | None:
         score = (self.record.trust or {}).get("score")
         return float(score) if isinstance(score, int | float) else None
@@ -175,9 +182,10 @@ class UnitView:
 
     def files(self) -> list[str]:
         """The files of this unit that its page links (images, thumbnail, animation, maps,
-        exemplar patches), relative to its layer folder."""
+        exemplar patches, filmstrip frames), relative to its layer folder."""
         extras = [self.thumb, self.timelapse, self.maps, *(e["src"] for e in self.exemplars)]
         extras += [src for _, src in self.variants]
+        extras += [frame.src for frame in self.filmstrip]
         return [*self.images, *(name for name in extras if name)]
 
 
@@ -328,4 +336,7 @@ def as_planned(record: UnitRecord) -> UnitRecord:
         maps=None,
         map_range=None,
         trust=None,
+        change_from=None,
+        change=None,
+        filmstrip=(),
     )

@@ -15,8 +15,8 @@
   }
 
   // Layer pages: filter the grid by channel number or label, and by the classes a unit pushes
-  // up; sort it by index, trust or activation ratio (data-* of each cell); ?q=, ?pushes= and
-  // ?sort= deep links.
+  // up; sort it by index, change, trust or activation ratio (data-* of each cell); ?q=,
+  // ?pushes= and ?sort= deep links (none for the page's own order, the sort box's data-default).
   var filter = document.getElementById("filter");
   var grid = document.getElementById("grid");
   if (filter && grid) {
@@ -25,6 +25,7 @@
     var pushes = document.getElementById("pushes");
     var sort = document.getElementById("sort");
     var controls = {q: filter, pushes: pushes, sort: sort};
+    var byDefault = sort ? sort.getAttribute("data-default") || "index" : "index";
     var apply = function () {
       var query = words(filter.value);
       var classes = pushes ? words(pushes.value) : [];
@@ -50,8 +51,8 @@
     };
     var order = function () {
       var how = sort.value;
-      var key = how.split("-")[0];  // index, trust or ratio
-      var sign = how === "trust-high" || how === "ratio-high" ? -1 : 1;
+      var key = how.split("-")[0];  // index, change, trust or ratio
+      var sign = /-high$/.test(how) ? -1 : 1;
       var value = function (cell) {
         var text = cell.getAttribute(key === "index" ? "data-index" : "data-" + key);
         return text === null || text === "" ? null : parseFloat(text);
@@ -72,7 +73,7 @@
         var url = new URL(window.location.href);
         Object.keys(controls).forEach(function (name) {
           var box = controls[name];
-          if (box && box.value && !(name === "sort" && box.value === "index")) {
+          if (box && box.value && !(name === "sort" && box.value === byDefault)) {
             url.searchParams.set(name, box.value);
           } else {
             url.searchParams.delete(name);
@@ -136,6 +137,28 @@
         }
         results.appendChild(item);
       });
+    });
+  }
+
+  // Unit pages: a click on a filmstrip frame shows that checkpoint's picture large, with its
+  // caption; without the script the frame is a link to its picture.
+  var strip = document.getElementById("filmstrip");
+  var large = document.querySelector("figure.main img.large");
+  var shown = document.getElementById("shown");
+  if (strip && large && shown) {
+    strip.addEventListener("click", function (event) {
+      var frame = event.target.closest("a[data-caption]");
+      if (!frame) { return; }
+      event.preventDefault();
+      var picture = frame.querySelector("img");
+      ["src", "width", "height", "alt"].forEach(function (name) {
+        large.setAttribute(name, picture.getAttribute(name));
+      });
+      shown.textContent = frame.getAttribute("data-caption");
+      strip.querySelectorAll("a[aria-current]").forEach(function (other) {
+        other.removeAttribute("aria-current");
+      });
+      frame.setAttribute("aria-current", "true");
     });
   }
 

@@ -1,12 +1,16 @@
 """Synthetic atlases (no torch needed): stored units, plan.json and manifest, built with the
 real Store, for tests of the site and for the render benchmark. Units can also get what a
 worker measures of them (inputs, classes, activation maps) and dataset exemplars with a trust
-score, as `analysis` says (see purposes())."""
+score, as `analysis` says (see purposes()), and a history of checkpoints (add_history())."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +260,92 @@ def make_image_folder(folder: Path, count: int = 40) -> list[str]:
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 10)
     (folder / "notes.txt").write_text("not an image")
     return sorted(names)
+
+
+def history_change(index: int, position: int) -> float | None:
+    """add_history()'s change score of unit `index` at checkpoint `position` (from 0): none at
+    the first, then ((37 index + 23 position) % 100) / 100."""
+    return round(((index * 37 + position * 23) % 100) / 100, 2) if position else None
+
+
+def add_history(
+    out: Path,
+    labels: Sequence[str | None],
+    *,
+    incomplete: Sequence[int] = (),
+    absent: dict[tuple[str, int], Sequence[int]] | None = None,
+) -> dict:
+    """Give a make_atlas() OUT the history of len(labels) checkpoints that the store writes
+    into manifest.json: manifest["checkpoints"] (checkpoint p from 0 run on 2026-11-28 + p
+    days, labelled labels[p]; the last is current; those in `incomplete` are not complete) and
+    each done or stale unit's "filmstrip", "change" and "change_from". The current frame is
+    the unit's own image; earlier ones get a picture of their own in
+    OUT/blobs/<hh>/<sha256>.webp. Change scores are history_change()'s; `absent` leaves units
+    out of checkpoints, by (layer, index), and a frame after a gap has no score. Returns the
+    manifest written."""
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    absent = absent or {}
+    digests = [hashlib.sha256(f"weights {p}".encode()).hexdigest() for p in range(len(labels))]
+    ids = [f"{p + 1:03d}-{digest[:8]}" for p, digest in enumerate(digests)]
+    last = len(ids) - 1
+    counts = [0] * len(ids)
+    changes: list[dict[str, list[float]]] = [{} for _ in ids]
+    for unit in manifest["units"]:
+        if unit["status"] not in ("done", "stale") or not unit["images"]:
+            continue
+        own, frames = unit["images"][0], []
+        for position, checkpoint in enumerate(ids):
+            if position in absent.get((unit["layer"], unit["index"]), ()):
+                continue
+            follows = bool(frames) and frames[-1]["checkpoint"] == ids[position - 1]
+            change = history_change(unit["index"], position) if follows else None
+            image = own if position == last else _blob(out, own, position * 1000 + unit["index"])
+            frames.append({"checkpoint": checkpoint, "image": image, "change": change})
+            counts[position] += 1
+            if change is not None:
+                changes[position].setdefault(unit["layer"], []).append(change)
+        unit["filmstrip"] = frames
+        if frames and frames[-1]["checkpoint"] == ids[last]:
+            unit["change"] = frames[-1]["change"]
+            unit["change_from"] = ids[last - 1] if unit["change"] is not None else None
+    manifest["checkpoints"] = []
+    for position, (checkpoint, digest) in enumerate(zip(ids, digests, strict=True)):
+        started = datetime(2026, 11, 28, 2, 0) + timedelta(days=position)
+        complete = position not in incomplete
+        means = {
+            layer["name"]: _mean(changes[position].get(layer["name"], []))
+            for layer in manifest["layers"]
+        }
+        finished = f"{started + timedelta(hours=1):%Y-%m-%dT%H:%M:%S}+00:00"
+        manifest["checkpoints"].append(
+            {
+                "id": checkpoint,
+                "label": labels[position],
+                "digest": digest,
+                "started": f"{started:%Y-%m-%dT%H:%M:%S}+00:00",
+                "finished": finished if complete else None,
+                "complete": complete,
+                "current": position == last,
+                "units": counts[position],
+                "mean_change": means,
+            }
+        )
+    path.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 5) if values else None
+
+
+def _blob(out: Path, like: str, seed: int) -> str:
+    """A picture of an earlier checkpoint, the size of the unit's image `like`, stored by its
+    content's hash as atlas.history stores them; its OUT-relative path."""
+    with Image.open(out / like) as image:
+        data = webp(seed, image.size[0])
+    digest = hashlib.sha256(data).hexdigest()
+    path = out / "blobs" / digest[:2] / f"{digest}.webp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path.relative_to(out).as_posix()

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 from links import check_links, parse
-from synthetic import make_atlas, purposes
+from synthetic import add_history, history_change, make_atlas, purposes
 
 from atlas.serve import make_server
 from atlas.site import render
@@ -668,6 +668,96 @@ def test_the_index_search_finds_units_by_the_classes_they_push(purpose_tab):
 
 
 # ---------------------------------------------------------------------------------------------
+# Across checkpoints (a third atlas, with three checkpoints, the second incomplete)
+
+HISTORY_LAYERS = {"conv1": 4, "conv2": 12}
+
+
+@pytest.fixture(scope="module")
+def history_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("atlas-history")
+    make_atlas(out, HISTORY_LAYERS, image_size=160)
+    add_history(out, ["step-10000", None, "step-12000"], incomplete=[1])
+    render(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["file", "http"])
+def history_site(request, history_out):
+    if request.param == "file":
+        yield Site("file", (history_out / "site").as_uri() + "/")
+        return
+    with serving(history_out) as root:
+        yield Site("http", root)
+
+
+@pytest.fixture
+def history_tab(browser, history_site):
+    with opened(browser, history_site) as recorder:
+        yield recorder
+
+
+def test_the_filmstrip_shows_each_checkpoint_large_and_the_grid_puts_the_most_changed_first(
+    history_tab,
+):
+    tab = history_tab
+    page = tab.goto("conv2/4.html")
+    frames = page.locator("#filmstrip li")
+    expect(frames).to_have_count(3)
+    expect(frames.nth(0)).to_contain_text("step-10000")
+    expect(frames.nth(1)).to_contain_text("incomplete")
+    expect(frames.nth(2)).to_contain_text(f"change {history_change(4, 2):.2f}")
+    expect(page.locator("svg.change-plot circle")).to_have_count(2)
+    large, caption = page.locator("figure.main img.large"), page.locator("#shown")
+    expect(caption).to_have_text(
+        f"step-12000 · 2026-11-30 02:00 · change {history_change(4, 2):.2f} · current"
+    )
+    assert check_images(page, scroll=True) == 4  # the large picture and three frames
+    screenshot(page, tab.site, "history-unit")
+
+    frames.nth(0).locator("a").click()  # the oldest picture, large, without leaving the page
+    expect(page).to_have_url(tab.site.url("conv2/4.html"))
+    oldest = frames.nth(0).locator("img").get_attribute("src")
+    assert oldest != "img/4.webp"
+    expect(large).to_have_attribute("src", oldest)
+    expect(large).to_have_attribute("alt", re.compile(r"at checkpoint step-10000$"))
+    expect(caption).to_have_text("step-10000 · 2026-11-28 02:00")
+    expect(page.locator("#filmstrip a[aria-current]")).to_have_count(1)
+    expect(frames.nth(0).locator("a")).to_have_attribute("aria-current", "true")
+    check_images(page)  # loaded at the size it announces
+    frames.nth(1).locator("a").click()
+    expect(caption).to_have_text(
+        re.compile(r"^\d{3}-\w{8} · 2026-11-29 02:00 · change .* · incomplete$")
+    )
+    frames.nth(2).locator("a").click()
+    expect(large).to_have_attribute("src", "img/4.webp")
+
+    page = tab.goto("conv2/index.html")
+    count = HISTORY_LAYERS["conv2"]
+    scored = [i for i in range(count) if i % 8 != FAILED]
+    by_change = sorted(scored, key=lambda i: (-history_change(i, 2), i)) + [FAILED]
+    expect(page.locator("#sort")).to_have_value("change-high")
+    assert visible_cells(page) == [f"c{i}" for i in by_change]
+    expect(page.locator(f"#c{by_change[0]} .badge.change")).to_have_text("Δ0.94")
+    page.locator("#sort").select_option("index")
+    assert visible_cells(page) == [f"c{i}" for i in range(count)]
+    expect(page).to_have_url(tab.site.url("conv2/index.html", "sort=index"))
+    page.locator("#sort").select_option("change-high")  # the default: no ?sort= for it
+    expect(page).to_have_url(tab.site.url("conv2/index.html"))
+    assert visible_cells(page) == [f"c{i}" for i in by_change]
+    page = tab.goto("conv2/index.html", "sort=index")
+    assert visible_cells(page)[:2] == ["c0", "c1"]
+
+    page = tab.goto("index.html")
+    rows = page.locator("#timeline tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(1)).to_contain_text("incomplete")
+    expect(rows.nth(2)).to_contain_text("step-12000 (current)")
+    screenshot(page, tab.site, "history-index")
+    tab.assert_clean()
+
+
+# ---------------------------------------------------------------------------------------------
 # Link checker (no browser)
 
 
@@ -697,7 +787,7 @@ def search_index(site: Path) -> tuple[list, dict]:
     return values[0], values[1]
 
 
-@pytest.mark.parametrize("which", ["atlas_out", "purpose_out"])
+@pytest.mark.parametrize("which", ["atlas_out", "purpose_out", "history_out"])
 def test_ids_are_unique_on_every_page(request, which):
     out = request.getfixturevalue(which)
     for page in sorted((out / "site").rglob("*.html")):
