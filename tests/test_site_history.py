@@ -195,7 +195,8 @@ def test_a_unit_absent_from_a_checkpoint_has_fewer_frames_and_no_score_after_the
     assert "<dt>change</dt>" not in html(out, f"conv2/{ABSENT}.html")
 
 
-def test_a_failed_unit_shows_no_filmstrip(out):
+def test_a_unit_without_frames_has_no_history_section(out):
+    """add_history() gives failed units none (the store keeps their earlier frames)."""
     assert parts(out, f"conv2/{FAILED}.html").frames == []
     assert 'id="history"' not in html(out, f"conv2/{FAILED}.html")
 
