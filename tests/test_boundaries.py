@@ -18,6 +18,9 @@ import pytest
         ("atlas.site", ("torch",)),
         ("atlas.views", ("torch", "jinja2")),  # the pages' data, testable without templates
         ("atlas.record", ("torch", "dask")),  # read by the store, the site and compare
+        ("atlas.history", ("torch", "dask")),  # checkpoints: files only
+        ("atlas.history_view", ("torch", "jinja2", "PIL")),
+        ("atlas.change", ("torch", "dask")),  # the score; torch only inside the measuring
         ("atlas.analysis", ("dask", "distributed", "jinja2", "click")),  # worker side
         ("atlas.optim.recipes", ("torch",)),  # recipes and the CLI's options start fast
         ("atlas.cli", ("torch", "dask", "jinja2")),
