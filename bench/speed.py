@@ -147,6 +147,12 @@ def lucent_layer_name(layer: str) -> str:
 
 
 def run_lucent(model, layer, units, steps, clock, size=128):
+    return lucent_images(model, layer, units, (steps,), clock, size)[steps]
+
+
+def lucent_images(model, layer, units, thresholds, clock, size=128) -> dict:
+    """Lucent's `render_vis` with its defaults, one unit at a time: {step: [image, ...]} at
+    each of `thresholds` (one run gives them all: its learning rate is constant)."""
     from lucent.optvis import param, render, transform
 
     # preprocess=False: Lite0's own normalization goes last, before Lucent's upsampling to 224
@@ -157,7 +163,7 @@ def run_lucent(model, layer, units, steps, clock, size=128):
         optimizer.register_step_post_hook(clock.tick)
         return optimizer
 
-    images = []
+    images = {step: [] for step in thresholds}
     for index in units:
         clock.start()
         finals = render.render_vis(
@@ -169,13 +175,14 @@ def run_lucent(model, layer, units, steps, clock, size=128):
             preprocess=False,
             show_image=False,
             progress=False,
-            thresholds=(steps,),
+            thresholds=tuple(thresholds),
         )
         # render_vis hooks every module and never removes its hooks: without this, each call
         # would add 188 more hooks to the shared model, slowing Lucent and everything after it.
         for module in model.module.modules():
             module._forward_hooks.clear()
-        images.append(torch.from_numpy(finals[-1][0]).permute(2, 0, 1))
+        for step, final in zip(thresholds, finals, strict=True):
+            images[step].append(torch.from_numpy(final[0]).permute(2, 0, 1))
     return images
 
 
