@@ -471,14 +471,14 @@ def status_command(out: str, as_json: bool) -> None:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def history_command(out: str) -> None:
     """Print the checkpoints OUT holds, oldest first, with each layer's mean change."""
-    from atlas.history import History, describe
+    from atlas.history import describe
     from atlas.store import Store
 
     store = Store(out)
     units, plan = store.classify()
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
-    timeline, _ = History(store).view(plan, units)
+    timeline, _ = store.history.view(plan, units)
     click.echo(describe(timeline))
 
 

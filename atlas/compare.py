@@ -20,7 +20,6 @@ from atlas import models
 from atlas.change import change, cross
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_json, writable_folder
-from atlas.history import History
 from atlas.layers import resolve
 from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
@@ -73,7 +72,7 @@ def read_side(name: str, spec: str | Path) -> Side:
 def _checkpoint_side(name: str, out: Path, at: str) -> Side:
     if not (out / "plan.json").is_file():
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
-    history = History(Store(out))
+    history = Store(out).history
     checkpoint = history.find(at)
     done = {k: u for k, u in history.units(checkpoint).items() if u.status == "done"}
     done = {k: u for k, u in done.items() if k[1] is not None}

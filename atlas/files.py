@@ -47,8 +47,9 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         raise
 
 
-def atomic_write_json(path: Path, value: object) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: Path, value: object, *, indent: int | None = 2) -> None:
+    """Sorted keys, indented for people; the manifest (megabytes, for the site) is not."""
+    atomic_write_bytes(path, (json.dumps(value, indent=indent, sort_keys=True) + "\n").encode())
 
 
 def encode_image(pixels: np.ndarray, fmt: str = "webp", quality: int = 90) -> bytes:

@@ -96,6 +96,7 @@ class History:
         self.store = store
         self.out = store.out
         self.root = self.out / CHECKPOINTS
+        self._frames: dict[str, tuple[tuple, dict[Key, dict]]] = {}  # id -> (stat, frames)
 
     # --- reading ---
 
@@ -133,6 +134,30 @@ class History:
             if record is not None and record.images and (self.out / record.images[0]).is_file():
                 records[(record.layer, record.index)] = record
         return records
+
+    def frames(self, checkpoint: Checkpoint) -> dict[Key, dict]:
+        """An archived checkpoint's filmstrip frames by (layer, index), read without parsing
+        whole records and kept while its units.json is unchanged (a run rebuilds the manifest
+        every minute; the archives do not change meanwhile)."""
+        path = self.root / checkpoint.id / "units.json"
+        try:
+            stat = path.stat()
+        except OSError:
+            return {}
+        seen = (stat.st_mtime_ns, stat.st_size)
+        if checkpoint.id in self._frames and self._frames[checkpoint.id][0] == seen:
+            return self._frames[checkpoint.id][1]
+        frames = {}
+        for unit in (_read(path) or {}).get("units", []):
+            images, change = unit.get("images"), unit.get("change")
+            if not (isinstance(unit.get("layer"), str) and isinstance(images, list) and images):
+                continue
+            if isinstance(images[0], str) and (self.out / images[0]).is_file():
+                change = change if isinstance(change, int | float) else None
+                frame = {"checkpoint": checkpoint.id, "image": images[0], "change": change}
+                frames[(unit["layer"], unit.get("index"))] = frame
+        self._frames[checkpoint.id] = (seen, frames)
+        return frames
 
     def plan(self, checkpoint: Checkpoint) -> dict:
         """An archived checkpoint's plan.json, less its units and labels."""
@@ -244,17 +269,18 @@ class History:
         timeline = []
         frames: dict[Key, list[dict]] = {}
         for checkpoint in archived:
-            records = self.units(checkpoint)
-            for key, record in records.items():
-                frame = {"checkpoint": checkpoint.id, "image": record.images[0]}
-                frames.setdefault(key, []).append({**frame, "change": record.change})
-            timeline.append(_timeline_entry(checkpoint, records.values(), current=False))
+            archived_frames = self.frames(checkpoint)
+            for key, frame in archived_frames.items():
+                frames.setdefault(key, []).append(frame)
+            means = _mean_change((key[0], f["change"]) for key, f in archived_frames.items())
+            timeline.append({**asdict(checkpoint), "current": False, "mean_change": means})
         if current is not None:
             now = [u for u in units if u.status == "done" and u.images]
             for unit in now:
                 frame = {"checkpoint": current.id, "image": unit.images[0], "change": unit.change}
                 frames.setdefault((unit.layer, unit.index), []).append(frame)
-            timeline.append(_timeline_entry(current, now, current=True))
+            means = _mean_change((u.layer, u.change) for u in now)
+            timeline.append({**asdict(current), "current": True, "mean_change": means})
         shown = [replace(u, filmstrip=tuple(frames.get((u.layer, u.index), ()))) for u in units]
         return timeline, shown
 
@@ -291,14 +317,12 @@ def describe(timeline: list[dict]) -> str:
     )
 
 
-def _timeline_entry(checkpoint: Checkpoint, records: Iterable[UnitRecord], current: bool) -> dict:
-    changes: dict[str, list[float]] = {}
-    for record in records:
-        values = changes.setdefault(record.layer, [])
-        if record.change is not None:
-            values.append(record.change)
-    mean = {layer: sum(v) / len(v) if v else None for layer, v in changes.items()}
-    return {**asdict(checkpoint), "current": current, "mean_change": mean}
+def _mean_change(changes: Iterable[tuple[str, float | None]]) -> dict[str, float | None]:
+    """Each layer's mean change over its units that have one (None: none has)."""
+    by_layer: dict[str, list[float]] = {}
+    for layer, change in changes:
+        by_layer.setdefault(layer, []).extend([] if change is None else [change])
+    return {layer: sum(v) / len(v) if v else None for layer, v in by_layer.items()}
 
 
 def _read(path: Path) -> dict | None:

@@ -16,6 +16,7 @@ import numpy as np
 HISTORY_POINTS = 128  # objective curve points kept per unit
 STATUSES = ("done", "failed", "missing", "stale")  # what the store adds on reading
 PAIRS = ("history", "inputs", "classes")  # fields of (number, number) pairs
+ATTACHED = ("exemplars", "filmstrip")  # what the store attaches on reading: lists of dicts
 VARIANT_FILE = "variant:"  # a `files` name for the store: "variant:neuron" -> <index>.neuron.webp
 
 
@@ -101,7 +102,11 @@ class UnitRecord:
 
     def as_json(self) -> dict:
         """The record as JSON data; exemplars only when attached."""
-        data = dataclasses.asdict(self)
+        # the attached lists of dicts are JSON already: asdict's deep copy of them would
+        # cost more than the rest of the record (30 frames of a nightly atlas)
+        attached = {name: getattr(self, name) for name in ATTACHED}
+        data = dataclasses.asdict(dataclasses.replace(self, **dict.fromkeys(ATTACHED, ())))
+        data.update(attached)
         for name in PAIRS:
             data[name] = [list(pair) for pair in data[name]]
         if self.map_range is not None:

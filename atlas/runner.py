@@ -108,7 +108,7 @@ def _run_claimed(
     on_progress: Callable[[Progress], None] | None,
 ) -> RunSummary:
     started = now()
-    history = History(store)
+    history = store.history
     checkpoint = history.begin(_last_plan(store), model, config.label, started)
     store.write_plan(plan_record(plan, model, started, None, checkpoint))
     if config.prune:

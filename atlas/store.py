@@ -93,6 +93,7 @@ class Store:
         self.units_dir = self.out / "units"
         self._warn = warn
         self._warned: set[str] = set()
+        self.history = History(self)  # the checkpoints kept in OUT
 
     def report(self, path: Path, problem: str, consequence: str) -> None:
         """Warn once per file and Store: records() runs several times in one `atlas run`."""
@@ -351,7 +352,7 @@ class Store:
     def write_manifest(self) -> dict:
         """Rebuild manifest.json from plan.json, the unit JSONs and the archived checkpoints."""
         units, plan = self.classify()
-        checkpoints, units = History(self).view(plan, units)
+        checkpoints, units = self.history.view(plan, units)
         plan = plan or {}
         counts = Counter(unit.status for unit in units)
         manifest = {
@@ -361,5 +362,5 @@ class Store:
             "exemplars": self.exemplar_summary(),
             "units": [unit.as_json() for unit in units],
         }
-        atomic_write_json(self.out / "manifest.json", manifest)
+        atomic_write_json(self.out / "manifest.json", manifest, indent=None)
         return manifest

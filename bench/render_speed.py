@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from synthetic import make_atlas, webp  # noqa: E402
 
 from atlas.files import atomic_write_bytes  # noqa: E402
-from atlas.history import History  # noqa: E402
 from atlas.record import UnitRecord  # noqa: E402
 from atlas.site import render  # noqa: E402
 from atlas.store import Store  # noqa: E402
@@ -60,7 +59,7 @@ def next_checkpoint(store: Store, number: int, changed: float, rng) -> None:
     plan = store.read_plan()
     digest = hashlib.sha256(f"weights {number}".encode()).hexdigest()
     started = f"2026-11-{number:02d}T02:00:00+00:00" if number <= 30 else "2026-12-01T02:00:00"
-    history = History(store)
+    history = store.history
     checkpoint = history.begin(plan, FakeWeights(digest), f"night-{number}", started)
     previous = history.previous(checkpoint)
     for path in sorted(store.units_dir.glob("*/*.json")):
