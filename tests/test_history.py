@@ -78,6 +78,11 @@ def test_two_checkpoints_give_two_frames_and_the_changed_unit_ranks_first(nightl
     assert all(units[i]["change"] < 0.01 for i in ranked[1:])  # same filters, same images
     mean = timeline[1]["mean_change"]["conv2"]
     assert mean == pytest.approx(sum(u["change"] for u in units.values()) / 6)
+    page = (nightly / "site/conv2/3.html").read_text()  # the site the run rendered
+    frames = page.split('id="filmstrip"')[1].split("</ol>")[0]
+    assert frames.count("<li") == 2 and frames.index("day-1") < frames.index("day-2")
+    grid = (nightly / "site/conv2/index.html").read_text()
+    assert grid.index('href="3.html"') < min(grid.index(f'href="{i}.html"') for i in (0, 1, 2))
 
 
 def test_identical_images_are_stored_once(nightly):
