@@ -2,7 +2,7 @@
 steps, atlas's default recipe against Lucent's, on drawn classes.
 
     .venv/bin/python bench/quality_steps.py [--sample 24 --block 0] [--steps 32,64,128,256,512]
-        [--variant 'fourier key=value ...'] [--seed 0]
+        [--variant 'fourier key=value ...'] [--seed 0] [--only atlas|lucent]
 
 atlas runs once per step count (its learning-rate schedule follows the total); Lucent runs once
 to the largest count and its images are taken at every count on the way (its learning rate is
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", default="32,64,128,256,512")
     parser.add_argument("--variant", help="'PRESET key=value ...' instead of the default")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-lucent", action="store_true")
+    parser.add_argument("--only", choices=("atlas", "lucent"), help="one of the two")
     args = parser.parse_args()
 
     torch.set_num_threads(cores())
@@ -59,12 +59,12 @@ def main() -> None:
     )
     groups = [(LOGITS, [logit(c) for c in classes])]
     rows = {}
-    for steps in counts:
+    for steps in counts if args.only != "lucent" else ():
         started = time.perf_counter()
         images = render_atlas(lite0, groups, recipe.replace(steps=steps), args.seed)
         rows[(name, steps)] = (*judged(lite2, images, classes), time.perf_counter() - started)
         print(f"  atlas {name} {steps} steps: {rows[(name, steps)]}", flush=True)
-    if not args.no_lucent:
+    if args.only != "atlas":
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         started = time.perf_counter()
