@@ -35,7 +35,7 @@ from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes, exclusive_lock, remove_temporaries
 from atlas.names import LOGITS
 from atlas.record import UnitRecord
-from atlas.store import STATUSES, Store, layer_dirname, warn, webp_problem
+from atlas.store import STATUSES, Store, layer_dirname, warn, webp_problem, webp_size
 from atlas.views import (
     CURVE_HEIGHT,
     CURVE_WIDTH,
@@ -199,13 +199,12 @@ def _linked_frames(
     linked = []
     for frame in frames:
         problem = webp_problem(out / frame.image) if frame.image else "is missing"
+        size = webp_size(out / frame.image) if problem is None else None
+        if problem is None and size is None:
+            problem = "is corrupt (no size in its header)"
         if problem is None:
-            try:
-                src = _linked_file(out, site, layer_dir, frame.image)
-                with Image.open(site / layer_dir / src) as image:
-                    frame = replace(frame, src=src, size=image.size)
-            except DECODE_ERRORS:
-                problem = "is corrupt (cannot decode)"
+            src = _linked_file(out, site, layer_dir, frame.image)
+            frame = replace(frame, src=src, size=size)
         if problem not in (None, "is missing"):
             warn(f"{frame.image} {problem}; its filmstrip frame is left as a gap")
         linked.append(frame)

@@ -11,7 +11,7 @@ from synthetic import make_image_folder
 
 import atlas.work
 from atlas.cli import cli
-from atlas.store import Store, webp_problem
+from atlas.store import Store, webp_problem, webp_size
 
 RUN = ["tinymodels:tiny", "--layers", "conv2", "--channels", "0-3", "--classes", "0-1"]
 RUN += ["--steps", "2", "--size", "32", "--scheduler", "inline"]
@@ -217,3 +217,22 @@ def test_checking_images_reads_only_their_header(tmp_path):
     out.write_bytes(b"\x89PNG" + data[4:])
     assert webp_problem(out) == "is corrupt (not a WebP image)"
     assert webp_problem(tmp_path / "nothing.webp") == "is missing"
+
+
+@pytest.mark.parametrize(
+    ("mode", "size", "options"),
+    [
+        ("RGB", (64, 48), {"quality": 80}),  # lossy
+        ("RGB", (1000, 3), {"lossless": True}),
+        ("RGBA", (50, 40), {"quality": 80}),  # extended (alpha)
+    ],
+)
+def test_a_webp_s_size_is_read_from_its_header(tmp_path, mode, size, options):
+    from PIL import Image
+
+    path = tmp_path / "img.webp"
+    Image.new(mode, size, "red").save(path, format="WEBP", **options)
+    assert webp_size(path) == size
+    path.write_bytes(path.read_bytes()[:20])
+    assert webp_size(path) is None
+    assert webp_size(tmp_path / "nothing.webp") is None
