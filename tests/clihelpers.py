@@ -11,6 +11,18 @@ def make_runner() -> CliRunner:
         return CliRunner()
 
 
+def invoke(*args) -> Result:
+    """`atlas ARGS...` in-process; whatever its exit code, never a traceback."""
+    from atlas.cli import cli
+
+    result = make_runner().invoke(cli, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
 def assert_bad_input(result: Result, *fragments: str) -> str:
     """Exit code 2, one `error:` line on stderr holding every fragment, no traceback."""
     details = f"exit {result.exit_code}; stdout {result.stdout!r}; stderr {result.stderr!r}"

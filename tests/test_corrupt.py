@@ -6,24 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-from clihelpers import assert_bad_input, make_runner
+from clihelpers import assert_bad_input, invoke
 from synthetic import make_image_folder
 
 import atlas.work
-from atlas.cli import cli
 from atlas.store import Store, webp_problem, webp_size
 
 RUN = ["tinymodels:tiny", "--layers", "conv2", "--channels", "0-3", "--classes", "0-1"]
 RUN += ["--steps", "2", "--size", "32", "--scheduler", "inline"]
-
-
-def invoke(*args):
-    result = make_runner().invoke(cli, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 def warnings_in(result) -> list[str]:

@@ -11,22 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelpers import assert_bad_input, make_runner
+from clihelpers import assert_bad_input, invoke
 from test_execute import environment, wait_for
 
 from atlas import models
-from atlas.cli import cli
 from atlas.store import Store, webp_problem
 
 RUN = ["tinymodels:tiny", "--layers", "conv2", "--channels", "0-5", "--classes", ""]
 RUN += ["--steps", "4", "--size", "32", "--scheduler", "inline"]
 CHANGED = "conv2:3"  # the one filter the second checkpoint changes
-
-
-def invoke(*args):
-    result = make_runner().invoke(cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -561,13 +562,18 @@ def purpose_out(tmp_path_factory) -> Path:
     return out
 
 
+def site_of(how: str, out: Path) -> Iterator[Site]:
+    """OUT's site opened from disk ("file") or served on 127.0.0.1 ("http")."""
+    if how == "file":
+        yield Site("file", (out / "site").as_uri() + "/")
+        return
+    with serving(out) as root:
+        yield Site("http", root)
+
+
 @pytest.fixture(scope="module", params=["file", "http"])
 def purpose_site(request, purpose_out):
-    if request.param == "file":
-        yield Site("file", (purpose_out / "site").as_uri() + "/")
-        return
-    with serving(purpose_out) as root:
-        yield Site("http", root)
+    yield from site_of(request.param, purpose_out)
 
 
 @pytest.fixture
@@ -684,11 +690,7 @@ def history_out(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=["file", "http"])
 def history_site(request, history_out):
-    if request.param == "file":
-        yield Site("file", (history_out / "site").as_uri() + "/")
-        return
-    with serving(history_out) as root:
-        yield Site("http", root)
+    yield from site_of(request.param, history_out)
 
 
 @pytest.fixture
