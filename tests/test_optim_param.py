@@ -128,10 +128,12 @@ def test_phase_settings_that_would_do_nothing_or_break_are_refused(settings, mes
 
 
 def test_settings_added_later_leave_stored_keys_alone():
-    """Atlases stored before `optimizer` and `contrast` existed must not rerun: the default
-    recipe's hash is the one they were stored under."""
-    assert get("fourier").hash == "3792892c1e025aee"
+    """Atlases stored before `optimizer`, `contrast`, `views`, `warmup` and `schedule` existed
+    must not rerun: the recipe they were made with (the default then, Lucid's 0.9-1.1 scale)
+    hashes as it did."""
+    assert get("fourier", scale=(0.9, 1.1)).hash == "3792892c1e025aee"
     assert get("fourier", optimizer="nadam").hash != get("fourier").hash
+    assert get("fourier", views=2).hash != get("fourier").hash
     assert get("maco", contrast=2.0).hash != get("maco").hash
 
 
