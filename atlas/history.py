@@ -89,6 +89,13 @@ def legacy_checkpoint(plan: dict) -> Checkpoint | None:
     )
 
 
+def named_checkpoint(plan: dict | None) -> Checkpoint | None:
+    """The checkpoint a plan.json names (that of an older OUT's plan when it names none)."""
+    if not plan:
+        return None
+    return Checkpoint.from_json(plan.get("checkpoint")) or legacy_checkpoint(plan)
+
+
 class History:
     """The archived checkpoints of a Store's OUT (damaged files are named as the Store does)."""
 
@@ -185,16 +192,14 @@ class History:
     def begin(self, plan: dict | None, model, label: str | None, started: str) -> Checkpoint:
         """The checkpoint this run makes: the one `plan` (the last run's) names when the
         weights are the same, else a new one, after archiving the last run's."""
-        last = None
-        if plan:
-            last = Checkpoint.from_json(plan.get("checkpoint")) or legacy_checkpoint(plan)
+        last = named_checkpoint(plan)
         if last is not None and last.digest == model.digest:
             return replace(last, label=label or last.label, finished=None, complete=False)
-        if last is not None and plan.get("units"):
-            archived = {c.id: c for c in self.archived()}
-            if not (archived.get(last.id) and archived[last.id].complete):
-                self.archive(last, plan)
-        seq = max([c.seq for c in self.archived()] + [last.seq if last else 0]) + 1
+        archived = {c.id: c for c in self.archived()}
+        done = last is not None and last.id in archived and archived[last.id].complete
+        if last is not None and plan.get("units") and not done:
+            self.archive(last, plan)  # its seq is counted below
+        seq = max([c.seq for c in archived.values()] + [last.seq if last else 0]) + 1
         return Checkpoint.first(seq, model, label, started)
 
     def archive(self, checkpoint: Checkpoint, plan: dict) -> Checkpoint:
@@ -262,9 +267,7 @@ class History:
         """What the manifest shows of the history: the timeline, oldest first, each
         checkpoint with its layers' mean change, and `units` with their filmstrips (the
         archived checkpoints' frames, then the unit's current image)."""
-        current = None
-        if plan:
-            current = Checkpoint.from_json(plan.get("checkpoint")) or legacy_checkpoint(plan)
+        current = named_checkpoint(plan)
         archived = [c for c in self.archived() if current is None or c.id != current.id]
         timeline = []
         frames: dict[Key, list[dict]] = {}
