@@ -155,7 +155,8 @@ def lucent_images(model, layer, units, thresholds, clock, size=128) -> dict:
     each of `thresholds` (one run gives them all: its learning rate is constant)."""
     from lucent.optvis import param, render, transform
 
-    # preprocess=False: Lite0's own normalization goes last, before Lucent's upsampling to 224
+    # preprocess=False: the model's own normalization goes last, before Lucent's upsampling to
+    # the model's input size (Lucent's own choice is 224 px whatever the model)
     transforms = list(transform.standard_transforms) + [lambda x: (x * 255 - 127) / 128]
 
     def adam(params):  # render_vis's default optimizer, with a clock on its steps
@@ -173,6 +174,7 @@ def lucent_images(model, layer, units, thresholds, clock, size=128) -> dict:
             optimizer=adam,
             transforms=transforms,
             preprocess=False,
+            fixed_image_size=model.input_size,
             show_image=False,
             progress=False,
             thresholds=tuple(thresholds),
