@@ -5,8 +5,8 @@
 
 Needs the `bench` extra (`pip install -e ".[bench]"`: torch-lucent, kornia 0.4.1). All three run
 side by side in this one process, with torch using every core, on the same EfficientNet-Lite0
-module, the same units, the same number of steps and the same image size (128 px optimized,
-shown to the model at 224 px):
+module, the same units, the same number of steps and the same image size (the default recipe's
+canvas, 192 px, optimized and shown to the model at 224 px):
 
 - atlas: `visualize(model, targets, get("fourier", steps=N), seed=0)`, all units in one batch,
   and also in batches of each size of --batches;
@@ -17,7 +17,8 @@ shown to the model at 224 px):
   layer, the full forward pass, no transforms, no batching.
 
 Then, as an ablation, atlas at batch 1 and in one batch with its BatchNorm folding switched off
-(atlas.optim.fold; the engine before it).
+(atlas.optim.fold; the engine before it), and in one batch on the 128 px canvas of the defaults
+before issue 13 (what the larger canvas costs).
 
 The methods run in --rounds interleaved rounds, each run warmed up with two steps before it is
 timed; the table gives the fastest round's wall time, the median step time and, per round, the
@@ -53,6 +54,7 @@ from atlas.optim import channel, get, logit, loop, visualize
 from atlas.plan import default_batch
 
 FULL_STEPS = 512  # the default recipe's steps, for the projection
+CANVAS = get("fourier").size  # px: every method optimizes an image this size
 PROJECT_BATCH = 8  # units per timed batch on a CPU; on CUDA atlas.plan.default_batch decides
 DEVICE = torch.device("cpu")  # --device; Lucent picks CUDA by itself whenever it is available
 
@@ -130,8 +132,8 @@ class StepClock:
 # --- the three methods: each returns the final images [3, H, W] in [0, 1], one per unit --------
 
 
-def run_atlas(model, layer, units, steps, clock, batch):
-    recipe = get("fourier", steps=steps)
+def run_atlas(model, layer, units, steps, clock, batch, size=None):
+    recipe = get("fourier", steps=steps, **({"size": size} if size else {}))
     images = []
     for first in range(0, len(units), batch):
         chunk = [target_for(layer, i) for i in units[first : first + batch]]
@@ -378,7 +380,7 @@ def main() -> None:
     print(
         f"{datetime.date.today()}  commit {git_commit()}  torch {torch.__version__}  "
         f"{device_name()}  {model.spec}  {layer.name} units {args.units} ({len(units)})  "
-        f"{steps} steps  128 px optimized, 224 px shown  best of {args.rounds} rounds"
+        f"{steps} steps  {CANVAS} px optimized, 224 px shown  best of {args.rounds} rounds"
     )
 
     def atlas_method(batch, note=""):
@@ -389,7 +391,7 @@ def main() -> None:
     batches = sorted({int(b) for b in args.batches.split(",") if b} - {len(units)})
     methods = [atlas_method(len(units)), *(atlas_method(b) for b in batches)]
     if "lucent" not in skip:
-        lucent = lambda us, n, clock: run_lucent(model, layer.name, us, n, clock)  # noqa: E731
+        lucent = lambda us, n, clock: run_lucent(model, layer.name, us, n, clock, CANVAS)  # noqa: E731
         methods.append(("Lucent render_vis (one unit a time)", lucent, 1, 1))
     if "naive" not in skip:
         naive = lambda us, n, clock: run_naive(model, layer.name, us, n, clock)  # noqa: E731
@@ -399,6 +401,8 @@ def main() -> None:
         for batch in (1, len(units)):
             name, run, warm, per_step = atlas_method(batch, note=", BatchNorm not folded")
             variants.append((name, unfolded(run), warm, per_step))
+        small = lambda us, n, clock: run_atlas(model, layer.name, us, n, clock, len(us), 128)  # noqa: E731
+        variants.append(("atlas (all in one batch, 128 px canvas)", small, len(units), len(units)))
     rows = measure(methods + variants, model, layer.name, units, steps, args.rounds)
     print_table(rows, len(units), steps)
 

@@ -130,8 +130,8 @@ def test_phase_settings_that_would_do_nothing_or_break_are_refused(settings, mes
 def test_settings_added_later_leave_stored_keys_alone():
     """Atlases stored before `optimizer`, `contrast`, `views`, `warmup` and `schedule` existed
     must not rerun: the recipe they were made with (the default then: Lucid's 0.9-1.1 scale,
-    1/f, Adam) hashes as it did."""
-    old_default = get("fourier", scale=(0.9, 1.1), decay=1.0, optimizer="adam")
+    1/f, Adam, 128 px) hashes as it did."""
+    old_default = get("fourier", size=128, scale=(0.9, 1.1), decay=1.0, optimizer="adam")
     assert old_default.hash == "3792892c1e025aee"
     assert get("fourier", optimizer="adam").hash != get("fourier").hash
     assert get("fourier", views=2).hash != get("fourier").hash
