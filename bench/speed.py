@@ -17,8 +17,8 @@ canvas, 192 px, optimized and shown to the model at 224 px):
   layer, the full forward pass, no transforms, no batching.
 
 Then, as an ablation, atlas at batch 1 and in one batch with its BatchNorm folding switched off
-(atlas.optim.fold; the engine before it), and in one batch on the 128 px canvas of the defaults
-before issue 13 (what the larger canvas costs).
+(atlas.optim.fold; the engine before it), and in one batch on the 128 px canvas of every default
+before this one (what the larger canvas costs).
 
 The methods run in --rounds interleaved rounds, each run warmed up with two steps before it is
 timed; the table gives the fastest round's wall time, the median step time and, per round, the
