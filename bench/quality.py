@@ -95,7 +95,7 @@ def short(name: str) -> str:
 
 def photo_crops(per_photo: int, seed: int) -> list[torch.Tensor]:
     """Random square crops (side 30-100% of the photo's short side) of every photo, resized to
-    the visualizations' 128 px with antialiasing: float [3, 128, 128] in [0, 1]."""
+    the 128 px the measures use with antialiasing: float [3, 128, 128] in [0, 1]."""
     import skimage.data
 
     rng = np.random.default_rng(seed)
