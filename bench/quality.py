@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from speed import StepClock, cores, git_commit, run_lucent
 
@@ -49,6 +48,7 @@ from atlas.config import parse_indices
 from atlas.files import encode_image
 from atlas.layers import LOGITS, resolve
 from atlas.optim import channel, get, logit, visualize
+from atlas.optim.transforms import resize
 
 # Well-known, varied ImageNet classes (animals, objects, food, scenes); --classes N: the first N.
 CLASSES = (1, 8, 144, 323, 483, 951, 967, 980, 207, 409, 417, 430, 504, 555, 717, 850)
@@ -108,7 +108,7 @@ def photo_crops(per_photo: int, seed: int) -> list[torch.Tensor]:
             side = int(rng.uniform(0.3, 1.0) * min(height, width))
             y, x = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
             crop = photo[None, :, y : y + side, x : x + side]
-            crops.append(F.interpolate(crop, size=(SIZE, SIZE), mode="bilinear", antialias=True)[0])
+            crops.append(resize(crop, (SIZE, SIZE))[0])
     return crops
 
 
@@ -166,14 +166,15 @@ def as_stored(images):
     return decoded
 
 
-def at_display_size(image):
-    """A larger canvas (recipe size > 128) shrunk to the 128 px the others are measured at,
-    with antialiasing: its high-frequency share is then the same picture's at the same size,
-    not finer detail counted per pixel of a bigger image."""
+def high_frequency_shares(image) -> tuple[float, float]:
+    """The image's high-frequency share at the 128 px the others are measured at (a larger
+    canvas shrunk with antialiasing: the same picture at the same size, not finer detail
+    counted per pixel of a bigger image), and at its own size."""
+    own = quality.high_frequency_share(image)
     if max(image.shape[:2]) <= SIZE:
-        return image
-    tensor = quality.to_tensor(image)[None]
-    return F.interpolate(tensor, size=(SIZE, SIZE), mode="bilinear", antialias=True)[0]
+        return own, own
+    shown = resize(quality.to_tensor(image)[None], (SIZE, SIZE))[0]
+    return quality.high_frequency_share(shown), own
 
 
 def score(images, groups, subject, judges, photo_maxima):
@@ -196,10 +197,10 @@ def score(images, groups, subject, judges, photo_maxima):
     row["ratio mean"] = np.nanmean(ratios)
     row["ratio median"] = np.nanmedian(ratios)
     row["ratio n"] = int(np.isfinite(ratios).sum())
-    hf = [quality.high_frequency_share(at_display_size(image)) for image in images]
+    hf, hf_own = zip(*(high_frequency_shares(image) for image in images), strict=True)
     row["hf"] = np.mean(hf)
     row["hf classes"], row["hf channels"] = np.mean(hf[: len(classes)]), np.mean(hf[len(classes) :])
-    row["hf native"] = np.mean([quality.high_frequency_share(image) for image in images])
+    row["hf native"] = np.mean(hf_own)
     row["clipped"] = np.mean([quality.clipped_share(image) for image in images])
     return row
 

@@ -132,8 +132,8 @@ class StepClock:
 # --- the three methods: each returns the final images [3, H, W] in [0, 1], one per unit --------
 
 
-def run_atlas(model, layer, units, steps, clock, batch, size=None):
-    recipe = get("fourier", steps=steps, **({"size": size} if size else {}))
+def run_atlas(model, layer, units, steps, clock, batch, size=CANVAS):
+    recipe = get("fourier", steps=steps, size=size)
     images = []
     for first in range(0, len(units), batch):
         chunk = [target_for(layer, i) for i in units[first : first + batch]]
