@@ -82,6 +82,7 @@ class UnitRecord:
     # against the previous checkpoint of OUT (atlas.history): its id, and atlas.change's score
     change_from: str | None = None
     change: float | None = None
+    checkpoint: str | None = None  # the id of the checkpoint whose weights made it (atlas run)
     # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
     exemplars: tuple[dict, ...] = field(default=(), compare=False)
     trust: dict | None = field(default=None, compare=False)  # atlas.trust: score, layers

@@ -132,7 +132,7 @@ def _run_claimed(
             last_manifest = clock
             tasks = with_previous(make_tasks(plan, todo, pool.device), history, checkpoint)
             for outcome in pool.run(run_task, tasks):
-                _store_outcome(store, outcome, summary)
+                _store_outcome(store, outcome, summary, checkpoint.id)
                 if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
                     store.write_manifest()
                     last_manifest = time.monotonic()
@@ -173,7 +173,7 @@ def with_previous(tasks: list[Task], history: History, checkpoint: Checkpoint) -
     previous = history.previous(checkpoint)
     if previous is None:
         return tasks
-    archived = history.units(previous)
+    archived = history.units(previous, tasks[0].recipe.hash if tasks else None)
     given = []
     for task in tasks:
         images = []
@@ -193,18 +193,18 @@ def trust_path(model, plan: Plan) -> list[str]:
     return [layer.name for layer in model.layers if layer.name in chosen]
 
 
-def _store_outcome(store: Store, outcome, summary: RunSummary) -> None:
+def _store_outcome(store: Store, outcome, summary: RunSummary, checkpoint: str) -> None:
     """Write one finished task's units (or, for a task that failed for good, each of its
-    units as failed) and count them."""
+    units as failed), each naming the checkpoint that made it, and count them."""
     if outcome.error is not None:
         for unit in outcome.task.units:
             failed = unit_record(unit, outcome.task, status="failed", error=outcome.error)
-            store.save_unit(failed, [])
+            store.save_unit(dataclasses.replace(failed, checkpoint=checkpoint), [])
         summary.failed += len(outcome.task.units)
         summary.failures.append(f"{outcome.task.layer}: {outcome.error}")
         return
     for unit_outcome in outcome.result["units"]:
-        record = unit_outcome["record"]
+        record = dataclasses.replace(unit_outcome["record"], checkpoint=checkpoint)
         store.save_unit(record, unit_outcome.get("images", []), unit_outcome.get("files"))
         if record.status == "done":
             summary.done += 1

@@ -1,6 +1,8 @@
 """Nightly history: one OUT keeps every checkpoint, scores each unit's change, prunes, and
 survives a run killed during a new checkpoint."""
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -168,3 +170,80 @@ def test_a_run_killed_during_a_new_checkpoint_leaves_the_first_whole(weights, tm
     assert rerun.exit_code == 0, rerun.output
     timeline = manifest(out)["checkpoints"]
     assert [(c["label"], c["complete"]) for c in timeline] == [("day-1", True), ("day-2", True)]
+
+
+def planned_pictures(out: Path) -> set[str]:
+    """The sha256 of the picture of every unit the last run planned (and so stored)."""
+    keys = {unit["key"] for unit in json.loads((out / "plan.json").read_text())["units"]}
+    found = set()
+    for path in out.glob("units/*/*.json"):
+        record = json.loads(path.read_text())
+        if record["key"] in keys:
+            found.add(hashlib.sha256((out / record["images"][0]).read_bytes()).hexdigest())
+    return found
+
+
+def archived_blobs(out: Path) -> dict[str, set[str]]:
+    """Per checkpoint id, the sha256 of every picture its archive lists."""
+    found = {}
+    for units in (out / "checkpoints").glob("*/units.json"):
+        entries = json.loads(units.read_text())["units"]
+        names = [e["images"][0] for e in entries if e.get("images")]
+        found[units.parent.name] = {Path(name).stem for name in names}
+    return found
+
+
+def test_every_picture_stays_in_its_checkpoint_whatever_each_run_plans(weights, tmp_path):
+    out = tmp_path / "atlas"
+    base = ["tinymodels:tiny", "--classes", "", "--size", "32", "--scheduler", "inline"]
+    ever: dict[str, set[str]] = {"day-1": set(), "day-2": set()}
+
+    def step(day: str, *extra: str) -> None:
+        args = [*base, "--steps", "4", *extra, "--weights", weights / f"{day}.pt"]
+        result = invoke("run", *args, "--label", day, "--out", out)
+        assert result.exit_code == 0, result.output
+        ever[day] |= planned_pictures(out)
+
+    step("day-1", "--layers", "conv2", "--channels", "0-5")  # full
+    step("day-1", "--layers", "conv3", "--channels", "0-1")  # partial: other units
+    step("day-1", "--layers", "conv2", "--channels", "0", "--steps", "2")  # another recipe
+    step("day-2", "--layers", "conv2", "--channels", "0-1")  # new weights
+    step("day-2", "--layers", "conv2", "--channels", "2-3")  # a subset replaces day-1 pictures
+    timeline = manifest(out)["checkpoints"]
+    ids = {c["label"]: c["id"] for c in timeline}
+    assert [(c["label"], c["units"]) for c in timeline] == [("day-1", 8), ("day-2", 4)]
+    archived = archived_blobs(out)
+    for day, seen in ever.items():
+        assert seen <= archived[ids[day]], f"{day} lost pictures"
+    used = set().union(*archived.values())
+    on_disk = {p.stem for p in (out / "blobs").glob("*/*.webp")}
+    assert on_disk == used, "orphaned blobs"
+    units = {u["id"]: u for u in manifest(out)["units"]}
+    for index in range(4):  # on both checkpoints
+        film = units[f"conv2:{index}"]["filmstrip"]
+        assert [f["checkpoint"] for f in film] == [ids["day-1"], ids["day-2"]]
+    for index in (4, 5):
+        assert [f["checkpoint"] for f in units[f"conv2:{index}"]["filmstrip"]] == [ids["day-1"]]
+    for unit in ("conv3:0", "conv3:1"):
+        assert [f["checkpoint"] for f in units[unit]["filmstrip"]] == [ids["day-1"]]
+    history = invoke("history", out)
+    lines = history.output.splitlines()
+    assert lines[1].split()[5] == "8" and lines[2].split()[5] == "4"  # after date and time
+
+
+def test_history_counts_what_a_killed_run_stored(weights, tmp_path):
+    out = tmp_path / "atlas"
+    run(out, weights / "day-1.pt", "--label", "day-1")
+    plan = json.loads((out / "plan.json").read_text())
+    store = Store(out)
+    day_two = models.load("tinymodels:tiny", str(weights / "day-2.pt"))
+    checkpoint = store.history.begin(plan, day_two, "day-2", "2026-12-06T00:00:00+00:00")
+    plan["checkpoint"] = dataclasses.asdict(checkpoint)
+    store.write_plan(plan)  # as a run with day 2 writes it first
+    for path in sorted(out.glob("units/conv2/*.json"))[:4]:  # then stores 4 units and is killed
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "checkpoint": checkpoint.id}))
+    history = invoke("history", out)
+    assert history.exit_code == 0, history.output
+    last = history.output.splitlines()[-1].split()
+    assert last[1] == "day-2" and last[5] == "4" and "incomplete" in last[6]
