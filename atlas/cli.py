@@ -19,6 +19,15 @@ from atlas.optim.recipes import PRESETS
 DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda when available)"
 
 
+def checked_device(_context, _parameter, value: str | None) -> str | None:
+    """--device, refused in one line when this machine cannot compute on it."""
+    if value is None:
+        return None
+    from atlas.optim.device import check_device
+
+    return check_device(value)
+
+
 class StepProgress:
     """A progress bar on a terminal, opened at the first step (so that errors found before any
     work print alone); silent when stderr is not a terminal."""
@@ -181,7 +190,7 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
     help="With --grow: at most N images per optimization batch (0, default: all in one).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", help=DEVICE_HELP)
+@click.option("--device", help=DEVICE_HELP, callback=checked_device)
 @click.option(
     "--format",
     "formats",
@@ -422,7 +431,7 @@ def run_command(force: bool, prune: bool, **options) -> None:
 @click.option(
     "--out", required=True, type=click.Path(file_okay=False), help="Folder for the pages."
 )
-@click.option("--device", help=DEVICE_HELP)
+@click.option("--device", help=DEVICE_HELP, callback=checked_device)
 def compare_command(out_a: str, out_b: str, out: str, device: str | None) -> None:
     """Pair the units of two atlases (models, checkpoints or recipes) and rank them by how much
     they changed: how well each atlas's image drives the other model's unit."""

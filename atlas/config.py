@@ -130,6 +130,12 @@ def _read_toml(path: str | Path) -> dict:
         raise AtlasError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise AtlasError(f"config file {path} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise AtlasError(
+            f"config file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise AtlasError(f"cannot read config file {path}: {error.strerror}") from None
 
 
 _TYPES = {
@@ -150,6 +156,10 @@ def read_settings(config_file: str | None) -> dict:
     unknown = set(values) - _KEYS
     if unknown:
         key = sorted(unknown)[0]
+        if key in _field_types(Recipe):
+            raise AtlasError(
+                f"setting {key!r} in {config_file} is a recipe setting: put it under [recipe]"
+            )
         raise AtlasError(f"unknown setting {key!r} in {config_file}{did_you_mean(key, _KEYS)}")
     return values
 
@@ -203,6 +213,15 @@ def _coerce(value, kind, name: str):
     raise AtlasError(f"bad recipe setting: {name} must be {_kind_name(kind)}")
 
 
+def _is_matrix(value: object) -> bool:
+    """Whether a TOML value is a 3x3 array of arrays."""
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and all(isinstance(row, list) and len(row) == 3 for row in value)
+    )
+
+
 def _from_table(cls: type, table: dict, name: str):
     """A dataclass (an Octave) from a TOML table, every value coerced to its field's type."""
     kinds = _field_types(cls)
@@ -242,6 +261,11 @@ def _recipe(
             f"{config_file} sets both colour_from and [recipe] colour: keep one of them"
         )
     kinds = _field_types(Recipe)
+    colour = table.get("colour")
+    if isinstance(colour, list) and any(isinstance(row, list) for row in colour):
+        if not _is_matrix(colour):
+            raise AtlasError("bad recipe setting: colour must be 3 rows of 3 numbers, or 9 numbers")
+        table["colour"] = [number for row in colour for number in row]  # the 3x3 matrix it is
     table = {k: _coerce(v, kinds[k], k) if k in kinds else v for k, v in table.items()}
     settings = {**table, **overrides}
     if samples > 1 and "diversity" not in settings and get(preset).diversity == 0:

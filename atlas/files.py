@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -10,7 +11,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,16 +90,40 @@ def encode_animation(
     return buffer.getvalue()
 
 
-def writable_folder(path: str | Path) -> Path:
-    """Create `path` if needed and prove it is writable, or raise one clear AtlasError."""
+# what a write gets from a folder it may not write to (a read-only mount, permissions, a full disk)
+WRITE_ERRORS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def writable_folder(path: str | Path, below: Iterable[str] = ()) -> Path:
+    """Create `path` if needed and prove it writable, and each of the folders `below` it (globs)
+    that exist, or raise one clear AtlasError naming the first that is not."""
     path = Path(path)
+    folder = path
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        for folder in [path, *(f for pattern in below for f in sorted(path.glob(pattern)))]:
+            if folder.is_dir():
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
     except OSError as error:
-        raise AtlasError(f"cannot write to {path}: {error.strerror or error}") from error
+        raise AtlasError(f"cannot write to {folder}: {error.strerror or error}") from error
     return path
+
+
+@contextlib.contextmanager
+def naming_unwritable(out: Path, consequence: str) -> Iterator[None]:
+    """A write under `out` that fails for want of permission or space ends in one AtlasError
+    naming the folder and `consequence`, not a traceback from deep in a writer."""
+    try:
+        yield
+    except OSError as error:
+        target = os.path.abspath(error.filename) if isinstance(error.filename, str) else None
+        if error.errno not in WRITE_ERRORS or target is None:
+            raise
+        if not Path(target).is_relative_to(out.absolute()):
+            raise
+        folder = Path(target).parent
+        raise AtlasError(f"cannot write to {folder}: {error.strerror}; {consequence}") from error
 
 
 def remove_temporaries(folder: Path, *, below: bool = False) -> int:

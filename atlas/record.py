@@ -9,6 +9,9 @@ so atlases written by earlier versions stay readable. This module never imports 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -155,6 +158,11 @@ class UnitRecord:
                 known[name] = _pairs(known[name])
         if isinstance(known.get("map_range"), list):
             known["map_range"] = tuple(known["map_range"])
+        if known.get("status", "done") not in STATUSES:
+            raise ValueError(f"status {known['status']!r} is none of {', '.join(STATUSES)}")
+        for name, value in known.items():
+            if not _fits(value, _field_types()[name]):
+                raise ValueError(f"field {name!r} holds {type(value).__name__} {value!r:.40}")
         return cls(**known)
 
     def with_status(self, status: str, exemplars: dict | None = None) -> UnitRecord:
@@ -172,6 +180,38 @@ class UnitRecord:
                     if isinstance(trust.get(name), list):
                         changes[name] = _pairs(trust[name])
         return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _field_types() -> dict[str, object]:
+    return typing.get_type_hints(UnitRecord)
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether a parsed JSON value has the type a field's annotation names (the simple types
+    a record holds: str, int, float, bool, None, unions, tuples, dicts)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return type(value) is int
+    if hint in (str, bool, dict):
+        return type(value) is hint
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items()
+        )
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(item, args[0]) for item in value)
+        return len(value) == len(args) and all(map(_fits, value, args))
+    return True
 
 
 def _whole_layer(data: dict) -> bool:

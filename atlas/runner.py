@@ -21,7 +21,7 @@ from atlas.config import AtlasConfig
 from atlas.errors import AtlasError
 from atlas.execute import executor
 from atlas.exemplars import ExemplarPass, ExemplarSummary
-from atlas.files import writable_folder
+from atlas.files import naming_unwritable, writable_folder
 from atlas.history import Checkpoint, History
 from atlas.layers import select
 from atlas.plan import (
@@ -39,6 +39,9 @@ from atlas.trust import TrustPass, TrustSummary
 from atlas.work import run_task, unit_record
 
 MANIFEST_EVERY_SECONDS = 60.0
+# the folders of OUT a run writes to, proved writable before any work starts
+WRITTEN_FOLDERS = ("units", "units/*", "exemplars", "exemplars/*", "checkpoints", "checkpoints/*")
+WRITTEN_FOLDERS += ("blobs", "blobs/*", "site", "site/*")
 
 
 @dataclass
@@ -94,8 +97,9 @@ def run_atlas(
     """Run the atlas described by `config`; returns counts. `on_start(todo, skipped, link)`
     and `on_progress` feed a progress display."""
     model, plan = load_and_plan(config)
-    store = Store(writable_folder(config.out))
-    with store.claimed():
+    store = Store(writable_folder(config.out, WRITTEN_FOLDERS))
+    kept = "the units stored before are kept; rerun when it is writable"
+    with store.claimed(), naming_unwritable(store.out, kept):
         return _run_claimed(config, model, plan, store, on_start, on_progress)
 
 

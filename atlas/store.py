@@ -170,10 +170,10 @@ class Store:
         )
 
     def records(self, verify: bool = True) -> list[UnitRecord]:
-        """Every stored unit record. Damaged JSONs, and (with `verify`) records whose images
-        are damaged, are named in a warning and left out: to the rest of atlas the unit is
-        not stored, so it shows as missing and the next run redoes it. Valid JSONs that are
-        no unit record (a user's note) are skipped silently."""
+        """Every stored unit record. Damaged JSONs (not JSON, not a unit record, a field of
+        the wrong type), and (with `verify`) records whose images are damaged, are named in a
+        warning and left out: to the rest of atlas the unit is not stored, so it shows as
+        missing and the next run redoes it (only atlas writes to units/)."""
         records = []
         for path in sorted(self.units_dir.glob("*/*.json")):
             redo = "the next atlas run redoes this unit"
@@ -183,7 +183,11 @@ class Store:
             except ValueError as error:
                 self.report(path, f"is corrupt ({error})", redo)
                 continue
-            if record is not None and (not verify or self._images_usable(record)):
+            if record is None:
+                if data is not None or path.exists():
+                    self.report(path, "is corrupt (not a unit record)", redo)
+                continue
+            if not verify or self._images_usable(record):
                 records.append(record)
         return records
 

@@ -248,6 +248,35 @@ def test_unwritable_output_folder(atlas, tmp_path):
     assert blocker.read_text() == "a file, not a folder"
 
 
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [
+        ("tpu", "unknown device 'tpu': use cpu, cuda or cuda:N"),
+        ("cuda:x", "unknown device 'cuda:x'"),
+        *(
+            []
+            if torch.cuda.is_available()
+            else [("cuda", "has no CUDA GPU"), ("cuda:7", "has no CUDA GPU")]
+        ),
+        ("cuda:99", "cuda:99") if torch.cuda.is_available() else ("cuda:99", "has no CUDA GPU"),
+    ],
+)
+def test_a_device_this_machine_lacks(atlas, tmp_path, device, problem):
+    visualize = ("visualize", LITE0, "logits:1", "--steps", 1, "--out", tmp_path / "v")
+    assert_bad_input(atlas(*visualize, "--device", device), problem)
+    compare = ("compare", tmp_path, tmp_path, "--out", tmp_path / "c")
+    assert_bad_input(atlas(*compare, "--device", device), problem)
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "visualize"])
+def test_a_config_file_that_is_not_utf8(atlas, tmp_path, command):
+    config = tmp_path / "atlas.toml"
+    config.write_bytes(f'model = "{LITE0}"\nlabel = "caf\xe9"\n'.encode("latin-1"))
+    args = [LITE0, "logits:1", "--out", tmp_path / "v"] if command == "visualize" else []
+    result = atlas(command, *args, "--config", config)
+    assert_bad_input(result, f"config file {config} is not UTF-8 text", "save it as UTF-8")
+
+
 def test_unknown_recipe(atlas, tmp_path):
     line = assert_bad_input(
         atlas("visualize", LITE0, "logits:1", "--recipe", "fourrier", "--out", tmp_path),

@@ -173,6 +173,29 @@ def test_unknown_toml_key_suggests_the_right_one(tmp_path):
     assert "did you mean: channels" in str(error.value)
 
 
+def test_a_recipe_setting_at_the_top_level_is_sent_to_its_table(tmp_path):
+    with pytest.raises(
+        AtlasError, match=r"'steps' .* is a recipe setting: put it under \[recipe\]"
+    ):
+        build(tmp_path, 'model = "m"\nout = "o"\nsteps = 10\n')
+
+
+def test_colour_is_nine_numbers_or_the_3x3_matrix(tmp_path):
+    rows = [[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]]
+    flat = build(tmp_path, f'model = "m"\nout = "o"\n[recipe]\ncolour = {sum(rows, [])}\n')
+    nested = build(tmp_path, f'model = "m"\nout = "o"\n[recipe]\ncolour = {rows}\n')
+    assert nested.recipe == flat.recipe and nested.recipe.colour == tuple(sum(rows, []))
+    with pytest.raises(AtlasError, match="colour must be 3 rows of 3 numbers, or 9 numbers"):
+        build(tmp_path, f'model = "m"\nout = "o"\n[recipe]\ncolour = {rows[:2]}\n')
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "atlas.toml"
+    path.write_bytes(b'model = "m"\nlabel = "caf\xe9"\n')
+    with pytest.raises(AtlasError, match=f"config file {path} is not UTF-8 text"):
+        config_module.build(str(path))
+
+
 def test_unknown_recipe_setting_suggests_the_right_one(tmp_path):
     with pytest.raises(AtlasError, match=r"unknown recipe setting 'stepz'.*did you mean: steps"):
         build(tmp_path, 'model = "m"\nout = "o"\n[recipe]\nstepz = 3\n')

@@ -105,7 +105,15 @@ def test_a_corrupt_unit_json_is_named_and_redone(out, optimized):
 
 @pytest.mark.parametrize(
     ("field", "value", "problem"),
-    [("inputs", [[1]], "not enough values"), ("images", [3], "a file name that is not a string")],
+    [
+        ("inputs", [[1]], "not enough values"),
+        ("images", [3], "a file name that is not a string"),
+        ("images", "1.webp", "field 'images' holds str"),
+        ("status", "finished", "status 'finished' is none of"),
+        ("status", 1, "status 1 is none of"),
+        ("seed", "0", "field 'seed' holds str"),
+        ("key", ["k"], "field 'key' holds list"),
+    ],
 )
 def test_a_unit_json_with_a_damaged_field_is_named_and_redone(
     out, optimized, field, value, problem
@@ -118,6 +126,20 @@ def test_a_unit_json_with_a_damaged_field_is_named_and_redone(
     assert warning.startswith("warning: units/conv2/1.json is corrupt (") and problem in warning
     again = invoke("run", *RUN, "--out", out)
     assert again.exit_code == 0 and optimized == ["conv2:1"]
+
+
+@pytest.mark.parametrize("content", ["[]", '{"status": "done"}', "null", '{"layer": 3}'])
+def test_a_unit_json_that_is_no_unit_record_is_named_and_redone(out, optimized, content):
+    (out / "units/conv2/3.json").write_text(content)
+    status = invoke("status", out, "--json")
+    assert status.exit_code == 0 and json.loads(status.stdout)["conv2"] == {"done": 3, "missing": 1}
+    assert warnings_in(status) == [
+        "warning: units/conv2/3.json is corrupt (not a unit record); "
+        "the next atlas run redoes this unit"
+    ]
+    again = invoke("run", *RUN, "--out", out)
+    assert again.exit_code == 0 and optimized == ["conv2:3"]
+    assert warnings_in(invoke("status", out)) == []
 
 
 @pytest.mark.parametrize("content", ["{", "[]", '{"units": 3}'])

@@ -247,3 +247,18 @@ def test_history_counts_what_a_killed_run_stored(weights, tmp_path):
     assert history.exit_code == 0, history.output
     last = history.output.splitlines()[-1].split()
     assert last[1] == "day-2" and last[5] == "4" and "incomplete" in last[6]
+
+
+def test_a_damaged_archive_of_the_current_checkpoint_is_named_and_rebuilt(weights, tmp_path):
+    out = tmp_path / "atlas"
+    run(out, weights / "day-1.pt", "--label", "day-1")
+    (current,) = (out / "checkpoints").iterdir()
+    (current / "units.json").write_text("{ garbled")
+    history = invoke("history", out)
+    assert history.exit_code == 0, history.output
+    assert f"checkpoints/{current.name}/units.json is corrupt" in history.stderr
+    assert history.stdout.splitlines()[-1].split()[6:8] == ["units.json", "damaged,"]
+    run(out, weights / "day-1.pt", "--label", "day-1")  # nothing to redo: the archive is rebuilt
+    (entry,) = manifest(out)["checkpoints"]
+    assert entry["complete"] and entry["units"] == 6 and not entry["damaged"]
+    assert len(json.loads((current / "units.json").read_text())["units"]) == 6

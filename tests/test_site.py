@@ -211,13 +211,22 @@ def test_the_files_a_build_keeps_are_its_pages_their_links_and_the_assets(tmp_pa
     assert (tmp_path / "static/atlas.css").read_text() != "earlier"
 
 
-def test_a_page_that_fails_to_render_is_named_with_its_unit_and_deletes_nothing(tmp_path):
+def test_a_page_that_fails_to_render_is_named_with_its_unit_and_deletes_nothing(
+    tmp_path, monkeypatch
+):
     make_atlas(tmp_path, {"conv2": 3})
     render(tmp_path)
     before = sorted((tmp_path / "site").rglob("*"))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    manifest["units"][1]["seconds"] = "slow"  # the unit page formats it as a number
+    manifest["units"][1]["history"] = [[0, 1.0], [1, 2.0], [2, 3.0]]  # marks the unit
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+
+    def fragile(history, *args, **kwargs):  # a bug in a page's code, hit by one unit
+        if len(history) == 3:
+            raise ValueError("a bug")
+        return curve_points(history, *args, **kwargs)
+
+    monkeypatch.setattr("atlas.views.curve_points", fragile)
     with pytest.raises(
         AtlasError, match=r"^page conv2/1\.html \(unit conv2:1\) failed: ValueError"
     ):

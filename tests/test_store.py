@@ -1,14 +1,16 @@
 """The store (unit JSONs, images, plan.json, manifest.json) and `atlas run / plan / status`
 end to end, in-process on the tiny model with the inline scheduler."""
 
+import errno
 import json
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from clihelpers import assert_bad_input, make_runner
+from clihelpers import assert_bad_input, invoke, make_runner
 from tinymodels import tiny_model
 
 import atlas.files
@@ -853,3 +855,55 @@ def test_plan_with_calibration_gives_a_positive_estimate(atlas_cli, cpu_only):
     table = atlas_cli("plan", "--channels", "0-3", "--classes", "0-1", "--no-calibrate")
     assert table.exit_code == 0, table.output
     assert "6 of 6 units to do in 2 tasks" in table.stdout
+
+
+RUN_TINY = ["tinymodels:tiny", "--layers", "conv2", "--channels", "0-5", "--classes", ""]
+RUN_TINY += ["--steps", "2", "--size", "32", "--batch", "2", "--scheduler", "inline"]
+
+
+def test_a_write_that_fails_midway_names_the_folder_and_keeps_what_is_stored(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real, calls = atlas.files.atomic_write_bytes, []
+
+    def read_only_after_two_units(path, data, **kwargs):
+        calls.append(path)
+        if sum(p.suffix == ".json" and p.parent.name == "conv2" for p in calls) > 2:
+            raise OSError(errno.EROFS, "Read-only file system", str(path.parent / ".x.tmp"))
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(atlas.files, "atomic_write_bytes", read_only_after_two_units)
+    result = invoke("run", *RUN_TINY, "--out", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    *progress, line = result.stderr.splitlines()  # the progress lines, then the error
+    assert line.startswith(f"error: cannot write to {out / 'units' / 'conv2'}: Read-only file")
+    assert "units stored before are kept" in line and "error" not in "".join(progress)
+    assert sorted(p.name for p in (out / "units/conv2").glob("*.json")) == ["0.json", "1.json"]
+    monkeypatch.setattr(atlas.files, "atomic_write_bytes", real)
+    again = invoke("run", *RUN_TINY, "--out", out)
+    assert again.exit_code == 0 and "4 done, 0 failed, 2 already stored" in again.stdout
+
+
+def test_a_read_only_units_folder_is_refused_before_any_work(tmp_path):
+    """A real read-only bind mount of OUT/units, in a user and mount namespace of its own."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    first = subprocess.run([sys.executable, "-m", "atlas", "run", *RUN_TINY, "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "site" not in p.parts}
+    units = out / "units"
+    script = f'mount --bind {units} {units} && mount -o remount,ro,bind {units} && exec "$@"'
+    args = [sys.executable, "-m", "atlas", "run", *RUN_TINY, "--steps", "3", "--out", str(out)]
+    try:
+        result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", *args],
+                                capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    except FileNotFoundError:
+        pytest.skip("no unshare on this machine")
+    if "mount" in result.stderr and "cannot write" not in result.stderr:
+        pytest.skip(f"no read-only bind mount here: {result.stderr.strip()}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: cannot write to {units}: Read-only file system"
+    ], result.stderr
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "site" not in p.parts}
+    assert after == before
