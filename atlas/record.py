@@ -174,7 +174,8 @@ class UnitRecord:
         if exemplars is not None:
             changes["exemplars"] = tuple(exemplars["items"])
             trust = exemplars.get("trust")
-            if isinstance(trust, dict) and trust.get("unit_key") == self.key:
+            ours = isinstance(trust, dict) and trust.get("unit_key") == self.key
+            if ours and self.images:  # the trust of a picture: none for a unit without one
                 changes["trust"] = trust
                 for name in ("inputs", "classes"):
                     if isinstance(trust.get(name), list):

@@ -108,9 +108,11 @@
     var pushed = function (entry) {
       return (entry[3] || []).map(function (k) { return labels[k] || "class " + k; });
     };
+    var found = document.getElementById("found");
     search.addEventListener("input", function () {
       var query = words(search.value);
       results.textContent = "";
+      if (found) { found.textContent = ""; }
       if (!query.length) { return; }
       var byName = [], byClass = [];
       window.ATLAS_SEARCH.forEach(function (entry) {
@@ -137,8 +139,36 @@
         }
         results.appendChild(item);
       });
+      if (found) {  // announced to screen readers (role="status")
+        var total = byName.length + byClass.length;
+        found.textContent = (total === 1 ? "1 unit" : total + " units") + " found" +
+          (total > 50 ? ", the first 50 shown" : "");
+      }
     });
   }
+
+  // Unit pages: the timelapse plays unless the reader asked for reduced motion; its button
+  // pauses it (the unit's picture, the still, replaces the animation) and plays it again.
+  var reduced = window.matchMedia && window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  Array.prototype.forEach.call(document.querySelectorAll("figure.timelapse"), function (figure) {
+    var image = figure.querySelector("img[data-animation]");
+    var source = figure.querySelector("source");
+    var button = figure.querySelector("button.motion");
+    if (!image || !button) { return; }
+    var show = function (playing) {
+      var src = image.getAttribute(playing ? "data-animation" : "data-still");
+      if (source) { source.setAttribute("srcset", src); }
+      image.setAttribute("src", src);
+      button.textContent = playing ? "Pause" : "Play";
+      button.setAttribute("aria-label", (playing ? "Pause" : "Play") + " the animation");
+      figure.setAttribute("data-playing", playing ? "true" : "false");
+    };
+    button.hidden = false;
+    show(!reduced);
+    button.addEventListener("click", function () {
+      show(figure.getAttribute("data-playing") !== "true");
+    });
+  });
 
   // Unit pages: a click on a filmstrip frame shows that checkpoint's picture large, with its
   // caption; without the script the frame is a link to its picture.

@@ -25,7 +25,7 @@ from synthetic import add_history, history_change, make_atlas, purposes
 
 from atlas.serve import make_server
 from atlas.site import render
-from atlas.store import layer_dirname
+from atlas.store import Store, layer_dirname
 from atlas.views import LOW_TRUST
 
 try:
@@ -399,12 +399,89 @@ def test_index_search_finds_a_unit_by_label(tab):
     tab.assert_clean()
 
 
+def test_the_search_announces_how_many_units_it_found(tab):
+    page = tab.goto("index.html")
+    found = page.locator("#found")
+    expect(found).to_have_attribute("aria-live", "polite")
+    page.locator("#search").fill("conv2")
+    expect(found).to_have_text(re.compile(r"^\d+ units found"))
+    page.locator("#search").fill("goldfish")
+    expect(found).to_have_text("1 unit found")
+    page.locator("#search").fill("")
+    expect(found).to_have_text("")
+    tab.assert_clean()
+
+
+def test_a_skip_link_leads_past_the_header_to_the_content(tab):
+    page = tab.goto("conv2/index.html")
+    page.keyboard.press("Tab")
+    skip = page.locator("a.skip")
+    expect(skip).to_be_focused()
+    expect(skip).to_be_in_viewport()
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"#main$"))
+    expect(page.locator("main")).to_be_focused()
+    tab.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def timelapse_out(tmp_path_factory) -> Path:
+    """A synthetic atlas whose unit conv2:0 has a timelapse: three frames of other colours."""
+    import numpy as np
+
+    from atlas.files import encode_animation
+
+    out = tmp_path_factory.mktemp("atlas-timelapse")
+    make_atlas(out, {"conv2": 3})
+    frames = [np.full((64, 64, 3), value, np.uint8) for value in (40, 120, 200)]
+    (out / "units/conv2/0.timelapse.webp").write_bytes(encode_animation(frames))
+    record_path = out / "units/conv2/0.json"
+    record = json.loads(record_path.read_text())
+    record.update(timelapse="units/conv2/0.timelapse.webp", frames_every=2)
+    record_path.write_text(json.dumps(record))
+    Store(out).write_manifest()
+    render(out)
+    return out
+
+
+@pytest.mark.parametrize("motion", ["no-preference", "reduce"])
+def test_the_timelapse_pauses_and_plays_and_rests_under_reduced_motion(
+    browser, timelapse_out, motion
+):
+    site = Site("file", (timelapse_out / "site").as_uri() + "/")
+    context = browser.new_context(reduced_motion=motion)
+    recorder = Tab(context.new_page(), site)
+    page = recorder.goto("conv2/0.html")
+    image, button = page.locator("figure.timelapse img"), page.locator("button.motion")
+    animation, still = "img/0.timelapse.webp", "img/0.webp"
+    playing = motion == "no-preference"
+    for _ in range(3):
+        expect(image).to_have_attribute("src", animation if playing else still)
+        expect(button).to_have_text("Pause" if playing else "Play")
+        expect(button).to_have_attribute("aria-label", re.compile("the animation$"))
+        current = image.evaluate("img => img.currentSrc")
+        assert current.endswith(animation if playing else still), current
+        button.click()
+        playing = not playing
+    recorder.assert_clean()
+    context.close()
+    if motion == "reduce":  # without the script, the picture element shows the still
+        context = browser.new_context(reduced_motion=motion, java_script_enabled=False)
+        page = context.new_page()
+        page.goto(site.url("conv2/0.html"))
+        image = page.locator("figure.timelapse img")
+        assert image.evaluate("img => img.currentSrc").endswith(still)
+        expect(page.locator("button.motion")).to_be_hidden()
+        context.close()
+
+
 def test_unit_page_arrow_keys_go_to_next_and_previous_unit(tab):
     page = tab.goto("conv2/3.html")
     for key, number in [("ArrowRight", 4), ("ArrowRight", 5), ("ArrowLeft", 4), ("ArrowLeft", 3)]:
         page.keyboard.press(key)
         expect(page).to_have_url(tab.site.url(f"conv2/{number}.html"))
         expect(page.locator("h1")).to_contain_text(f"conv2:{number}")
+        page.wait_for_load_state()  # the keys work once the page's script has run
 
     # no previous unit before the first, no next one after the last: the keys do nothing
     for start, key in [(0, "ArrowLeft"), (LAYERS["conv2"] - 1, "ArrowRight")]:
