@@ -3,9 +3,10 @@
 A unit's key is the sha256 of everything that decides its files: the weights digest, the layer
 and what of it the objective reads, the unit index, the recipe hash, K, the seed, the engine
 version and the timelapse interval.
-Because every image has its own random stream, a unit's images do not depend on which task it
-shares, so units (not tasks) are what the store caches; a task batches units of one layer
-that still need work.
+Every image has its own random stream, so a unit is made the same way whichever task it shares:
+units (not tasks) are what the store caches, and a task batches units of one layer that still
+need work. A unit's batch-mates are not in its key: another batch gives a close picture, not
+the same bytes (atlas.optim.loop), which scores as unchanged (bench/batch_invariance.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 """visualize(): optimize one image per objective, all in one batch.
 
-Every image has its own random stream, seeded from (seed, its objective, its repeat number), so
-a unit's image does not depend on which other units share its batch: a batch of N targets gives
-what N single runs give. The model runs in channels_last; on CUDA also under bf16 autocast, and the
-loop never waits for the GPU: objective history and best images stay on the device until the end.
+Every image has its own random stream, seeded from (seed, its objective, its repeat number): its
+start image and its transforms are the same whichever units share its batch. The same batch on
+the same machine and torch build gives the same bytes; another batch sums its convolutions in
+another order, which the optimization carries on, so a unit made in another batch (or alone) is
+close, not identical, and drives its unit as much (bench/batch_invariance.py).
+
+The model runs in channels_last; on CUDA also under bf16 autocast, and the loop never waits
+for the GPU: objective history and best images stay on the device until the end.
 """
 
 from __future__ import annotations
@@ -328,8 +332,8 @@ def _image_generators(
     return generators
 
 
-_OPTIMIZERS = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}  # both per-element: a
-# unit's image does not depend on the others in its batch
+_OPTIMIZERS = {"adam": torch.optim.Adam, "nadam": torch.optim.NAdam}  # both per-element: no
+# image's step reads another image's gradients
 
 
 def _lerp(pair: tuple[float, float], progress: float) -> float:

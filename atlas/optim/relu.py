@@ -5,7 +5,7 @@ passes no gradient: its image never changes and stays grey (37 of the first 48 `
 of EfficientNet-Lite0). Lucid's remedy, reimplemented here: when nothing at all gets through a
 ReLU (or ReLU6) for an image, let through the gradient components that would move the clamped
 inputs back towards the active range; as soon as anything gets through, the gradient is the
-ordinary one. Decided per image, so a unit's image still does not depend on its batch. Only
+ordinary one. Decided per image, so no image's redirection depends on its batch. Only
 the first steps need it (a unit that has started keeps going), so recipes limit it to those:
 it costs a host sync per ReLU per step.
 """
