@@ -5,8 +5,8 @@ and what of it the objective reads, the unit index, the recipe hash, K, the seed
 version and the timelapse interval.
 Every image has its own random stream, so a unit is made the same way whichever task it shares:
 units (not tasks) are what the store caches, and a task batches units of one layer that still
-need work. A unit's batch-mates are not in its key: another batch gives a close picture, not
-the same bytes (atlas.optim.loop), which scores as unchanged (bench/batch_invariance.py).
+need work. A unit's batch-mates are not in its key: another batch gives another picture, not
+the same bytes (atlas.optim.loop), that scores as unchanged (bench/batch_invariance.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Every image has its own random stream, seeded from (seed, its objective, its repeat number): its
 start image and its transforms are the same whichever units share its batch. The same batch on
 the same machine and torch build gives the same bytes; another batch sums its convolutions in
-another order, which the optimization carries on, so a unit made in another batch (or alone) is
-close, not identical, and drives its unit as much (bench/batch_invariance.py).
+another order, which the optimization carries on, so a unit made in another batch (or alone)
+gets another picture that drives it as much (bench/batch_invariance.py).
 
 The model runs in channels_last; on CUDA also under bf16 autocast, and the loop never waits
 for the GPU: objective history and best images stay on the device until the end.
