@@ -45,7 +45,8 @@ def images_per_unit(task: Task) -> int:
 def visualize_splitting(model, targets: list, task: Task, device: torch.device) -> list:
     """visualize() the batch; on a CUDA out-of-memory error, free memory and do each half
     separately (a unit's images stay together). Each image keeps its own random stream, so
-    the halves give pictures that drive their units as the whole batch's would (atlas.optim.loop)."""
+    the halves give pictures that drive their units as the whole batch's would (see
+    atlas.optim.loop)."""
     try:
         return visualize(
             model, targets, task.recipe, seed=task.seed, device=device, timelapse=task.timelapse
