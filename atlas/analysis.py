@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from atlas.activations import model_inputs
 from atlas.layers import capture, gained, module_device, resolve, run_forward
-from atlas.names import LOGITS
 from atlas.optim.objectives import BatchObjective, Target, as_objective, unit_target
-from atlas.quality import model_inputs
+from atlas.record import LOGITS
 
 INPUTS_KEPT = 16  # strongest inputs of each sign (pages show 6 and 3; outputs are derived)
 CLASSES_KEPT = 5  # classes pushed up most, and down most

@@ -41,7 +41,7 @@ def against_previous(
 ) -> list[float]:
     """Each target's change from `previous[i]` (last checkpoint's picture) to `images[i]`
     (its picture now), measured by `model` (the new weights) alone: one side of the score."""
-    from atlas.quality import activation_grid, clean_activations
+    from atlas.activations import activation_grid, clean_activations
 
     if not targets:
         return []

@@ -393,7 +393,6 @@ def run_command(force: bool, prune: bool, **options) -> None:
     """Visualize every planned unit of MODEL on Dask and store the results in OUT."""
     from atlas.progress import RunProgress
     from atlas.runner import run_atlas
-    from atlas.views import LOW_TRUST
 
     config = dataclasses.replace(build_config(**options), force=force, prune=prune)
     progress = RunProgress()
@@ -403,21 +402,12 @@ def run_command(force: bool, prune: bool, **options) -> None:
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
     )
-    found = summary.exemplars
-    if found is not None and found.failures:
-        click.echo(
-            f"exemplars: {len(found.failures)} chunks of images failed, nothing stored yet; "
-            "rerun to retry just those",
-            err=True,
-        )
-    elif found is not None:
-        click.echo(
-            f"exemplars: {found.images} images ({found.unreadable} unreadable, skipped) "
-            f"for {found.units} units"
-        )
-    if summary.trust is not None and summary.trust.units:
-        low = summary.trust.low
-        click.echo(f"trust: {summary.trust.units} units scored, {low} under {LOW_TRUST}")
+    for outcome in summary.passes:
+        line, problem = outcome.report()
+        if line:
+            click.echo(line)
+        if problem:
+            click.echo(problem, err=True)
     click.echo(f"atlas: {summary.site}")
     for failure in summary.failures[:10]:
         click.echo(f"failed: {failure}", err=True)
@@ -451,7 +441,7 @@ def compare_command(out_a: str, out_b: str, out: str, device: str | None) -> Non
 )
 def plan_command(as_json: bool, calibrate: bool, **options) -> None:
     """Show what `atlas run` would do: units and tasks per layer and an estimated time."""
-    from atlas.planview import plan_summary, plan_table
+    from atlas.plan_report import plan_summary, plan_table
 
     summary = plan_summary(build_config(**options), calibrate=calibrate)
     click.echo(json.dumps(summary, indent=2) if as_json else plan_table(summary))
@@ -487,7 +477,7 @@ def history_command(out: str) -> None:
     units, plan = store.classify()
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
-    timeline, _ = store.history.view(plan, units)
+    timeline, _ = store.history.timeline(plan, units)
     click.echo(describe(timeline))
 
 

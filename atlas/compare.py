@@ -17,15 +17,14 @@ import torch
 from PIL import Image
 
 from atlas import models
+from atlas.activations import activation_grid, clean_activations
 from atlas.change import change, cross
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import resolve
-from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
 from atlas.optim.objectives import unit_target
-from atlas.quality import activation_grid, clean_activations
-from atlas.record import UnitRecord
+from atlas.record import LOGITS, UnitRecord
 from atlas.site import Page, link_or_copy, site_info, write_pages
 from atlas.store import Store, layer_dirname
 

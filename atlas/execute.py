@@ -3,7 +3,7 @@
 The model is loaded once per worker by a worker plugin (never pickled into tasks); at most a
 bounded number of tasks is in flight; failed tasks are retried, and a worker that dies has its
 task rerun elsewhere by the scheduler. Results arrive at the client, which stores them. This
-module knows Dask and tasks, not what a task computes: that is `work.run_task`.
+module knows Dask and tasks, not what a task computes: that is `optimize.optimize_task`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -111,16 +111,15 @@ class Outcome:
 
 
 class Executor(Protocol):
-    """A place to run tasks: this process, a local cluster, a scheduler somewhere. `run`
-    calls `function(model, task)` where the model is loaded (once per process), yields one
-    Outcome per task as they finish, and never raises for a task that failed. A new cluster
-    backend is one class with these members, chosen in `executor()`."""
+    """A place to compute tasks: this process or a Dask cluster. `map` calls
+    `function(model, task)` where the model is loaded (once per process), yields one Outcome
+    per task as they finish, and never raises for a task that failed."""
 
-    workers: int  # how many tasks can run at once
+    workers: int  # how many tasks can be computed at once
     device: str  # "cuda" or "cpu": what the workers compute on (it sizes batches)
     dashboard_link: str | None
 
-    def run(
+    def map(
         self, function: Callable[[object, Job], dict], tasks: Iterable[Job]
     ) -> Iterator[Outcome]: ...
 
@@ -131,7 +130,7 @@ def _one_line(error: BaseException) -> str:
 
 
 class InlineExecutor:
-    """Runs tasks one after another in this process (no Dask): for debugging."""
+    """Computes tasks one after another in this process (no Dask): for debugging."""
 
     dashboard_link = None
 
@@ -140,7 +139,7 @@ class InlineExecutor:
         self.workers = 1
         self.device = worker_device()
 
-    def run(self, function: Callable, tasks: Iterable) -> Iterator[Outcome]:
+    def map(self, function: Callable, tasks: Iterable) -> Iterator[Outcome]:
         for task in tasks:
             try:
                 yield Outcome(task, result=function(self.model, task))
@@ -149,7 +148,7 @@ class InlineExecutor:
 
 
 class DaskExecutor:
-    """Runs tasks on a Dask cluster, a bounded window of them in flight."""
+    """Computes tasks on a Dask cluster, a bounded window of them in flight."""
 
     def __init__(self, client, model, weights: str | None):
         self.client = client
@@ -169,7 +168,7 @@ class DaskExecutor:
         devices = set(client.run(worker_device).values())
         self.device = "cuda" if devices == {"cuda"} else "cpu"
 
-    def run(self, function: Callable, tasks: Iterable) -> Iterator[Outcome]:
+    def map(self, function: Callable, tasks: Iterable) -> Iterator[Outcome]:
         from distributed import as_completed
 
         pending = iter(tasks)
@@ -269,39 +268,130 @@ def _local_cluster():
         return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=logging.ERROR)
 
 
-@contextmanager
+class Backend(Protocol):
+    """How a run reaches the processes that compute its tasks. A backend is chosen by the
+    run's settings (the first registered one that accepts them) and opens an Executor for the
+    block, closing whatever it started afterwards. A new backend is one registered class."""
+
+    name: str
+
+    @classmethod
+    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool: ...
+
+    def __init__(self, scheduler: str, scheduler_file: str | None) -> None: ...
+
+    def executor(self, model, weights: str | None) -> AbstractContextManager[Executor]: ...
+
+
+BACKENDS: list[type[Backend]] = []  # in the order they are asked whether they accept
+
+
+def register_backend(backend: type[Backend]) -> type[Backend]:
+    BACKENDS.append(backend)
+    return backend
+
+
+@register_backend
+class InlineBackend:
+    """This process, one task after another (no Dask): `--scheduler inline`."""
+
+    name = "inline"
+
+    @classmethod
+    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
+        return scheduler == "inline" and not scheduler_file
+
+    def __init__(self, scheduler: str, scheduler_file: str | None) -> None:
+        pass
+
+    @contextmanager
+    def executor(self, model, weights: str | None) -> Iterator[Executor]:
+        yield InlineExecutor(model)
+
+
+class DaskBackend:
+    """A Dask client of some cluster; `connect` says how. Workers load the model through the
+    executor's plugin; the client and what `connect` started are closed after the block."""
+
+    def __init__(self, scheduler: str, scheduler_file: str | None) -> None:
+        self.scheduler, self.scheduler_file = scheduler, scheduler_file
+
+    def connect(self, stack: ExitStack):
+        """A distributed.Client; clusters it starts are closed by `stack`."""
+        raise NotImplementedError
+
+    @contextmanager
+    def executor(self, model, weights: str | None) -> Iterator[Executor]:
+        with ExitStack() as stack:
+            try:
+                client = self.connect(stack)
+            except AtlasError:
+                raise
+            except (OSError, TimeoutError, ValueError) as error:
+                where = self.scheduler_file or self.scheduler
+                raise AtlasError(
+                    f"cannot reach the Dask scheduler at {where}: {_one_line(error)}"
+                ) from None
+            stack.callback(client.close)
+            yield DaskExecutor(client, model, weights)
+
+
+@register_backend
+class SchedulerFileBackend(DaskBackend):
+    """A running cluster named by its scheduler file (`dask scheduler --scheduler-file`,
+    dask-jobqueue, dask-mpi): `--scheduler-file PATH`."""
+
+    name = "scheduler-file"
+
+    @classmethod
+    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
+        return bool(scheduler_file)
+
+    def connect(self, stack: ExitStack):
+        from distributed import Client
+
+        if not Path(self.scheduler_file).is_file():
+            raise AtlasError(f"scheduler file {self.scheduler_file} does not exist")
+        return Client(scheduler_file=self.scheduler_file, timeout=CONNECT_TIMEOUT)
+
+
+@register_backend
+class LocalBackend(DaskBackend):
+    """A Dask cluster on this machine, started for the run: `--scheduler local` (default)."""
+
+    name = "local"
+
+    @classmethod
+    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
+        return scheduler == "local"
+
+    def connect(self, stack: ExitStack):
+        from distributed import Client
+
+        cluster = stack.enter_context(_local_cluster())
+        return Client(cluster)
+
+
+@register_backend
+class AddressBackend(DaskBackend):
+    """A running scheduler by its address: `--scheduler tcp://host:8786`."""
+
+    name = "address"
+
+    @classmethod
+    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
+        return True  # asked last: any other scheduler setting is an address
+
+    def connect(self, stack: ExitStack):
+        from distributed import Client
+
+        return Client(self.scheduler, timeout=CONNECT_TIMEOUT)
+
+
 def executor(
     scheduler: str, scheduler_file: str | None, model, weights: str | None
-) -> Iterator[Executor]:
-    """An executor for the configured scheduler; clusters it starts are closed afterwards.
+) -> AbstractContextManager[Executor]:
+    """An executor for the configured scheduler, from the first backend that accepts it.
     `weights` is what the user gave (None: the model's default), loaded again on each worker."""
-    if scheduler == "inline" and not scheduler_file:
-        yield InlineExecutor(model)
-        return
-    from distributed import Client
-
-    cluster = None
-    try:
-        if scheduler_file:
-            if not Path(scheduler_file).is_file():
-                raise AtlasError(f"scheduler file {scheduler_file} does not exist")
-            client = Client(scheduler_file=scheduler_file, timeout=CONNECT_TIMEOUT)
-        elif scheduler == "local":
-            cluster = _local_cluster()
-            client = Client(cluster)
-
-        else:
-            client = Client(scheduler, timeout=CONNECT_TIMEOUT)
-    except AtlasError:
-        raise
-    except (OSError, TimeoutError, ValueError) as error:
-        where = scheduler_file or scheduler
-        raise AtlasError(
-            f"cannot reach the Dask scheduler at {where}: {_one_line(error)}"
-        ) from None
-    try:
-        yield DaskExecutor(client, model, weights)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    chosen = next(b for b in BACKENDS if b.accepts(scheduler, scheduler_file))
+    return chosen(scheduler, scheduler_file).executor(model, weights)

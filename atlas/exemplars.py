@@ -15,9 +15,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,16 +25,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from atlas.errors import AtlasError
-from atlas.files import atomic_write_bytes, encode_image
 from atlas.layers import capture, deepest, module_device, resolve, run_forward
-from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
-from atlas.progress import Progress
-from atlas.store import Store
+from atlas.record import LOGITS
 
 if TYPE_CHECKING:  # the executor's module imports Dask, which workers need not load for this
-    from atlas.execute import Executor
+    pass
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CHUNK_IMAGES = 32  # images per task on a CPU worker; four times as many on a GPU
@@ -283,141 +279,3 @@ def read_blobs(paths: Iterable[Path]) -> tuple[bytes, ...]:
         except OSError:
             blobs.append(b"")
     return tuple(blobs)
-
-
-@dataclass
-class ExemplarSummary:
-    images: int
-    unreadable: int
-    units: int  # units whose exemplars were collected in this run
-    failures: list[str] = field(default_factory=list)  # chunks that failed: nothing stored
-
-
-class ExemplarPass:
-    """The exemplar work of one run: which units lack current exemplars of the folder, then
-    (on an executor) the pass over the images and the stored results."""
-
-    def __init__(self, model, plan_units, folder: str | Path, out: Path, top: int):
-        self.model, self.top = model, top
-        self.folder = Path(folder)
-        self.files = list_images(self.folder)
-        self.store = Store(out)
-        folder_print = fingerprint(self.folder, self.files)
-        stored = self.store.exemplars()
-        self.keys: dict[tuple[str, int], str] = {}
-        for unit in plan_units:
-            if unit.index is None:  # a whole-layer image: no single unit to rank images by
-                continue
-            source = resolve(model, unit.layer).source
-            key = exemplar_key(model.digest, source, unit.index, folder_print, top)
-            if stored.get((unit.layer, unit.index), {}).get("key") != key:
-                self.keys[(unit.layer, unit.index)] = key
-        self.units: dict[str, list[int]] = {}
-        for layer, index in self.keys:
-            self.units.setdefault(layer, []).append(index)
-        units = sorted(self.units.items())
-        text = json.dumps([model.digest, folder_print, top, units, EXEMPLAR_VERSION])
-        self.pass_key = hashlib.sha256(text.encode()).hexdigest()
-
-    @property
-    def needed(self) -> bool:
-        return bool(self.keys)
-
-    def run(
-        self, pool: Executor, on_progress: Callable[[Progress], None] | None = None
-    ) -> ExemplarSummary:
-        """Every chunk not done by an earlier, interrupted run of this same pass. What has been
-        merged is saved every SAVE_EVERY_SECONDS and when a chunk fails, so that a killed or
-        failed run resumes where it was; results are stored only once every chunk is done.
-        `on_progress` hears after each chunk of the images this run had left to do."""
-        saved = self.store.read_exemplar_progress(self.pass_key)
-        merged = TopK.from_json(self.top, saved["best"] if saved else {})
-        done = set(saved["done"] if saved else [])
-        unreadable = set(saved["unreadable"] if saved else [])
-        chunk = saved["chunk"] if saved else CHUNK_IMAGES * (1 if pool.device == "cpu" else 4)
-        failures = []
-
-        def save() -> None:
-            progress = {"pass": self.pass_key, "chunk": chunk, "best": merged.as_json()}
-            progress.update(done=sorted(done), unreadable=sorted(unreadable))
-            self.store.write_exemplar_progress(progress)
-
-        started = saved_at = time.monotonic()
-        total = len(self.files)
-        left = total - sum(min(chunk, total - first) for first in done)
-        images_done = images_failed = 0
-        tasks = read_chunks(self.files, self.units, self.top, chunk, done)
-        for outcome in pool.run(exemplar_task, tasks):
-            first, count = outcome.task.first, len(outcome.task.blobs)
-            if outcome.error is not None:
-                failures.append(f"exemplars of images {first}-{first + count - 1}: {outcome.error}")
-                images_failed += count
-            else:
-                result = outcome.result
-                merged.merge(result["layers"])
-                done.add(result["first"])
-                images_done += count
-                unreadable.update(result["first"] + p for p in result["unreadable"])
-                if time.monotonic() - saved_at >= SAVE_EVERY_SECONDS:
-                    save()
-                    saved_at = time.monotonic()
-            if on_progress:
-                elapsed = time.monotonic() - started
-                on_progress(Progress(images_done, images_failed, left, elapsed, "images"))
-        summary = ExemplarSummary(len(self.files), len(unreadable), len(self.keys), failures)
-        if failures:
-            save()
-            summary.units = 0
-            return summary
-        self._write(merged, sorted(unreadable))
-        self.store.clear_exemplar_progress()
-        return summary
-
-    def _write(self, merged: TopK, unreadable: list[int]) -> None:
-        """Patches first, each unit's JSON last, then the folder summary."""
-        model, size = self.model, self.model.input_size
-        for layer, indices in self.units.items():
-            best = merged.best.get(layer)
-            shape = resolve(model, layer).shape
-            map_size = (shape[1], shape[2]) if len(shape) == 3 else (1, 1)
-            reach = receptive_halfwidth(model, layer)
-            for column, index in enumerate(indices):
-                items = []
-                key = self.keys[(layer, index)]
-                for rank in range(0 if best is None else best["scores"].shape[0]):
-                    image_id = int(best["ids"][rank, column])
-                    row, col = int(best["rows"][rank, column]), int(best["cols"][rank, column])
-                    box = patch_box(row, col, map_size, reach, size)
-                    try:
-                        patch = cut_patch(self.files[image_id], box, size, model.input_channels)
-                    except DECODE_ERRORS:  # changed or removed since the pass read it
-                        continue
-                    # the key in the name: an interrupted rewrite never mixes old and new
-                    path = self.store.exemplar_path(layer, index, f".{key[:8]}.{rank}.webp")
-                    atomic_write_bytes(path, encode_image(patch, quality=85))
-                    items.append(
-                        {
-                            "image": path.relative_to(self.store.out).as_posix(),
-                            "source": self.files[image_id].relative_to(self.folder).as_posix(),
-                            "score": round(float(best["scores"][rank, column]), 5),
-                            "box": [round(edge, 1) for edge in box],
-                        }
-                    )
-                self.store.save_exemplars(
-                    {
-                        "layer": layer,
-                        "index": index,
-                        "key": key,
-                        "digest": model.digest,
-                        "items": items,
-                    }
-                )
-        self.store.write_exemplar_summary(
-            {
-                "folder": str(self.folder),
-                "images": len(self.files),
-                "unreadable": [
-                    self.files[i].relative_to(self.folder).as_posix() for i in unreadable
-                ],
-            }
-        )

@@ -357,7 +357,7 @@ class History:
                     blob.unlink(missing_ok=True)
         return removed
 
-    def view(self, plan: dict | None, units: list[UnitRecord]) -> tuple[list[dict], list]:
+    def timeline(self, plan: dict | None, units: list[UnitRecord]) -> tuple[list[dict], list]:
         """What the manifest shows of the history: the timeline, oldest first, each
         checkpoint with its layers' mean change, and `units` with their filmstrips: a frame
         per checkpoint that has a picture of the unit (archived, or stored since under the

@@ -28,7 +28,7 @@ from torch import nn
 
 from atlas.errors import AtlasError, did_you_mean
 from atlas.layout import Layout, Producer, is_ambiguous, layout_of, producer_of
-from atlas.names import LOGITS
+from atlas.record import LOGITS
 
 CLASS_TOKEN = "cls"  # `<token layer>.cls`: the class token of a token layer
 

@@ -23,9 +23,9 @@ from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import LayerInfo, select
 from atlas.mainpath import default_layers
 from atlas.models import LoadedModel
-from atlas.names import LOGITS
 from atlas.optim.objectives import Target, neuron, unit_target, whole_layer
 from atlas.optim.recipes import Recipe
+from atlas.record import LOGITS
 
 # Bump when the engine's images for equal inputs change: every unit is then recomputed.
 ENGINE_VERSION = "2"  # 2: unit records carry circuits, class effects and activation maps

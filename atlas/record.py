@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+LOGITS = "logits"  # the layer name of a model's output: listed, planned and stored as a layer
 HISTORY_POINTS = 128  # objective curve points kept per unit
+LOW_TRUST = 0.2  # a unit whose trust score (atlas.trust) is below it is flagged on the site
 STATUSES = ("done", "failed", "missing", "stale")  # what the store adds on reading
 PAIRS = ("history", "inputs", "classes")  # fields of (number, number) pairs
 ATTACHED = ("exemplars", "filmstrip")  # what the store attaches on reading: lists of dicts

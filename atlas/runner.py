@@ -20,23 +20,20 @@ import atlas
 from atlas.config import AtlasConfig
 from atlas.errors import AtlasError
 from atlas.execute import executor
-from atlas.exemplars import ExemplarPass, ExemplarSummary
 from atlas.files import naming_unwritable, writable_folder
 from atlas.history import Checkpoint, History
-from atlas.layers import select
+from atlas.optimize import optimize_task, unit_record
+from atlas.passes import PassSummary, pending_passes
 from atlas.plan import (
     ENGINE_VERSION,
     Plan,
     Task,
-    default_layer_patterns,
     load_and_plan,
     make_tasks,
 )
 from atlas.progress import Progress
 from atlas.site import render
 from atlas.store import Store, layer_dirname, webp_problem
-from atlas.trust import TrustPass, TrustSummary
-from atlas.work import run_task, unit_record
 
 MANIFEST_EVERY_SECONDS = 60.0
 # the folders of OUT a run writes to, proved writable before any work starts
@@ -54,8 +51,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
     out: str = ""
     site: str = ""  # the atlas's index.html
-    exemplars: ExemplarSummary | None = None
-    trust: TrustSummary | None = None
+    passes: list[PassSummary] = field(default_factory=list)  # what each pass did, in order
 
 
 def now() -> str:
@@ -119,23 +115,15 @@ def _run_claimed(
         store.prune()
     todo = store.pending(plan.units, config.force)
     summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
-    exemplars = None
-    if config.exemplars:
-        top = config.exemplars_top
-        exemplars = ExemplarPass(model, plan.units, config.exemplars, store.out, top)
     clock = time.monotonic()
-
-    def trust_pass() -> TrustPass:  # read afresh: it follows what this run stored
-        return TrustPass(trust_path(model, plan), config.exemplars, store.out)
-
-    needs_trust = config.exemplars and trust_pass().needed  # e.g. a run killed before it
-    if todo or (exemplars and exemplars.needed) or needs_trust:
+    passes_left = next(pending_passes(config, model, plan, store), None) is not None
+    if todo or passes_left:  # passes left: e.g. the exemplars of a run killed before them
         with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
             if on_start:
                 on_start(len(todo), summary.skipped, pool.dashboard_link)
             last_manifest = clock
             tasks = with_previous(make_tasks(plan, todo, pool.device), history, checkpoint)
-            for outcome in pool.run(run_task, tasks):
+            for outcome in pool.map(optimize_task, tasks):
                 _store_outcome(store, outcome, summary, checkpoint.id)
                 if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
                     store.write_manifest()
@@ -143,12 +131,10 @@ def _run_claimed(
                 if on_progress:
                     elapsed = time.monotonic() - clock
                     on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
-            if exemplars and exemplars.needed:
-                summary.exemplars = exemplars.run(pool, on_progress)
-                summary.failures += summary.exemplars.failures
-            if config.exemplars and (trust := trust_pass()).needed:
-                summary.trust = trust.run(pool)
-                summary.failures += summary.trust.failures
+            for made in pending_passes(config, model, plan, store):  # they see the new units
+                outcome = made.compute(pool, on_progress)
+                summary.passes.append(outcome)
+                summary.failures += outcome.failures
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
     finished = plan_record(plan, model, started, now(), checkpoint)
@@ -187,14 +173,6 @@ def with_previous(tasks: list[Task], history: History, checkpoint: Checkpoint) -
             images.append(path.read_bytes() if path and webp_problem(path) is None else None)
         given.append(dataclasses.replace(task, previous=tuple(images), previous_from=previous.id))
     return given
-
-
-def trust_path(model, plan: Plan) -> list[str]:
-    """The layers whose activation patterns judge a unit's picture (atlas.trust): the model's
-    main path and the planned layers, in the model's order."""
-    chosen = {layer.name for layer in select(model, default_layer_patterns(model))}
-    chosen |= {layer.name for layer in plan.layers}
-    return [layer.name for layer in model.layers if layer.name in chosen]
 
 
 def _store_outcome(store: Store, outcome, summary: RunSummary, checkpoint: str) -> None:

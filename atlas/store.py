@@ -380,7 +380,7 @@ class Store:
     def write_manifest(self) -> dict:
         """Rebuild manifest.json from plan.json, the unit JSONs and the archived checkpoints."""
         units, plan = self.classify()
-        checkpoints, units = self.history.view(plan, units)
+        checkpoints, units = self.history.timeline(plan, units)
         plan = plan or {}
         counts = Counter(unit.status for unit in units)
         manifest = {

@@ -7,8 +7,8 @@ import re
 
 from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import resolve
-from atlas.names import LOGITS
 from atlas.optim.objectives import Target
+from atlas.record import LOGITS
 
 _POSITION = re.compile(r"^(\d+),(\d+)$")
 _REGION = re.compile(r"^(\d+)-(\d+),(\d+)-(\d+)$")

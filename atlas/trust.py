@@ -24,26 +24,19 @@ picture or the exemplars change.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from atlas.analysis import EvidenceTask, evidence_task
-from atlas.exemplars import CHUNK_IMAGES, decode, list_images, read_blobs
+from atlas.exemplars import decode
 from atlas.layers import capture, deepest, run_forward
-from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
-from atlas.record import UnitRecord
-from atlas.store import Store
-from atlas.views import LOW_TRUST
 
 if TYPE_CHECKING:
-    from atlas.execute import Executor
+    pass
 
 RANDOM_IMAGES = 64  # folder images: half set each layer's mean, half what chance agreement is
 RANDOM_SEED = 0
@@ -135,122 +128,3 @@ def trust_score(
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     return float(a @ b) / norm if norm > 0 else 0.0
-
-
-@dataclass
-class TrustSummary:
-    units: int  # units scored in this run
-    low: int  # of them, under LOW_TRUST
-    failures: list[str] = field(default_factory=list)
-
-
-class TrustPass:
-    """The trust work of one run: which units need a score (done, with current exemplars,
-    and no score for their present key), the images to read, and the stored scores."""
-
-    def __init__(self, path: list[str], folder: str | Path, out: Path):
-        """`path`: the layers whose patterns judge a unit, in the model's order (its main path
-        and the planned layers); a unit is judged by those before it."""
-        self.store = Store(out)
-        self.folder = Path(folder)
-        units, _ = self.store.classify()
-        stored = self.store.exemplars(verify=False)
-        planned = [name for name in path if name != LOGITS]
-        self.todo = []  # (unit record, exemplar record, earlier layers)
-        for unit in units:
-            found = stored.get((unit.layer, unit.index))
-            if unit.status != "done" or not unit.images or found is None or not unit.exemplars:
-                continue
-            stored_trust = found.get("trust") or {}
-            if (stored_trust.get("unit_key"), stored_trust.get("version")) == (
-                unit.key,
-                TRUST_VERSION,
-            ):
-                continue
-            before = planned.index(unit.layer) if unit.layer in planned else len(planned)
-            earlier = planned[:before]
-            self.todo.append((unit, found, earlier))
-
-    @property
-    def needed(self) -> bool:
-        return bool(self.todo)
-
-    def run(self, pool: Executor) -> TrustSummary:
-        """Compute and store every needed score, and each unit's inputs and class effects
-        measured on its pictures and exemplars together (nothing is stored when any of the
-        work failed: the next run retries it)."""
-        files = list_images(self.folder)
-        picked = np.random.default_rng(RANDOM_SEED).choice(
-            len(files), min(RANDOM_IMAGES, len(files)), replace=False
-        )
-        randoms = [str(files[i]) for i in sorted(picked)]
-        patterns, failures = self._patterns(pool, randoms)
-        evidence: dict[tuple[str, int], dict] = {}
-        tasks = [self._evidence_task(unit, found) for unit, found, _ in self.todo]
-        for outcome in pool.run(evidence_task, tasks):
-            task = outcome.task
-            if outcome.error is not None:
-                failures.append(f"inputs of {task.layer}:{task.index}: {outcome.error}")
-            else:
-                evidence[(task.layer, task.index)] = outcome.result
-        if failures:
-            return TrustSummary(0, 0, failures)
-        baseline = [patterns[p] for p in randoms if p in patterns]
-        summary = TrustSummary(len(self.todo), 0)
-        for unit, found, earlier in self.todo:
-            trust = {"unit_key": unit.key, "version": TRUST_VERSION, "score": None, "layers": []}
-            trust["agreement"] = None
-            picture = patterns.get(str(self.store.out / unit.images[0]))
-            shown = [patterns.get(str(self.folder / item["source"])) for item in found["items"]]
-            shown = [pattern for pattern in shown if pattern is not None]
-            if earlier and picture is not None and baseline:
-                trust |= trust_score(
-                    {layer: picture[layer] for layer in earlier},
-                    [{layer: e[layer] for layer in earlier} for e in shown],
-                    [{layer: r[layer] for layer in earlier} for r in baseline],
-                )
-            measured = evidence[(unit.layer, unit.index)]
-            trust.update(
-                images=measured["images"],
-                inputs=[list(pair) for pair in measured["inputs"]],
-                classes=[list(pair) for pair in measured["classes"]],
-            )
-            self.store.save_exemplars({**found, "trust": trust})
-            summary.low += trust["score"] is not None and trust["score"] < LOW_TRUST
-        return summary
-
-    def _patterns(
-        self, pool: Executor, randoms: list[str]
-    ) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
-        """Every needed image's channel means at the layers some score reads, by path."""
-        wanted: dict[str, None] = dict.fromkeys(randoms)
-        for unit, found, earlier in self.todo:
-            if earlier:
-                wanted[str(self.store.out / unit.images[0])] = None
-                wanted.update((str(self.folder / item["source"]), None) for item in found["items"])
-        layers = tuple(sorted({layer for *_, earlier in self.todo for layer in earlier}))
-        paths = list(wanted)
-        patterns: dict[str, dict[str, np.ndarray]] = {}
-        failures = []
-        if not layers:
-            return patterns, failures
-        for outcome in pool.run(pattern_task, _chunks(paths, layers, pool.device)):
-            if outcome.error is not None:
-                failures.append(f"trust of images {outcome.task.first}-: {outcome.error}")
-                continue
-            result = outcome.result
-            for row, position in enumerate(result["kept"]):
-                path = paths[result["first"] + position]
-                patterns[path] = {n: v[row] for n, v in result["layers"].items()}
-        return patterns, failures
-
-    def _evidence_task(self, unit: UnitRecord, found: dict) -> EvidenceTask:
-        paths = [self.store.out / name for name in unit.images]
-        paths += [self.folder / item["source"] for item in found["items"]]
-        return EvidenceTask(unit.layer, unit.index, unit.inputs_from, read_blobs(paths))
-
-
-def _chunks(paths: list[str], layers: tuple[str, ...], device: str) -> Iterator[PatternTask]:
-    size = CHUNK_IMAGES * (1 if device == "cpu" else 4)
-    for first in range(0, len(paths), size):
-        yield PatternTask(first, read_blobs([Path(p) for p in paths[first : first + size]]), layers)

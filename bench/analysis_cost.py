@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from atlas import models
+from atlas.activations import model_inputs
 from atlas.analysis import analyse, class_effects, input_weights
 from atlas.layers import capture, deepest, run_forward
 from atlas.optim import channel, get, visualize
 from atlas.optim.device import describe_device, resolve_device
-from atlas.quality import model_inputs
 
 FULL_STEPS = 512
 

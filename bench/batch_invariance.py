@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from atlas import models
+from atlas.activations import activation_grid, clean_activations
 from atlas.change import change, cross
 from atlas.config import parse_indices
 from atlas.optim import channel, get, logit, visualize
-from atlas.quality import activation_grid, clean_activations
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import datetime
 import torch
 from speed import cores, git_commit
 
-from atlas import models, quality
+from atlas import activations, models
 from atlas.config import parse_indices
 from atlas.layers import clamp_bounds, resolve
 from atlas.optim import channel, get, visualize
@@ -41,7 +41,7 @@ def describe(model, layer: str, results, high: float) -> dict:
         for row, objective in enumerate(objectives[first : first + len(acts[layer])]):
             maps.append(acts[layer][row, objective.main_target.index].float())
 
-    quality.for_each_batch(fresh, objectives, images, 8, keep)
+    activations.for_each_batch(fresh, objectives, images, 8, keep)
     before = torch.stack([m.mean() for m in maps])
     after = torch.stack([m.clamp(0, high).mean() for m in maps])
     saturated = torch.stack([(m >= high).float().mean() for m in maps])

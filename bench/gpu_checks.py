@@ -14,8 +14,9 @@
   (torch.cuda.max_memory_allocated), time per unit-step, the largest batch that fits a memory
   budget (from a straight-line fit of peak memory on batch size) and atlas.plan.default_batch.
 - cluster: atlas's own local cluster (atlas.execute.executor, as `atlas run` starts it) runs real
-  tasks (atlas.work.run_task); each reports the worker's CUDA_VISIBLE_DEVICES, process and GPU,
-  so the check can say whether every pinned worker got tasks on a GPU of its own.
+  tasks (atlas.optimize.optimize_task); each reports the worker's CUDA_VISIBLE_DEVICES,
+  process and GPU, so the check can say whether every pinned worker got tasks on a GPU of its
+  own.
 - summary: an `atlas run` that may have been stopped at its time cap, against `atlas plan --json`.
 - junit: pass/fail/skip counts of pytest's --junitxml reports.
 
@@ -91,13 +92,13 @@ def parity(args) -> int:
     import torch
 
     from atlas import models
+    from atlas.activations import clean_activations
     from atlas.optim import get
-    from atlas.quality import clean_activations
     from atlas.targets import parse_target
 
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as atlas.work.run_task sets it on workers
+        torch.backends.cudnn.benchmark = True  # as atlas.optimize.optimize_task sets it on workers
     model = models.load(args.model)
     targets = [parse_target(text.strip(), model) for text in args.targets.split(",")]
     recipe = get("fourier", steps=args.steps)
@@ -208,9 +209,9 @@ def batches(args) -> int:
 
     from atlas import models
     from atlas.layers import resolve
-    from atlas.names import LOGITS
     from atlas.optim import channel, get, logit
     from atlas.plan import default_batch
+    from atlas.record import LOGITS
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -311,9 +312,9 @@ def traced_task(model, task) -> dict:
 
     import torch
 
-    from atlas.work import run_task
+    from atlas.optimize import optimize_task
 
-    result = run_task(model, task)
+    result = optimize_task(model, task)
     cuda = torch.cuda.is_available()
     return {
         "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -355,7 +356,7 @@ def cluster(args) -> int:
                 f"(visible_gpus() = {visible_gpus()}), {len(tasks)} tasks of {args.batch} "
                 f"{args.layer} units, {args.steps} steps"
             )
-            for outcome in pool.run(traced_task, tasks):
+            for outcome in pool.map(traced_task, tasks):
                 if outcome.error:
                     errors.append(outcome.error)
                     continue

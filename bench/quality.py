@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from speed import StepClock, cores, git_commit, run_lucent
 
-from atlas import models, quality
+from atlas import activations, models, quality
 from atlas.config import parse_indices
 from atlas.files import encode_image
 from atlas.layers import LOGITS, resolve
@@ -101,7 +101,7 @@ def photo_crops(per_photo: int, seed: int) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
     crops = []
     for name in PHOTOS:
-        photo = quality.to_tensor(getattr(skimage.data, name)())
+        photo = activations.to_tensor(getattr(skimage.data, name)())
         photo = photo.expand(3, -1, -1) if photo.shape[0] == 1 else photo[:3]
         height, width = photo.shape[1:]
         for _ in range(per_photo):
@@ -173,7 +173,7 @@ def high_frequency_shares(image) -> tuple[float, float]:
     own = quality.high_frequency_share(image)
     if max(image.shape[:2]) <= SIZE:
         return own, own
-    shown = resize(quality.to_tensor(image)[None], (SIZE, SIZE))[0]
+    shown = resize(activations.to_tensor(image)[None], (SIZE, SIZE))[0]
     return quality.high_frequency_share(shown), own
 
 
@@ -192,7 +192,7 @@ def score(images, groups, subject, judges, photo_maxima):
         row[f"{name} top-1"] = np.mean([s.top1 for s in scores])
         row[f"{name} top-5"] = np.mean([s.top5 for s in scores])
         row[f"{name} p"] = np.mean([s.probability for s in scores])
-    own = quality.clean_activations(subject, channels, channel_images)
+    own = activations.clean_activations(subject, channels, channel_images)
     ratios = [quality.activation_ratio(v, m) for v, m in zip(own, photo_maxima, strict=True)]
     row["ratio mean"] = np.nanmean(ratios)
     row["ratio median"] = np.nanmedian(ratios)
@@ -319,7 +319,7 @@ def main() -> None:
     )
 
     photos = photo_crops(args.crops, args.seed)
-    photo_maxima = quality.activation_grid(subject, channels, photos).max(axis=0)
+    photo_maxima = activations.activation_grid(subject, channels, photos).max(axis=0)
     photo_hf = float(np.mean([quality.high_frequency_share(p) for p in photos]))
     photo_clipped = float(np.mean([quality.clipped_share(p) for p in photos]))
     print(f"{len(photos)} photo crops: mean HF share {photo_hf:.4f}", flush=True)

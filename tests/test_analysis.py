@@ -47,8 +47,8 @@ def test_gradient_times_activation_is_what_the_gain_derivative_measures(model, i
     """On a linear path the attribution of mix.0 to feat.0 is feat.0's mean activation."""
     import torch
 
+    from atlas.activations import model_inputs
     from atlas.layers import capture, run_forward
-    from atlas.quality import model_inputs
 
     with torch.no_grad(), capture(model, ["feat"]) as acts:
         run_forward(model.module, model_inputs(model, images, torch.device("cpu")))

@@ -16,10 +16,10 @@ import pytest
         ("atlas.mainpath", ("dask", "distributed", "jinja2", "click")),
         ("atlas.store", ("torch",)),
         ("atlas.site", ("torch",)),
-        ("atlas.views", ("torch", "jinja2")),  # the pages' data, testable without templates
+        ("atlas.site.units", ("torch", "jinja2", "PIL")),  # the pages' data, without templates
         ("atlas.record", ("torch", "dask")),  # read by the store, the site and compare
         ("atlas.history", ("torch", "dask")),  # checkpoints: files only
-        ("atlas.history_view", ("torch", "jinja2", "PIL")),
+        ("atlas.site.timeline", ("torch", "jinja2", "PIL")),
         ("atlas.change", ("torch", "dask")),  # the score; torch only inside the measuring
         ("atlas.analysis", ("dask", "distributed", "jinja2", "click")),  # worker side
         ("atlas.optim.recipes", ("torch",)),  # recipes and the CLI's options start fast

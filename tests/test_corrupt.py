@@ -9,7 +9,7 @@ import pytest
 from clihelpers import assert_bad_input, invoke
 from synthetic import make_image_folder
 
-import atlas.work
+import atlas.optimize
 from atlas.store import Store, webp_problem, webp_size
 
 RUN = ["tinymodels:tiny", "--layers", "conv2", "--channels", "0-3", "--classes", "0-1"]
@@ -30,13 +30,13 @@ def truncate(path: Path, keep: float = 0.5) -> None:
 def optimized(monkeypatch):
     """The units the engine optimizes, as layer:index."""
     calls = []
-    real = atlas.work.visualize
+    real = atlas.optimize.visualize
 
     def counting(model, targets, recipe, **kwargs):
         calls.extend(f"{t.layer}:{t.index}" for t in targets)
         return real(model, targets, recipe, **kwargs)
 
-    monkeypatch.setattr(atlas.work, "visualize", counting)
+    monkeypatch.setattr(atlas.optimize, "visualize", counting)
     return calls
 
 

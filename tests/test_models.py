@@ -18,7 +18,7 @@ from atlas import models
 from atlas.errors import AtlasError
 from atlas.layers import LayerInfo, capture, resolve, run_forward, select
 from atlas.models import LoadedModel, state_digest
-from atlas.names import LOGITS
+from atlas.record import LOGITS
 
 # --- the bundled EfficientNet-Lite0 ------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from PIL import Image
 from tinymodels import tiny_model
 
 from atlas.optim import channel, get, grid, logit, visualize
-from atlas.optim.sheet import GAP
+from atlas.optim.contact_sheet import GAP
 
 PLAIN = get("plain", steps=4, size=32)
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from tinymodels import tiny_clamped, tiny_model
 
+from atlas.activations import activation_grid, clean_activations
 from atlas.change import change, cross
 from atlas.errors import AtlasError
 from atlas.optim import PRESETS, channel, get, logit, neuron, visualize, whole_layer
-from atlas.quality import activation_grid, clean_activations
 
 QUICK = get("fourier", steps=12, size=32)
 
@@ -164,7 +164,7 @@ def test_cuda_path_with_bf16_autocast_matches_the_cpu_result_closely(tiny):
 
 
 def test_the_activation_is_measured_on_the_image_as_stored(tiny):
-    from atlas.quality import clean_activations
+    from atlas.activations import clean_activations
 
     results = visualize(tiny, [channel("conv2", 1), logit(3)], QUICK, seed=5)
     images = [result.image for result in results]

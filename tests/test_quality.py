@@ -8,7 +8,7 @@ import torch
 from tinymodels import tiny_model
 from torch import nn
 
-from atlas import quality
+from atlas import activations, quality
 from atlas.models import InputNormalization, LoadedModel
 from atlas.optim import channel, get, logit, visualize
 
@@ -79,7 +79,7 @@ def hooked_mean(model: LoadedModel, layer: str, index: int, image: np.ndarray) -
 def test_clean_activations_are_each_units_activation_on_its_own_resized_image(tiny):
     images = [noise_image(48, seed=1), gradient_image(20), noise_image(32, seed=2)]
     targets = [channel("relu2", 3), channel("conv1", 0), channel("relu2", 7)]
-    values = quality.clean_activations(tiny, targets, images, batch_size=2)
+    values = activations.clean_activations(tiny, targets, images, batch_size=2)
     expected = [
         hooked_mean(tiny, t.layer, t.index, im) for t, im in zip(targets, images, strict=True)
     ]
@@ -90,16 +90,16 @@ def test_clean_activations_are_each_units_activation_on_its_own_resized_image(ti
 def test_activation_grid_evaluates_every_objective_on_every_image(tiny):
     images = [noise_image(32, seed=s) for s in range(3)] + [gradient_image(32)]
     targets = [channel("relu2", i) for i in range(5)] + [logit(2)]
-    grid = quality.activation_grid(tiny, targets, images, batch_size=3)
+    grid = activations.activation_grid(tiny, targets, images, batch_size=3)
     assert grid.shape == (4, 6)
     for row, image in enumerate(images):
-        diagonal = quality.clean_activations(tiny, targets, [image] * len(targets))
+        diagonal = activations.clean_activations(tiny, targets, [image] * len(targets))
         assert grid[row] == pytest.approx(diagonal, rel=1e-5, abs=1e-6)
 
 
 def test_a_grey_model_takes_colour_images():
     model = tiny_model(in_channels=1)
-    values = quality.clean_activations(model, [channel("relu1", 0)], [noise_image(32)])
+    values = activations.clean_activations(model, [channel("relu1", 0)], [noise_image(32)])
     assert len(values) == 1 and math.isfinite(values[0])
 
 
@@ -121,7 +121,7 @@ def test_activation_ratio_is_undefined_without_a_positive_natural_maximum():
 
 def test_lengths_must_match(tiny):
     with pytest.raises(ValueError, match="2 objectives but 1 images"):
-        quality.clean_activations(tiny, [logit(0), logit(1)], [noise_image(8)])
+        activations.clean_activations(tiny, [logit(0), logit(1)], [noise_image(8)])
     with pytest.raises(ValueError, match="1 images but 2 classes"):
         quality.transfer_scores(tiny, [noise_image(8)], [0, 1])
 

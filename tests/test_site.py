@@ -17,8 +17,8 @@ from atlas.cli import cli
 from atlas.errors import AtlasError
 from atlas.files import exclusive_lock
 from atlas.site import Page, render, write_pages
+from atlas.site.units import curve_points
 from atlas.store import Store
-from atlas.views import curve_points
 
 HOSTILE_LABEL = "<script>alert('label')</script>"
 HOSTILE_LAYER = '<b onmouseover="x">../../evil'
@@ -226,7 +226,7 @@ def test_a_page_that_fails_to_render_is_named_with_its_unit_and_deletes_nothing(
             raise ValueError("a bug")
         return curve_points(history, *args, **kwargs)
 
-    monkeypatch.setattr("atlas.views.curve_points", fragile)
+    monkeypatch.setattr("atlas.site.units.curve_points", fragile)
     with pytest.raises(
         AtlasError, match=r"^page conv2/1\.html \(unit conv2:1\) failed: ValueError"
     ):

@@ -23,10 +23,10 @@ import pytest
 from links import check_links, parse
 from synthetic import add_history, history_change, make_atlas, purposes
 
+from atlas.record import LOW_TRUST
 from atlas.serve import make_server
 from atlas.site import render
 from atlas.store import Store, layer_dirname
-from atlas.views import LOW_TRUST
 
 try:
     from playwright.sync_api import expect, sync_playwright

@@ -15,8 +15,8 @@ import pytest
 from links import check_links
 from synthetic import add_history, history_change, make_atlas
 
-from atlas.history_view import CheckpointView, Frame, change_dots, timeline
 from atlas.site import render
+from atlas.site.timeline import CheckpointEntry, Frame, change_dots, timeline
 
 LAYERS = {"conv1": 6, "conv2": 12, "logits": 4}
 NAMES = ["step-10000", None, "step-12000"]  # the second has no label: shown by its id
@@ -369,7 +369,7 @@ def test_timeline_reads_the_manifest_tolerantly():
 
 def test_change_dots_span_the_timeline_and_skip_frames_without_a_score():
     def frame(position, change):
-        return Frame(CheckpointView(f"{position}"), change, None, position)
+        return Frame(CheckpointEntry(f"{position}"), change, None, position)
 
     frames = [frame(0, None), frame(1, 0.25), frame(3, 1.5), frame(None, 0.5)]
     dots = change_dots(frames, checkpoints=5, width=100, height=40)
@@ -378,7 +378,7 @@ def test_change_dots_span_the_timeline_and_skip_frames_without_a_score():
 
 def test_the_history_views_import_neither_torch_nor_jinja_nor_pillow():
     code = (
-        "import sys, atlas.history_view; "
+        "import sys, atlas.site.timeline; "
         "assert not {'torch', 'jinja2', 'PIL'} & set(sys.modules), sys.modules.keys()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

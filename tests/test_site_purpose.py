@@ -16,10 +16,9 @@ from links import check_links
 from PIL import Image
 from synthetic import make_atlas, purposes, webp
 
-from atlas.record import UnitRecord
+from atlas.record import LOW_TRUST, UnitRecord
 from atlas.site import load_manifest, render, site_pages
 from atlas.store import Store
-from atlas.views import LOW_TRUST
 
 LAYERS = {"conv1": 6, "conv2": 12, "logits": 10}
 LABELS = {0: "tench", 1: "goldfish", 8: "hen"}  # logits:2 has no label
@@ -367,7 +366,7 @@ def test_the_site_reads_unit_records_and_its_views_import_neither_torch_nor_jinj
     units = [page.context["unit"] for page in pages if page.template == "unit.html"]
     assert len(units) == sum(LAYERS.values())
     assert all(isinstance(unit.record, UnitRecord) for unit in units)
-    code = "import sys, atlas.views; assert not {'torch', 'jinja2'} & set(sys.modules)"
+    code = "import sys, atlas.site.units; assert not {'torch', 'jinja2'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

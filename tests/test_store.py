@@ -14,8 +14,8 @@ from clihelpers import assert_bad_input, invoke, make_runner
 from tinymodels import tiny_model
 
 import atlas.files
-import atlas.work
-from atlas import planview, runner
+import atlas.optimize
+from atlas import plan_report, runner
 from atlas.cli import cli
 from atlas.config import AtlasConfig
 from atlas.errors import AtlasError
@@ -566,13 +566,13 @@ RUN = ["tinymodels:tiny", "--layers", "conv2", "--steps", "3", "--size", "32"]
 def optimized(monkeypatch):
     """Counts the units the engine optimizes (as layer:index) and the steps it is asked for."""
     calls = []
-    real_visualize = atlas.work.visualize
+    real_visualize = atlas.optimize.visualize
 
     def counting(model, targets, recipe, **kwargs):
         calls.append(([f"{t.layer}:{t.index}" for t in targets], recipe.steps))
         return real_visualize(model, targets, recipe, **kwargs)
 
-    monkeypatch.setattr(atlas.work, "visualize", counting)
+    monkeypatch.setattr(atlas.optimize, "visualize", counting)
     return calls
 
 
@@ -803,7 +803,7 @@ def plan_json(atlas_cli, *args) -> dict:
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    monkeypatch.setattr(planview, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(plan_report, "visible_gpus", lambda: 0)
 
 
 def test_plan_lists_units_tasks_and_todo(atlas_cli, optimized, cpu_only):

@@ -9,7 +9,7 @@ import torchvision
 from atlas import models
 from atlas.errors import AtlasError
 from atlas.layers import resolve
-from atlas.names import LOGITS
+from atlas.record import LOGITS
 
 # what torchvision's builder constructs before it loads each model's weights
 AS_BUILT_FOR_WEIGHTS = {

@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from PIL import Image
 from tinymodels import tiny_model
 
+from atlas.activations import model_inputs
 from atlas.cli import cli
 from atlas.layers import capture, run_forward
-from atlas.quality import model_inputs
 from atlas.site import render
 from atlas.store import Store
 

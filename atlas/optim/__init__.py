@@ -19,7 +19,7 @@ _HOMES = {
     ],
     "recipes": ["PRESETS", "Octave", "Recipe", "get"],
     "loop": ["UnitResult", "visualize"],
-    "sheet": ["grid"],
+    "contact_sheet": ["grid"],
 }
 _WHERE = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_WHERE)

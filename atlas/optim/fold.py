@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from atlas.layers import capture, module_device, run_forward
-from atlas.names import LOGITS
+from atlas.record import LOGITS
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ import torch
 
 from atlas.errors import AtlasError
 from atlas.layers import capture, deepest, resolve, run_forward
-from atlas.names import LOGITS
 from atlas.optim import transforms
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
@@ -33,6 +32,7 @@ from atlas.optim.objectives import diversity as diversity_term
 from atlas.optim.param import ImageParam, colour_matrix
 from atlas.optim.recipes import Recipe, check_timelapse
 from atlas.optim.relu import redirected_relus
+from atlas.record import LOGITS
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from atlas.names import LOGITS
+from atlas.record import LOGITS
 
 
 class _Composable:

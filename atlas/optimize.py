@@ -7,6 +7,7 @@ them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -19,6 +20,8 @@ from atlas.optim import visualize
 from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
 from atlas.record import VARIANT_FILE, UnitRecord, optimization_facts
+
+CALIBRATION_STEPS = 6  # time_task: the first is a warm-up; the median of the others is used
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -42,6 +45,21 @@ def images_per_unit(task: Task) -> int:
     return task.samples + len(task.units[0].variants)
 
 
+def task_targets(task: Task) -> list:
+    """The batch of a task: each unit's K samples, then its variants."""
+    return [
+        target
+        for unit in task.units
+        for target in [unit.target()] * task.samples + unit.variant_targets()
+    ]
+
+
+def unit_groups(results: list, task: Task) -> list[list]:
+    """The results of `task_targets(task)`, one list per unit."""
+    per_unit = images_per_unit(task)
+    return [results[first : first + per_unit] for first in range(0, len(results), per_unit)]
+
+
 def visualize_splitting(model, targets: list, task: Task, device: torch.device) -> list:
     """visualize() the batch; on a CUDA out-of-memory error, free memory and do each half
     separately (a unit's images stay together). Each image keeps its own random stream, so
@@ -63,22 +81,16 @@ def visualize_splitting(model, targets: list, task: Task, device: torch.device) 
     )
 
 
-def run_task(model, task: Task, device: str | None = None) -> dict:
+def optimize_task(model, task: Task, device: str | None = None) -> dict:
     """Optimize every unit of `task` (K images each, and its variants) in one batch, then
     measure what each is for (atlas.analysis: inputs, class effects, maps). A unit whose
     objective became NaN or infinite is returned as failed; the others are fine."""
     device = resolve_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the same shapes run hundreds of times
-    per_unit = images_per_unit(task)
-    targets = [
-        target
-        for unit in task.units
-        for target in [unit.target()] * task.samples + unit.variant_targets()
-    ]
     started = time.perf_counter()
-    results = visualize_splitting(model, targets, task, device)
-    groups = [results[first : first + per_unit] for first in range(0, len(results), per_unit)]
+    results = visualize_splitting(model, task_targets(task), task, device)
+    groups = unit_groups(results, task)
     samples = [result for group in groups for result in group[: task.samples]]
     analyses = analyse(
         model,
@@ -148,3 +160,36 @@ def _done(unit, task: Task, group: list, analysis, images: list[bytes], facts: d
     for name, result in zip(unit.variants, group[task.samples :], strict=True):
         files[f"{VARIANT_FILE}{name}"] = encode_image(result.image)
     return {"record": record, "images": images, "files": files}
+
+
+def time_task(
+    model, task: Task, steps: int = CALIBRATION_STEPS, device: str | None = None
+) -> float:
+    """Seconds per unit of `task` at its recipe's steps: a few timed steps of its batch (its K
+    samples and variants; the median step, robust to other load on a shared machine), scaled,
+    plus the analyses that follow them. What `atlas plan` estimates with when OUT has no
+    timings of earlier runs."""
+    device = resolve_device(device)
+    recipe = task.recipe.replace(steps=steps, octaves=())
+    stamps: list[float] = []
+    results = visualize(
+        model,
+        task_targets(task),
+        recipe,
+        device=device,
+        on_step=lambda *_: stamps.append(time.perf_counter()),
+    )
+    intervals = sorted(b - a for a, b in itertools.pairwise(stamps))
+    per_step = intervals[len(intervals) // 2]
+    samples = [r for group in unit_groups(results, task) for r in group[: task.samples]]
+    started = time.perf_counter()
+    analyse(
+        model,
+        [r.target for r in samples],
+        [r.image for r in samples],
+        [r.start for r in samples],
+        task.samples,
+        task.inputs_from,
+    )
+    analysis = time.perf_counter() - started
+    return (per_step * task.recipe.steps + analysis) / len(task.units)

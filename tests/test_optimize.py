@@ -4,7 +4,7 @@ import pytest
 import torch
 from tinymodels import tiny_model
 
-from atlas import work
+from atlas import optimize
 from atlas.config import AtlasConfig
 from atlas.optim import get
 from atlas.plan import make_plan, make_tasks
@@ -32,8 +32,8 @@ def one_task(model, channels: str, samples: int = 1):
 def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monkeypatch, samples):
     model = tiny_model()
     task = one_task(model, "0-4", samples)
-    whole = work.run_task(model, task)
-    real = work.visualize
+    whole = optimize.optimize_task(model, task)
+    real = optimize.visualize
     sizes, fitted = [], []
 
     def small_memory(model, targets, recipe, **options):
@@ -43,8 +43,8 @@ def test_a_batch_that_runs_out_of_memory_is_split_and_gives_the_same_images(monk
         fitted.append(len(targets))
         return real(model, targets, recipe, **options)
 
-    monkeypatch.setattr(work, "visualize", small_memory)
-    split = work.run_task(model, task)
+    monkeypatch.setattr(optimize, "visualize", small_memory)
+    split = optimize.optimize_task(model, task)
     assert sizes[:3] == [5 * samples, 2 * samples, 3 * samples]  # 5 -> 2 + 3 -> 2 + (1 + 2)
     assert sum(fitted) == 5 * samples and max(fitted) <= 2 * samples
     assert all(size % samples == 0 for size in sizes)  # K images of a unit stay together
@@ -58,14 +58,14 @@ def test_a_single_unit_that_does_not_fit_fails_with_the_error(monkeypatch):
     def no_memory(*args, **options):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(work, "visualize", no_memory)
+    monkeypatch.setattr(optimize, "visualize", no_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        work.run_task(model, one_task(model, "0"))
+        optimize.optimize_task(model, one_task(model, "0"))
 
 
 def test_records_carry_what_the_store_and_site_need():
     model = tiny_model()
-    result = work.run_task(model, one_task(model, "0-1", samples=2))
+    result = optimize.optimize_task(model, one_task(model, "0-1", samples=2))
     record = result["units"][0]["record"]
     assert record.status == "done" and record.samples == 2
     assert len(result["units"][0]["images"]) == 2 and len(record.image_seeds) == 2

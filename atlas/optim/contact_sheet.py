@@ -1,7 +1,6 @@
-"""grid(): a contact sheet of many results, one PIL image, for notebooks and quick looks.
-
-(Named sheet, not grid: a submodule called like the function it exports would replace that
-function as an attribute of atlas.optim once it is imported.)"""
+"""The contact sheet: grid() lays many results out in one PIL image, for notebooks and quick
+looks. (The module is not called `grid`: a submodule named like the function it exports would
+replace that function as an attribute of atlas.optim once it is imported.)"""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ The store writes manifest["checkpoints"] and each unit's "filmstrip", "change" a
 "change_from"; this module reads them tolerantly, so that an older atlas (no checkpoints) or a
 damaged entry shows no history rather than a failed page. One checkpoint is no history: the
 pages show the history only from two on (see timeline). This module imports neither torch, nor
-Jinja2, nor Pillow (atlas.site links the frames' images and reads their sizes).
+Jinja2, nor Pillow (atlas.site.linking links the frames' images and reads their sizes).
 """
 
 from __future__ import annotations
@@ -15,12 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from atlas.record import UnitRecord
-
-if TYPE_CHECKING:  # atlas.views holds the frames of each unit: it imports this module
-    from atlas.views import UnitView
 
 PLOT_WIDTH, PLOT_HEIGHT = 480, 120
 DIGEST_SHOWN = 8  # hex digits of a weights digest in the timeline
@@ -28,7 +24,7 @@ CHANGE_SORT = "change-high"  # the layer grid's sort by change, most changed fir
 
 
 @dataclass(frozen=True)
-class CheckpointView:
+class CheckpointEntry:
     """One checkpoint as the pages show it (an entry of manifest["checkpoints"])."""
 
     id: str
@@ -61,7 +57,7 @@ class Frame:
     it; `src` its link in the site (relative to the layer folder) once atlas.site linked it,
     None for a gap (the file is gone or damaged)."""
 
-    checkpoint: CheckpointView
+    checkpoint: CheckpointEntry
     change: float | None  # against the frame before it
     image: str | None
     position: int | None = None  # in the timeline; None: a checkpoint the timeline lacks
@@ -89,7 +85,7 @@ def score(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def timeline(manifest: dict) -> list[CheckpointView]:
+def timeline(manifest: dict) -> list[CheckpointEntry]:
     """The manifest's checkpoints, oldest first, when there are two or more (one checkpoint is
     no history: the pages stay as they were); entries with no string id are left out."""
     entries = manifest.get("checkpoints")
@@ -98,12 +94,12 @@ def timeline(manifest: dict) -> list[CheckpointView]:
     return found if len(found) > 1 else []
 
 
-def _checkpoint(entry: object) -> CheckpointView | None:
+def _checkpoint(entry: object) -> CheckpointEntry | None:
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
         return None
     means = entry.get("mean_change")
     units = entry.get("units")
-    return CheckpointView(
+    return CheckpointEntry(
         entry["id"],
         entry["label"] if isinstance(entry.get("label"), str) else None,
         entry["digest"] if isinstance(entry.get("digest"), str) else "",
@@ -116,8 +112,8 @@ def _checkpoint(entry: object) -> CheckpointView | None:
 
 
 def last_step(
-    checkpoints: Sequence[CheckpointView],
-) -> tuple[CheckpointView, CheckpointView] | None:
+    checkpoints: Sequence[CheckpointEntry],
+) -> tuple[CheckpointEntry, CheckpointEntry] | None:
     """The checkpoint before the one the site shows (the current one, else the newest), and
     that one: what "change since the previous checkpoint" compares. None without a history."""
     if not checkpoints:
@@ -127,7 +123,7 @@ def last_step(
     return checkpoints[max(position - 1, 0)], current
 
 
-def filmstrip(record: UnitRecord, checkpoints: Sequence[CheckpointView]) -> list[Frame]:
+def filmstrip(record: UnitRecord, checkpoints: Sequence[CheckpointEntry]) -> list[Frame]:
     """The record's frames, oldest first, each with its checkpoint (one the timeline does not
     list is known by its id alone). Entries that are no frame are left out; an entry whose
     image is no string is a gap."""
@@ -142,7 +138,7 @@ def filmstrip(record: UnitRecord, checkpoints: Sequence[CheckpointView]) -> list
         image = entry.get("image")
         frames.append(
             Frame(
-                checkpoint or CheckpointView(entry["checkpoint"]),
+                checkpoint or CheckpointEntry(entry["checkpoint"]),
                 score(entry.get("change")),
                 image if isinstance(image, str) else None,
                 position,
@@ -167,19 +163,3 @@ def change_dots(
         for frame in frames
         if frame.change is not None and frame.position is not None
     ]
-
-
-def grid_order(
-    units: Sequence[UnitView], checkpoints: Sequence[CheckpointView]
-) -> tuple[str, list[UnitView]]:
-    """The layer grid's default sort and its units in that order: most changed first when the
-    atlas has a history and some unit a score (what changed last night), else by index. Units
-    without a score go last; ties by index, as atlas.js sorts, so that the page without
-    JavaScript is in the order its sort box names."""
-    if not (checkpoints and any(unit.change is not None for unit in units)):
-        return "index", list(units)
-    return CHANGE_SORT, sorted(units, key=_most_changed_first)
-
-
-def _most_changed_first(unit: UnitView) -> tuple:
-    return (unit.change is None, -(unit.change or 0.0), unit.index)

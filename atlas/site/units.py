@@ -1,4 +1,4 @@
-"""Units as the site's pages show them: one UnitView per unit, read from its UnitRecord, and
+"""Units as the site's pages show them: one UnitPage per unit, read from its UnitRecord, and
 what each unit is for: the units that drive it (inputs), the units it drives (outputs), the
 classes it pushes, where it fires, and how far to trust its picture.
 
@@ -20,14 +20,10 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from atlas.history_view import Frame, score
-from atlas.names import LOGITS
-from atlas.record import UnitRecord
+from atlas.record import LOGITS, LOW_TRUST, UnitRecord
+from atlas.site.timeline import CHANGE_SORT, CheckpointEntry, Frame, score
 
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
-# Below this trust score the layer grid flags a unit. The score is atlas/trust.py's, which
-# holds the same threshold (it imports torch, which the site must not).
-LOW_TRUST = 0.2
 SHOWN_UP, SHOWN_DOWN = 6, 3  # exciting and inhibiting inputs (and outputs) a page shows
 PLANNED = ("layer", "index", "kind", "id", "label", "key")  # what a plan says of a unit
 
@@ -67,7 +63,7 @@ def ranked(pairs: Iterable[tuple], up: int, down: int, link: Callable[..., Link]
 
 
 @dataclass
-class UnitView:
+class UnitPage:
     """One unit as the pages show it. `record` is the manifest's UnitRecord (for a unit whose
     files are damaged, the record as planned, marked missing)."""
 
@@ -205,7 +201,7 @@ def curve_points(history, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) 
 
 
 def connect(
-    units_by_layer: dict[str, list[UnitView]], planned: list[str], labels: Sequence[str] = ()
+    units_by_layer: dict[str, list[UnitPage]], planned: list[str], labels: Sequence[str] = ()
 ) -> None:
     """Set every view's neighbouring planned layers, inputs, outputs, classes and trust
     layers. `planned` is the plan's layer order (the class logits last); a layer not in it has
@@ -219,7 +215,7 @@ def connect(
         if position is not None and layer != LOGITS and position + 1 < len(planned):
             after = planned[position + 1]
         # the next layer's units that weigh this layer's channels, inverted: channel -> units
-        driven: dict[int, list[tuple[UnitView, float]]] = {}
+        driven: dict[int, list[tuple[UnitPage, float]]] = {}
         measured = 0
         for target in units_by_layer.get(after, []) if after else []:
             if target.record.inputs_from != layer or not target.record.inputs:
@@ -268,7 +264,7 @@ def _name_order(name: str) -> tuple:
     return tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", name))
 
 
-def unit_link(view: UnitView | None, index: int, weight: float) -> Link:
+def unit_link(view: UnitPage | None, index: int, weight: float) -> Link:
     """A link to another unit's page, with its thumbnail when it has one; the bare channel
     number when the unit is not in the atlas."""
     if view is None:
@@ -285,7 +281,7 @@ def unit_link(view: UnitView | None, index: int, weight: float) -> Link:
 
 
 def class_link(
-    view: UnitView | None, index: int, effect: float, labels: Sequence[str] = ()
+    view: UnitPage | None, index: int, effect: float, labels: Sequence[str] = ()
 ) -> Link:
     """A class: its label, linked to its logit's page (with its picture) when the logit is in
     the atlas; "class <k>" when no label is known."""
@@ -327,3 +323,19 @@ def as_planned(record: UnitRecord) -> UnitRecord:
         change=None,
         filmstrip=(),
     )
+
+
+def grid_order(
+    units: Sequence[UnitPage], checkpoints: Sequence[CheckpointEntry]
+) -> tuple[str, list[UnitPage]]:
+    """The layer grid's default sort and its units in that order: most changed first when the
+    atlas has a history and some unit a score (what changed last night), else by index. Units
+    without a score go last; ties by index, as atlas.js sorts, so that the page without
+    JavaScript is in the order its sort box names."""
+    if not (checkpoints and any(unit.change is not None for unit in units)):
+        return "index", list(units)
+    return CHANGE_SORT, sorted(units, key=_most_changed_first)
+
+
+def _most_changed_first(unit: UnitPage) -> tuple:
+    return (unit.change is None, -(unit.change or 0.0), unit.index)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from atlas.estimate import estimate
+from atlas.estimate import estimate, unmeasured_layers
 from atlas.execute import visible_gpus
+from atlas.optimize import time_task
 from atlas.plan import load_and_plan, make_tasks
 from atlas.progress import format_duration
 from atlas.store import Store
+
+CALIBRATION_BATCH = 4  # units of a layer timed together
 
 
 def plan_summary(config, *, calibrate: bool) -> dict:
@@ -17,10 +20,13 @@ def plan_summary(config, *, calibrate: bool) -> dict:
     device = "cuda" if visible_gpus() else "cpu"
     all_tasks = make_tasks(plan, list(plan.units), device)
     todo_tasks = make_tasks(plan, todo, device)
-    estimates = {
-        e.layer: e
-        for e in estimate(plan, model, store.records(), calibrate=calibrate and bool(todo))
-    }
+    records = store.records()
+    timings = {}
+    if calibrate and todo:
+        for layer in unmeasured_layers(plan, records):
+            units = [unit for unit in plan.units if unit.layer == layer][:CALIBRATION_BATCH]
+            timings[layer] = time_task(model, make_tasks(plan, units, device)[0], device="cpu")
+    estimates = {e.layer: e for e in estimate(plan, records, timings)}
     layers = []
     for layer, units in plan.units_per_layer().items():
         left = sum(1 for unit in todo if unit.layer == layer)

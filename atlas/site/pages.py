@@ -1,0 +1,222 @@
+"""The pages of an atlas as data: index.html (the model and its layers), <layer>/index.html (a
+grid of every unit), <layer>/<index>.html (one unit) and search-index.js, each a Page
+(path, template, context) for the writer (atlas.site.writer).
+
+A damaged stored file never stops a build: it is named in one `warning:` line and its unit is
+shown as missing (the next `atlas run` redoes it); a manifest entry atlas cannot read has the
+manifest rebuilt from the unit files, which are the truth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from atlas.record import LOGITS, LOW_TRUST, UnitRecord
+from atlas.site import timeline
+from atlas.site.linking import linked_frames, unit_page
+from atlas.site.units import (
+    CURVE_HEIGHT,
+    CURVE_WIDTH,
+    PLANNED,
+    UnitPage,
+    as_planned,
+    connect,
+    grid_order,
+    parse_record,
+)
+from atlas.site.writer import Page
+from atlas.store import STATUSES, Store, layer_dirname
+
+PREVIEWS_PER_LAYER = 6
+
+
+def site_info(manifest: dict, units: list[dict]) -> dict:
+    """The facts every page shows, with defaults for manifests of interrupted runs."""
+    model = manifest.get("model") or {}
+    recipe = manifest.get("recipe") or {}
+    settings = manifest.get("recipe_settings") or {}
+    devices = sorted({u["device"] for u in units if u.get("device")})
+    return {
+        "spec": model.get("spec", "unknown model"),
+        "digest": model.get("digest", "?"),
+        "weights": model.get("weights") or "default",
+        "recipe": recipe.get("name", "?"),
+        "recipe_hash": recipe.get("hash", "?"),
+        "steps": settings.get("steps", "?"),
+        "size": settings.get("size", "?"),
+        "samples": manifest.get("samples", 1),
+        "seed": manifest.get("seed", 0),
+        "started": manifest.get("started", "?"),
+        "finished": manifest.get("finished"),
+        "devices": ", ".join(devices) or "?",
+        "atlas_version": manifest.get("atlas_version", "?"),
+        "torch_version": manifest.get("torch_version", "?"),
+    }
+
+
+def unit_records(
+    out: Path, manifest: dict, warn: Callable[[str], None]
+) -> tuple[dict, list[UnitRecord], dict[str, UnitRecord]]:
+    """The manifest, its unit records and its whole-layer images by layer. A manifest with an
+    entry that is no unit record atlas can read is damaged: it is rebuilt from the unit files
+    (which are the truth), as load_manifest does with one that is no JSON; a unit whose own
+    file is what is damaged is named and shown as missing."""
+    entries = manifest.get("units", [])
+    records = [parse_record(data) for data in entries]
+    if any(record is None for record in records):
+        warn("manifest.json is corrupt (a unit atlas cannot read); rebuilt from the unit files")
+        manifest = Store(out, warn).write_manifest()
+        entries = manifest["units"]
+        records = [parse_record(data) for data in entries]
+    shown, wholes = [], []
+    for record, data in zip(records, entries, strict=True):
+        if record is None:  # the unit's own file: the store took it for sound
+            record = parse_record({name: data.get(name) for name in PLANNED if name in data})
+            if record is None:
+                continue
+            name = f"units/{layer_dirname(record.layer)}/{record.index}.json"
+            warn(f"{name} has fields atlas cannot read; shown as missing (delete it to redo it)")
+            record = as_planned(record)
+        (shown if record.index is not None else wholes).append(record)
+    return manifest, shown, {record.layer: record for record in wholes}
+
+
+def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None]) -> list[Page]:
+    """Every page of the atlas: the index, a grid per layer, a page per unit and the search
+    index. Links the unit images into `site` and makes thumbnails on the way (see _unit_view).
+    Each damaged file is named once, though several units' filmstrips share it."""
+    warn = _once(warn)
+    manifest, records, wholes = unit_records(out, manifest, warn)
+    checkpoints = timeline.timeline(manifest)
+    layers = [dict(layer) for layer in manifest.get("layers", [])]
+    planned = [layer["name"] for layer in layers]
+    units_by_layer: dict[str, list[UnitPage]] = {name: [] for name in planned}
+    for record in records:
+        if record.layer not in units_by_layer:  # a layer no longer planned: its units are stale
+            units_by_layer[record.layer] = []
+            layers.append({"name": record.layer, "type": "not planned", "shape": []})
+        view = unit_page(out, site, record, warn)
+        if checkpoints:
+            frames = timeline.filmstrip(view.record, checkpoints)
+            view.filmstrip = linked_frames(out, site, view.layer_dir, frames, warn)
+        units_by_layer[record.layer].append(view)
+    connect(units_by_layer, planned, _labels(manifest))
+    for layer in layers:
+        layer["dir"] = layer_dirname(layer["name"])
+        layer["units"] = len(units_by_layer[layer["name"]])
+    counts_by_layer = {
+        name: Counter(unit.status for unit in units) for name, units in units_by_layer.items()
+    }
+    exemplars = manifest.get("exemplars") or {}
+    shown = sum(counts_by_layer.values(), Counter())  # a damaged unit counts as missing
+    common = {
+        "info": site_info(manifest, manifest.get("units", [])),
+        "counts": {status: shown.get(status, 0) for status in STATUSES},
+        "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
+        "low_trust": LOW_TRUST,
+        "timeline": checkpoints,
+    }
+    pages = []
+    search = []
+    model_labels = _labels(manifest)
+    labels = {}  # class index -> label, of the classes the search can name
+    for layer in layers:
+        units = units_by_layer[layer["name"]]
+        by_default, shown_units = grid_order(units, checkpoints)
+        context = {
+            **common,
+            "root": "../",
+            "layer": layer,
+            "units": shown_units,
+            "is_logits": layer["name"] == LOGITS,
+            "layer_counts": counts_by_layer[layer["name"]],
+            "sorts": _sorts(units),
+            "default_sort": by_default,
+            "last_step": timeline.last_step(checkpoints),
+            "push_filter": any(unit.classes.up for unit in units),
+            "low_trust_units": sum(unit.low_trust for unit in units),
+            "whole": _whole_layer(out, site, wholes.get(layer["name"]), warn),
+        }
+        whole_files = tuple(context["whole"].files()) if context["whole"] else ()
+        links = tuple(f"{layer['dir']}/{name}" for name in whole_files)
+        pages.append(Page(f"{layer['dir']}/index.html", "layer.html", context, links=links))
+        for position, unit in enumerate(units):
+            pages.append(_unit_page(common, layer, units, position))
+            label = unit.record.label or ""
+            pushes = [index for index, effect in unit.record.classes if effect > 0]
+            search.append([unit.record.id, label, f"{layer['dir']}/{unit.page}", pushes])
+            labels.update((str(k), model_labels[k]) for k in pushes if k < len(model_labels))
+            if layer["name"] == LOGITS and label:
+                labels[str(unit.index)] = label
+    previews = {
+        name: [unit for unit in units if unit.thumb][:PREVIEWS_PER_LAYER]
+        for name, units in units_by_layer.items()
+    }
+    context = {**common, "root": "", "layers": layers, "previews": previews}
+    pages.append(Page("index.html", "index.html", {**context, "status_by_layer": counts_by_layer}))
+    search_context = {"search": search, "labels": labels}
+    pages.append(Page("search-index.js", "search-index.js", search_context))
+    return pages
+
+
+def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    """`warn`, saying each message once (archived pictures are stored once by content)."""
+    said: set[str] = set()
+
+    def once(message: str) -> None:
+        if message not in said:
+            said.add(message)
+            warn(message)
+
+    return once
+
+
+def _whole_layer(
+    out: Path, site: Path, record: UnitRecord | None, warn: Callable[[str], None]
+) -> UnitPage | None:
+    """The layer's whole-layer image (`--variants layer`) as its page shows it, if done."""
+    if record is None or record.status != "done":
+        return None
+    view = unit_page(out, site, record, warn)
+    return view if view.images else None
+
+
+def _labels(manifest: dict) -> list[str]:
+    """The model's class labels as plan.json records them (none for older atlases)."""
+    labels = manifest.get("labels")
+    return [str(label) for label in labels] if isinstance(labels, list) else []
+
+
+def _sorts(units: list[UnitPage]) -> list[tuple[str, str]]:
+    """The orders the layer grid offers (value, name): by index, and by change since the
+    previous checkpoint, trust and activation ratio when some unit has one."""
+    sorts = [("index", "unit index")]
+    if any(unit.change is not None for unit in units):
+        sorts.append((timeline.CHANGE_SORT, "change since the previous checkpoint, most first"))
+    if any(unit.trust_score is not None for unit in units):
+        sorts += [("trust-low", "trust, lowest first"), ("trust-high", "trust, highest first")]
+    if any(unit.activation_ratio is not None for unit in units):
+        sorts += [
+            ("ratio-high", "activation ratio, highest first"),
+            ("ratio-low", "activation ratio, lowest first"),
+        ]
+    return sorts
+
+
+def _unit_page(common: dict, layer: dict, units: list[UnitPage], position: int) -> Page:
+    unit = units[position]
+    context = {
+        **common,
+        "root": "../",
+        "layer": layer,
+        "unit": unit,
+        "curve_size": (CURVE_WIDTH, CURVE_HEIGHT),
+        "plot_size": (timeline.PLOT_WIDTH, timeline.PLOT_HEIGHT),
+        "change_dots": timeline.change_dots(unit.filmstrip, len(common["timeline"])),
+        "previous": units[position - 1] if position > 0 else None,
+        "next": units[position + 1] if position + 1 < len(units) else None,
+    }
+    links = tuple(f"{layer['dir']}/{name}" for name in unit.files())
+    return Page(f"{layer['dir']}/{unit.page}", "unit.html", context, unit.record.id, links)
