@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import click
 
+from atlas.cluster import KINDS as CLUSTER_KINDS
 from atlas.errors import AtlasError
 from atlas.optim.recipes import DEFAULT as DEFAULT_RECIPE
 from atlas.optim.recipes import PRESETS
@@ -354,6 +355,11 @@ def run_options(function: Callable) -> Callable:
         ),
         click.option("--scheduler", help="local (default), inline, or tcp://host:port."),
         click.option(
+            "--cluster",
+            type=click.Choice(CLUSTER_KINDS),
+            help="Run the workers as batch jobs: slurm (settings: [cluster] in atlas.toml).",
+        ),
+        click.option(
             "--scheduler-file",
             type=click.Path(dir_okay=False),
             help="A Dask scheduler file (dask-jobqueue, `dask scheduler`).",
@@ -396,7 +402,9 @@ def run_command(force: bool, prune: bool, **options) -> None:
 
     config = dataclasses.replace(build_config(**options), force=force, prune=prune)
     progress = RunProgress()
-    summary = run_atlas(config, on_start=progress.start, on_progress=progress.update)
+    summary = run_atlas(
+        config, on_start=progress.start, on_progress=progress.update, on_cluster=progress.cluster
+    )
     progress.finish()
     click.echo(
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
