@@ -61,13 +61,20 @@ def _refusal(stderr: str) -> str:
 
 
 def cluster_class():
-    """dask-jobqueue's SLURMCluster, once the SLURM commands it runs are known to be here."""
+    """dask-jobqueue's SLURMCluster, once the SLURM commands it runs are known to be here.
+    Importing dask-jobqueue 0.9.0 makes Ctrl-C a silent sys.exit() (dask/dask-jobqueue#696):
+    the handler it replaces is put back, so that Ctrl-C still ends a run as interrupted."""
+    in_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT)
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise AtlasError(
             "--cluster slurm needs dask-jobqueue: pip install 'atlas[slurm]'"
         ) from None
+    finally:
+        if in_main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
     for command in ("sbatch", "squeue", "scancel", "sinfo"):
         if shutil.which(command) is None:
             raise AtlasError(
@@ -156,7 +163,7 @@ def describe(states: dict[str, tuple[str, str, str]], total: int) -> str:
         reasons = sorted({reason for _, reason in pending if reason and reason != "None"})
         line += f", {len(pending)} pending in partition {', '.join(partitions)}"
         line += f" ({', '.join(reasons)})" if reasons else ""
-    ended = total - len(states)
+    ended = total - counts["RUNNING"] - len(pending)  # completing, or gone from squeue
     return line + (f", {ended} ended" if ended > 0 else "")
 
 
