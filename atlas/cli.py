@@ -445,13 +445,22 @@ def compare_command(out_a: str, out_b: str, out: str, device: str | None) -> Non
     "--calibrate/--no-calibrate",
     default=True,
     show_default=True,
-    help="Time a few steps per layer when no earlier run has timings.",
+    help="Time a few steps per layer shape, where the run would compute, for the layers no "
+    "earlier run has timings of.",
 )
 def plan_command(as_json: bool, calibrate: bool, **options) -> None:
     """Show what `atlas run` would do: units and tasks per layer and an estimated time."""
     from atlas.plan_report import plan_summary, plan_table
+    from atlas.progress import RunProgress
 
-    summary = plan_summary(build_config(**options), calibrate=calibrate)
+    progress = RunProgress()
+    summary = plan_summary(
+        build_config(**options),
+        calibrate_layers=calibrate,
+        on_progress=progress.update,
+        on_cluster=progress.cluster,
+    )
+    progress.finish()
     click.echo(json.dumps(summary, indent=2) if as_json else plan_table(summary))
 
 

@@ -216,16 +216,6 @@ def _dashboard_link(client) -> str | None:
     return client.dashboard_link
 
 
-def dashboard_address() -> str | None:
-    """A free port for the Dask dashboard of a scheduler this process starts, when bokeh (which
-    draws it) is installed; None: no dashboard."""
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return None
-    return ":0"
-
-
 def _worker_environ(workers: int) -> dict[str, str]:
     """Dask's default worker environment, fixed for torch: Dask pins BLAS/OpenMP to one
     thread, and its MALLOC_TRIM_THRESHOLD_ turns off glibc's dynamic mmap threshold, so every
@@ -241,7 +231,12 @@ def _local_cluster():
     uses all CPU cores when there is no GPU."""
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
-    dashboard = dashboard_address()
+    try:
+        import bokeh  # noqa: F401
+
+        dashboard = ":0"
+    except ImportError:
+        dashboard = None
     gpus = visible_gpus()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ(gpus or 1)}):
         if gpus == 0:

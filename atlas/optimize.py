@@ -21,7 +21,7 @@ from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
 from atlas.record import VARIANT_FILE, UnitRecord, optimization_facts
 
-CALIBRATION_STEPS = 6  # time_task: the first is a warm-up; the median of the others is used
+CALIBRATION_STEPS = 4  # time_task: the first is a warm-up; the median of the others is used
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -193,3 +193,9 @@ def time_task(
     )
     analysis = time.perf_counter() - started
     return (per_step * task.recipe.steps + analysis) / len(task.units)
+
+
+def calibration_task(model, task: Task) -> dict:
+    """`time_task` as an executor's task: timed where the run's tasks would be computed (a
+    GPU worker of the cluster gives GPU figures)."""
+    return {"seconds_per_unit": time_task(model, task)}

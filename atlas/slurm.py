@@ -32,7 +32,6 @@ import dask
 
 from atlas.cluster import ClusterConfig
 from atlas.errors import AtlasError, did_you_mean
-from atlas.execute import dashboard_address
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def cluster_options(config: ClusterConfig) -> dict:
         "log_directory": config.logs,
         "nanny": workers > 1,
         "worker_extra_args": ["--preload", "atlas.slurm"] if workers > 1 else [],
-        "scheduler_options": {"dashboard_address": dashboard_address()},
+        "scheduler_options": {"dashboard_address": ":0"},  # any free port, never 8787's
         "silence_logs": logging.ERROR,
     }
 
