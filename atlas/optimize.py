@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 
 import torch
@@ -21,7 +22,7 @@ from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
 from atlas.record import VARIANT_FILE, UnitRecord, optimization_facts
 
-CALIBRATION_STEPS = 4  # time_task: the first is a warm-up; the median of the others is used
+CALIBRATION_STEPS = 4  # time_task: a warm-up, one step as the first ones, two as the others
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -165,12 +166,15 @@ def _done(unit, task: Task, group: list, analysis, images: list[bytes], facts: d
 def time_task(
     model, task: Task, steps: int = CALIBRATION_STEPS, device: str | None = None
 ) -> float:
-    """Seconds per unit of `task` at its recipe's steps: a few timed steps of its batch (its K
-    samples and variants; the median step, robust to other load on a shared machine), scaled,
-    plus the analyses that follow them. What `atlas plan` estimates with when OUT has no
-    timings of earlier runs."""
+    """Seconds per unit of `task` at its recipe's steps, from a few timed steps of its batch
+    (its K samples and variants), scaled, plus the analyses that follow them. The first step
+    is a warm-up; the recipe's first `redirect_relu` steps redirect ReLU gradients, which costs
+    a host sync per ReLU (atlas.optim.relu), so the next step is timed as those and the others
+    (their median, robust to other load on a shared machine) as the rest. What `atlas plan`
+    estimates with when OUT has no timings of earlier runs."""
     device = resolve_device(device)
-    recipe = task.recipe.replace(steps=steps, octaves=())
+    redirected = min(task.recipe.redirect_relu, task.recipe.steps)
+    recipe = task.recipe.replace(steps=steps, octaves=(), redirect_relu=min(redirected, 2))
     stamps: list[float] = []
     results = visualize(
         model,
@@ -179,8 +183,9 @@ def time_task(
         device=device,
         on_step=lambda *_: stamps.append(time.perf_counter()),
     )
-    intervals = sorted(b - a for a, b in itertools.pairwise(stamps))
-    per_step = intervals[len(intervals) // 2]
+    intervals = [b - a for a, b in itertools.pairwise(stamps)]
+    per_step = statistics.median(intervals[1:] if redirected else intervals)
+    per_redirected = intervals[0] if redirected else per_step
     samples = [r for group in unit_groups(results, task) for r in group[: task.samples]]
     started = time.perf_counter()
     analyse(
@@ -192,7 +197,8 @@ def time_task(
         task.inputs_from,
     )
     analysis = time.perf_counter() - started
-    return (per_step * task.recipe.steps + analysis) / len(task.units)
+    stepping = per_redirected * redirected + per_step * (task.recipe.steps - redirected)
+    return (stepping + analysis) / len(task.units)
 
 
 def calibration_task(model, task: Task) -> dict:

@@ -140,6 +140,24 @@ def test_a_tiny_atlas_runs_on_a_worker_job_that_ends_with_it(slurm, tmp_path):
 
 
 @pytest.mark.slurm
+def test_plan_times_each_layer_shape_on_a_worker_job(slurm, tmp_path, monkeypatch):
+    """conv1, conv2 and the logits: three shapes, each timed on the worker job (which finds
+    the model's module on the PYTHONPATH of atlas's process)."""
+    monkeypatch.setenv("PYTHONPATH", environment()["PYTHONPATH"])
+    found = invoke("plan", "tinymodels:tiny", "--layers", "conv1", "--layers", "conv2",
+                   "--channels", "0-3", "--classes", "0-1", "--steps", "8", "--size", "32",
+                   "--cluster", "slurm", "--out", tmp_path / "atlas", "--json")  # fmt: skip
+    assert found.exit_code == 0, found.output
+    assert "1 of 1 worker jobs running" in found.stderr
+    assert "3/3 layer shapes" in found.stderr
+    summary = json.loads(found.stdout)
+    assert summary["device"] == "cpu" and summary["calibration_failures"] == []
+    assert [row["estimate_from"] for row in summary["layers"]] == ["calibration"] * 3
+    assert all(row["seconds_per_unit"] > 0 for row in summary["layers"])
+    assert not (tmp_path / "atlas" / "units").exists()  # planning stores nothing
+
+
+@pytest.mark.slurm
 def test_queued_jobs_are_reported_and_ctrl_c_cancels_every_job(slurm, tmp_path, gate):
     """Two jobs that each take every core of the node: one runs, the other waits in the
     queue, and the progress line says so; Ctrl-C then cancels both."""
@@ -218,6 +236,12 @@ def test_bad_cluster_settings_are_one_line(slurm, tmp_path):
     config = cluster_toml(tmp_path / "b.toml", memory="900TB")
     found = invoke(*base, "--config", config)
     assert_bad_input(found, "sbatch refuses the worker job", "node configuration")
+    config = cluster_toml(tmp_path / "c.toml", python="/nowhere/python")
+    found = invoke(*base, "--config", config)  # submitted: the jobs' line comes first
+    assert found.exit_code == 2 and "Traceback" not in found.output
+    last = found.stderr.splitlines()[-1]
+    assert last.startswith("error: the worker jobs ended before a worker joined: ")
+    assert "/nowhere/python: No such file or directory" in last and "slurm-logs" in last
     assert not jobs()
 
 
@@ -258,6 +282,8 @@ def test_the_nightly_sbatch_script_runs_and_queues_the_next_night(slurm, tmp_pat
         wait_for(two_nights, 240, "the second night's checkpoint")
     finally:
         subprocess.run(["scancel", "--name", "atlas-nightly"], check=False, timeout=60)
+    shown = (ROOT / "docs" / "history.md").read_text()  # the script as the docs show it
+    assert all(line in shown for line in NIGHTLY.read_text().splitlines() if line[:2] != "# ")
     nights = sorted(tmp_path.glob("slurm-*.out"))
     assert len(nights) >= 2
     assert "4 done, 0 failed" in nights[0].read_text()
