@@ -65,7 +65,7 @@ start() {
 
   local host cpus memory
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(( $(nproc) > 4 ? $(nproc) : 4 ))  # at least 4: tests' jobs mostly wait, on a gate
   memory=$(awk '/MemTotal/ { print int($2 / 1024 * 0.8) }' /proc/meminfo)
   cat >"$dir/slurm.conf" <<EOF
 ClusterName=atlas-test
@@ -88,6 +88,7 @@ SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1
 ReturnToService=2
+SlurmdParameters=config_overrides
 KillWait=2
 MinJobAge=30
 InactiveLimit=0

@@ -16,6 +16,7 @@ as settings checked here, so that a typo is one line before any job is submitted
     python = "/shared/venv/bin/python"                # the workers' interpreter
     interface = "ib0"         # the network the workers reach the scheduler on
     logs = "/shared/atlas-logs"                       # job logs; default OUT/slurm-logs
+    name = "atlas-resnet50"   # the jobs' name in squeue (default atlas-worker)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ KINDS = ("slurm",)
 LOGS = "slurm-logs"  # the job logs' folder in OUT, unless `logs` says otherwise
 # SLURM's time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes and days-hours:minutes:seconds
+_NAME = re.compile(r"^[\w.-]+$")
 _WALLTIME = re.compile(r"^(\d+-\d+(:\d+(:\d+)?)?|\d+(:\d+){0,2})$")
 
 
@@ -52,6 +54,7 @@ class ClusterConfig:
     python: str | None = None  # default: the interpreter that runs atlas
     interface: str | None = None
     logs: str = ""
+    name: str = "atlas-worker"  # the jobs' name: runs at once are told apart by it
 
     @property
     def adaptive(self) -> bool:
@@ -143,6 +146,10 @@ def _check(config: ClusterConfig, table: dict) -> None:
             "[cluster] sbatch lines are options such as --account=vision",
         ),
         (config.partition != "", "[cluster] partition must not be empty"),
+        (
+            bool(_NAME.match(config.name)),
+            "[cluster] name must be letters, digits, '.', '_' or '-'",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -35,7 +35,6 @@ from atlas.errors import AtlasError, did_you_mean
 
 log = logging.getLogger(__name__)
 
-JOB_NAME = "atlas-worker"  # what squeue shows
 POLL_SECONDS = 1.0
 # Dask drops a job whose worker left after this long (its default: 15s); only then is it
 # submitted again
@@ -100,7 +99,7 @@ def cluster_options(config: ClusterConfig) -> dict:
         "job_cpu": config.cores,
         "memory": config.memory,
         "walltime": config.walltime,
-        "job_name": JOB_NAME,
+        "job_name": config.name,
         "job_extra_directives": [f"--gres=gpu:{config.gpus}"] * bool(config.gpus)
         + list(config.sbatch),
         "job_script_prologue": prologue + list(config.prologue),
@@ -140,11 +139,12 @@ def check_job_script(script: str) -> None:
         raise AtlasError(f"sbatch refuses the worker job: {_refusal(tested.stderr)}")
 
 
-def squeue(ids: set[str]) -> dict[str, tuple[str, str, str]]:
-    """State, partition and reason of those of `ids` that SLURM still lists."""
+def squeue(ids: set[str], name: str) -> dict[str, tuple[str, str, str]]:
+    """State, partition and reason of those of `ids` (jobs named `name`) that SLURM still
+    lists."""
     if not ids:
         return {}
-    listed = _slurm("squeue", "-h", "-n", JOB_NAME, "-o", "%i|%T|%P|%r")
+    listed = _slurm("squeue", "-h", "-n", name, "-o", "%i|%T|%P|%r")
     if listed.returncode != 0:
         raise RuntimeError(f"squeue failed: {_refusal(listed.stderr)}")
     rows = (line.split("|", 3) for line in listed.stdout.splitlines() if line.count("|") == 3)
@@ -201,7 +201,7 @@ class WorkerJobs:
         workers Dask lost (it keeps wanting as many as before)."""
         ids = self.job_ids()
         self.submitted |= ids
-        self.states, self.polled = squeue(ids), ids
+        self.states, self.polled = squeue(ids, self.config.name), ids
         if self.running_since is None and any(s == "RUNNING" for s, _, _ in self.states.values()):
             self.running_since = time.monotonic()
         line = describe(self.states, len(ids))
@@ -241,7 +241,8 @@ class WorkerJobs:
 
     def why(self) -> str:
         """The last line a worker job wrote to its error log, and where the logs are."""
-        logs = sorted(Path(self.config.logs).glob(f"{JOB_NAME}-*.err"), key=os.path.getmtime)
+        pattern = f"{self.config.name}-*.err"
+        logs = sorted(Path(self.config.logs).glob(pattern), key=os.path.getmtime)
         for path in reversed(logs):
             lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
             if lines:
@@ -258,7 +259,7 @@ class WorkerJobs:
         try:
             self.cluster.close()
         finally:
-            left = squeue(self.submitted)
+            left = squeue(self.submitted, self.config.name)
             if left:
                 _slurm("scancel", *sorted(left))
 

@@ -1,11 +1,15 @@
 """The [cluster] table and --cluster: settings checked in one line, the worker job script that
-dask-jobqueue writes from them, and the line that says what the jobs are doing. The jobs
-themselves run in tests/test_slurm.py."""
+dask-jobqueue writes from them, the line that says what the jobs are doing, and the pinning of
+the workers of a several-GPU job (real Dask workers). The jobs themselves run in
+tests/test_slurm.py."""
 
+import os
+import subprocess
 import sys
 
 import pytest
 from clihelpers import assert_bad_input, invoke
+from test_execute import DASK, environment, wait_for
 
 from atlas import config
 from atlas.cluster import ClusterConfig
@@ -116,3 +120,36 @@ def test_the_jobs_line_counts_running_pending_and_ended():
     assert describe({"7": ("COMPLETING", "debug", "None")}, 1) == (
         "0 of 1 worker jobs running, 1 ended"
     )
+
+
+@pytest.mark.slow  # processes
+def test_workers_of_a_several_gpu_job_take_one_gpu_each(tmp_path):
+    """`--preload atlas.slurm` (a job with gpus = 2): `dask worker --nworkers 2` names its
+    workers <job>-0 and <job>-1, and each keeps its own of the job's GPUs."""
+    from distributed import Client
+
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**environment(), "CUDA_VISIBLE_DEVICES": "3,5"}
+    started = [
+        subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0",
+                          "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([DASK, "worker", "--scheduler-file", str(scheduler_file),
+                          "--nworkers", "2", "--nthreads", "1", "--name", "job-7",
+                          "--preload", "atlas.slurm", "--no-dashboard", "--host", "127.0.0.1"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    try:
+        wait_for(scheduler_file.exists, 60, "the scheduler")
+        with Client(scheduler_file=str(scheduler_file), timeout="20s") as client:
+            client.wait_for_workers(2, timeout=120)
+            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+            visible = client.run(os.environ.get, "CUDA_VISIBLE_DEVICES")
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert {names[address]: devices for address, devices in visible.items()} == {
+        "job-7-0": "3",
+        "job-7-1": "5",
+    }

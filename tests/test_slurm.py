@@ -1,7 +1,8 @@
 """atlas on a real one-node SLURM that .ci/slurm.sh starts on this machine: worker jobs and the
-progress line while they queue, faults under the scheduler (scancel, walltime), Ctrl-C, bad
-input, and the nightly sbatch chain of docs/history.md. Also the GPU pinning of several workers
-in one job, on real Dask worker processes."""
+progress line while they queue, `atlas plan` timing on a worker job, faults under the
+scheduler (scancel, walltime), Ctrl-C, bad input, and the nightly sbatch chain of
+docs/history.md. SLURM ends a job at its walltime a minute (and up to its 30 s check) after it
+started, so the run that meets it starts with the module and waits at its gate meanwhile."""
 
 import json
 import os
@@ -15,15 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 from clihelpers import assert_bad_input, invoke
-from test_execute import DASK, check_complete, environment, stored, wait_for
+from test_execute import check_complete, environment, stored, wait_for
 
 from atlas import models
+
+pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / ".ci" / "slurm.sh"
 NIGHTLY = ROOT / "docs" / "examples" / "nightly.sbatch"
 GATED = ["tinymodels:gated", "--layers", "conv2", "--channels", "0-3", "--classes", ""]
 GATED += ["--steps", "4", "--size", "32", "--batch", "1"]  # 4 tasks that wait at the gate
+TIMED_OUT = "atlas-timed-out"  # the worker jobs of the run that meets its walltime
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +59,17 @@ def slurm_command(*args: str) -> str:
     return subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
 
 
-def jobs(state: str = "pending,running,completing") -> dict[str, str]:
-    """Job id -> name of the jobs SLURM lists in `state` (by default all that are not over)."""
+def jobs(state: str = "pending,running,completing", name: str | None = None) -> dict[str, str]:
+    """Job id -> name of the jobs SLURM lists in `state` (by default all that are not over),
+    only those named `name` when given."""
     listed = slurm_command("squeue", "-h", "-t", state, "-o", "%i %j")
-    return dict(line.split(" ", 1) for line in listed.splitlines() if line.strip())
+    found = dict(line.split(" ", 1) for line in listed.splitlines() if line.strip())
+    return {job: named for job, named in found.items() if name in (None, named)}
 
 
-@pytest.fixture(autouse=True)
-def no_job_left_behind(request):
-    """Every test ends with SLURM's queue empty: atlas cancelled its worker jobs."""
-    yield
-    if "slurm" not in request.fixturenames:
-        return
-    try:
-        wait_for(lambda: not jobs(), 30, "the queue to empty")
-    finally:
-        subprocess.run(["scancel", "--user", str(os.getuid())], check=False, timeout=60)
+def ours() -> list[str]:
+    """The jobs not of the run that meets its walltime (it outlives the tests before it)."""
+    return sorted(job for job, name in jobs().items() if name != TIMED_OUT)
 
 
 class Atlas:
@@ -104,19 +103,18 @@ class Atlas:
             self.process.wait()
 
 
-@pytest.fixture
-def gate(tmp_path):
-    """The file that holds the gated model's steps (tinymodels.gated) while it exists."""
-    path = tmp_path / "gate"
-    path.touch()
-    yield path
-    path.unlink(missing_ok=True)
-
-
 def cluster_toml(path: Path, **settings) -> Path:
     lines = ["[cluster]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def gated_run(folder: Path, gate: Path, **cluster) -> tuple[Atlas, Path]:
+    """A run of 4 tasks held at `gate` (tinymodels.gated), on worker jobs of `cluster`."""
+    out, config = folder / "atlas", cluster_toml(folder / "atlas.toml", memory="2GB", **cluster)
+    run = Atlas(folder / "log", "run", *GATED, "--config", config, "--out", out,
+                env={"ATLAS_TEST_GATE": str(gate)})  # fmt: skip
+    return run, out
 
 
 def job_logs(out: Path) -> dict[str, str]:
@@ -124,8 +122,42 @@ def job_logs(out: Path) -> dict[str, str]:
     return {p.stem.rsplit("-", 1)[1]: p.read_text() for p in (out / "slurm-logs").glob("*.err")}
 
 
-@pytest.mark.slurm
-def test_a_tiny_atlas_runs_on_a_worker_job_that_ends_with_it(slurm, tmp_path):
+@pytest.fixture(scope="module", autouse=True)
+def timed_out(slurm, tmp_path_factory):
+    """The run whose one worker job meets its walltime of a minute: started first, its tasks
+    held at its gate until the last test opens it (after that job's end and its successor's
+    start), so that the minute passes while the other tests run."""
+    folder = tmp_path_factory.mktemp("timed-out")
+    gate = folder / "gate"
+    gate.touch()
+    run, out = gated_run(folder, gate, walltime="1", name=TIMED_OUT)
+    yield run, out, gate
+    gate.unlink(missing_ok=True)
+    run.kill()
+    subprocess.run(["scancel", "--name", TIMED_OUT], check=False, timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def no_job_left_behind(slurm):
+    """Every test ends with its jobs gone from SLURM's queue: atlas cancelled them."""
+    yield
+    try:
+        wait_for(lambda: not ours(), 30, "the queue to empty")
+    finally:
+        if left := ours():
+            subprocess.run(["scancel", *left], check=False, timeout=60)
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """The file that holds the gated model's steps while it exists."""
+    path = tmp_path / "gate"
+    path.touch()
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_a_tiny_atlas_runs_on_a_worker_job_that_ends_with_it(tmp_path):
     out = tmp_path / "atlas"
     run = Atlas(tmp_path / "log", "run", "tinymodels:tiny", "--layers", "conv1",
                 "--channels", "0-3", "--classes", "0-1", "--steps", "2", "--size", "32",
@@ -139,8 +171,7 @@ def test_a_tiny_atlas_runs_on_a_worker_job_that_ends_with_it(slurm, tmp_path):
     assert f"JOB {job} ON" in log and "CANCELLED" in log  # ended by atlas, not by a limit
 
 
-@pytest.mark.slurm
-def test_plan_times_each_layer_shape_on_a_worker_job(slurm, tmp_path, monkeypatch):
+def test_plan_times_each_layer_shape_on_a_worker_job(tmp_path, monkeypatch):
     """conv1, conv2 and the logits: three shapes, each timed on the worker job (which finds
     the model's module on the PYTHONPATH of atlas's process)."""
     monkeypatch.setenv("PYTHONPATH", environment()["PYTHONPATH"])
@@ -157,20 +188,16 @@ def test_plan_times_each_layer_shape_on_a_worker_job(slurm, tmp_path, monkeypatc
     assert not (tmp_path / "atlas" / "units").exists()  # planning stores nothing
 
 
-@pytest.mark.slurm
-def test_queued_jobs_are_reported_and_ctrl_c_cancels_every_job(slurm, tmp_path, gate):
-    """Two jobs that each take every core of the node: one runs, the other waits in the
-    queue, and the progress line says so; Ctrl-C then cancels both."""
-    (cpus,) = slurm_command("sinfo", "-h", "-N", "-o", "%c").split()
-    config = cluster_toml(tmp_path / "atlas.toml", jobs=2, cores=int(cpus), memory="2GB")
-    out = tmp_path / "atlas"
-    run = Atlas(tmp_path / "log", "run", *GATED, "--config", config, "--out", out,
-                env={"ATLAS_TEST_GATE": str(gate)})  # fmt: skip
+def test_queued_jobs_are_reported_and_ctrl_c_cancels_every_job(tmp_path, gate):
+    """Two jobs that each take every idle core of the node: one runs, the other waits in
+    the queue, and the progress line says so; Ctrl-C then cancels both."""
+    (cpus,) = slurm_command("sinfo", "-h", "-N", "-o", "%C").split()  # allocated/idle/...
+    run, out = gated_run(tmp_path, gate, jobs=2, cores=int(cpus.split("/")[1]))
     try:
         queued = "1 of 2 worker jobs running, 1 pending in partition debug (Resources)"
         wait_for(lambda: run.says(queued), 120, "a job running and one queued")
         wait_for(lambda: Path(f"{gate}.held").exists(), 120, "a task on the worker")
-        assert len(jobs("running")) == 1 and len(jobs("pending")) == 1
+        assert list(jobs("running", "atlas-worker")) and list(jobs("pending", "atlas-worker"))
         run.process.send_signal(signal.SIGINT)
         output = run.wait(60)
     finally:
@@ -178,24 +205,15 @@ def test_queued_jobs_are_reported_and_ctrl_c_cancels_every_job(slurm, tmp_path, 
     assert run.process.returncode == 130, output
     assert output.strip().splitlines()[-1] == "interrupted", output
     assert "Traceback" not in output
-    wait_for(lambda: not jobs(), 15, "both jobs to be gone")
+    wait_for(lambda: not ours(), 15, "both jobs to be gone")
     assert stored(out) == [] and not list(out.rglob("*.tmp"))
 
 
-def run_past_a_lost_job(tmp_path, gate, config: Path, lose) -> tuple[Atlas, Path, str]:
-    """Starts a gated run, waits until its worker job holds a task, calls `lose(job)` and
-    waits for the job that replaces it; then opens the gate. Returns the finished run, OUT
-    and the id of the lost job."""
-    out = tmp_path / "atlas"
-    run = Atlas(tmp_path / "log", "run", *GATED, "--config", config, "--out", out,
-                env={"ATLAS_TEST_GATE": str(gate)})  # fmt: skip
+def finish(run: Atlas, out: Path, gate: Path) -> None:
+    """Opens the gate of a run whose held tasks no job has finished, and checks that the
+    run completes with every unit done and whole."""
     try:
-        wait_for(lambda: run.says("4 units to do"), 120, "the worker to join")
-        wait_for(lambda: Path(f"{gate}.held").exists(), 60, "a task on the worker")
-        (first,) = jobs("running")
-        lose(first)
-        wait_for(lambda: set(jobs("running")) - {first}, 150, "a job to replace the lost one")
-        assert stored(out) == []  # every task was held: the lost job finished none
+        assert stored(out) == []  # every task was held: no job finished one
         gate.unlink()
         output = run.wait(300)
     finally:
@@ -203,33 +221,28 @@ def run_past_a_lost_job(tmp_path, gate, config: Path, lose) -> tuple[Atlas, Path
     assert run.process.returncode == 0, output
     assert "4 done, 0 failed, 0 already stored of 4 units" in output
     check_complete(out, 4)
-    return run, out, first
 
 
-@pytest.mark.slurm
-def test_a_cancelled_worker_job_is_replaced_and_its_tasks_rerun(slurm, tmp_path, gate):
-    config = cluster_toml(tmp_path / "atlas.toml", min_jobs=1, max_jobs=1, memory="2GB")
-    _, out, first = run_past_a_lost_job(
-        tmp_path, gate, config, lambda job: slurm_command("scancel", job)
-    )
+def test_a_cancelled_worker_job_is_replaced_and_its_tasks_rerun(tmp_path, gate):
+    """Adaptive between 1 and 1 job: the job is cancelled mid-task, a new one is submitted,
+    and the cancelled job's tasks are computed there."""
+    name = "atlas-cancelled"
+    run, out = gated_run(tmp_path, gate, min_jobs=1, max_jobs=1, name=name)
+    try:
+        wait_for(lambda: run.says("4 units to do"), 120, "the worker to join")
+        wait_for(lambda: Path(f"{gate}.held").exists(), 60, "a task on the worker")
+        (first,) = jobs("running", name)
+        slurm_command("scancel", first)
+        wait_for(lambda: set(jobs("running", name)) - {first}, 60, "a job in its place")
+    except BaseException:
+        run.kill()
+        raise
+    finish(run, out, gate)
     logs = job_logs(out)
-    assert len(logs) == 2 and f"JOB {first} ON" in logs[first]
+    assert len(logs) == 2 and f"JOB {first} ON" in logs[first] and "CANCELLED" in logs[first]
 
 
-@pytest.mark.slurm
-def test_a_worker_job_past_its_walltime_is_replaced(slurm, tmp_path, gate):
-    """SLURM ends a job a minute (and up to its 30 s check) after it started."""
-    config = cluster_toml(tmp_path / "atlas.toml", walltime="1", memory="2GB")
-
-    def time_out(job: str) -> None:
-        wait_for(lambda: job not in jobs("running"), 150, "the job's time limit")
-
-    _, out, first = run_past_a_lost_job(tmp_path, gate, config, time_out)
-    assert "DUE TO TIME LIMIT" in job_logs(out)[first]
-
-
-@pytest.mark.slurm
-def test_bad_cluster_settings_are_one_line(slurm, tmp_path):
+def test_bad_cluster_settings_are_one_line(tmp_path):
     base = ["run", "tinymodels:tiny", "--layers", "conv1", "--out", tmp_path / "atlas"]
     config = cluster_toml(tmp_path / "a.toml", partition="gpus")
     assert_bad_input(invoke(*base, "--config", config), "no partition 'gpus'", "debug")
@@ -242,11 +255,9 @@ def test_bad_cluster_settings_are_one_line(slurm, tmp_path):
     last = found.stderr.splitlines()[-1]
     assert last.startswith("error: the worker jobs ended before a worker joined: ")
     assert "/nowhere/python: No such file or directory" in last and "slurm-logs" in last
-    assert not jobs()
 
 
-@pytest.mark.slurm
-def test_the_nightly_sbatch_script_runs_and_queues_the_next_night(slurm, tmp_path):
+def test_the_nightly_sbatch_script_runs_and_queues_the_next_night(tmp_path):
     """docs/examples/nightly.sbatch, with the next night 5 seconds away: two nights, a new
     checkpoint in each (the training job, here the test, replaced the weights in between)."""
     module = models.load("tinymodels:tiny").module
@@ -270,53 +281,37 @@ def test_the_nightly_sbatch_script_runs_and_queues_the_next_night(slurm, tmp_pat
         except (OSError, ValueError):
             return {}
 
+    def two_nights() -> bool:
+        manifest = out / "manifest.json"
+        found = json.loads(manifest.read_text()) if manifest.exists() else {}
+        return [c["complete"] for c in found.get("checkpoints", [])] == [True, True]
+
     try:  # the first night has loaded last.pt: the training job writes the next checkpoint
         wait_for(lambda: plan().get("checkpoint", {}).get("seq") == 1, 180, "the first night")
         (tmp_path / "next.pt").replace(tmp_path / "last.pt")
-
-        def two_nights() -> bool:
-            manifest = out / "manifest.json"
-            found = json.loads(manifest.read_text()) if manifest.exists() else {}
-            return [c["complete"] for c in found.get("checkpoints", [])] == [True, True]
-
         wait_for(two_nights, 240, "the second night's checkpoint")
     finally:
         subprocess.run(["scancel", "--name", "atlas-nightly"], check=False, timeout=60)
     shown = (ROOT / "docs" / "history.md").read_text()  # the script as the docs show it
     assert all(line in shown for line in NIGHTLY.read_text().splitlines() if line[:2] != "# ")
-    nights = sorted(tmp_path.glob("slurm-*.out"))
+    nights = sorted(tmp_path.glob("slurm-*.out"), key=lambda p: int(p.stem.split("-")[1]))
     assert len(nights) >= 2
-    assert "4 done, 0 failed" in nights[0].read_text()
-    assert "Submitted batch job" in nights[0].read_text()  # it queued the next night first
+    first = nights[0].read_text()
+    assert first.startswith("Submitted batch job") and "4 done, 0 failed" in first
 
 
-def test_workers_of_a_several_gpu_job_take_one_gpu_each(tmp_path):
-    """`--preload atlas.slurm` (a job with gpus = 2): `dask worker --nworkers 2` names its
-    workers <job>-0 and <job>-1, and each keeps its own of the job's GPUs."""
-    from distributed import Client
+def test_a_worker_job_past_its_walltime_is_replaced(timed_out):
+    """The run started with the module: its job meets its walltime with a task held, a job
+    takes its place, and the run completes there."""
+    run, out, gate = timed_out
 
-    scheduler_file = tmp_path / "scheduler.json"
-    env = {**environment(), "CUDA_VISIBLE_DEVICES": "3,5"}
-    started = [
-        subprocess.Popen([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0",
-                          "--no-dashboard", "--scheduler-file", str(scheduler_file)],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-        subprocess.Popen([DASK, "worker", "--scheduler-file", str(scheduler_file),
-                          "--nworkers", "2", "--nthreads", "1", "--name", "job-7",
-                          "--preload", "atlas.slurm", "--no-dashboard", "--host", "127.0.0.1"],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    ]  # fmt: skip
+    def timed_out_jobs() -> set[str]:
+        return {job for job, log in job_logs(out).items() if "DUE TO TIME LIMIT" in log}
+
     try:
-        wait_for(scheduler_file.exists, 60, "the scheduler")
-        with Client(scheduler_file=str(scheduler_file), timeout="20s") as client:
-            client.wait_for_workers(2, timeout=120)
-            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
-            visible = client.run(os.environ.get, "CUDA_VISIBLE_DEVICES")
-    finally:
-        for process in started:
-            process.kill()
-            process.wait()
-    assert {names[address]: devices for address, devices in visible.items()} == {
-        "job-7-0": "3",
-        "job-7-1": "5",
-    }
+        wait_for(timed_out_jobs, 150, "the job's time limit")
+        wait_for(lambda: set(jobs("running", TIMED_OUT)) - timed_out_jobs(), 60, "a new job")
+    except BaseException:
+        run.kill()
+        raise
+    finish(run, out, gate)
