@@ -144,7 +144,7 @@ def test_workers_of_a_several_gpu_job_take_one_gpu_each(tmp_path):
         with Client(scheduler_file=str(scheduler_file), timeout="20s") as client:
             client.wait_for_workers(2, timeout=120)
             names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
-            visible = client.run(os.environ.get, "CUDA_VISIBLE_DEVICES")
+            visible = client.run(os.getenv, "CUDA_VISIBLE_DEVICES")
     finally:
         for process in started:
             process.kill()
