@@ -20,7 +20,6 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     out = "atlas-out"
     scheduler = "local"                   # local | inline | tcp://host:port
     scheduler_file = ""
-    [cluster]                             # worker jobs on SLURM instead (atlas.cluster)
     label = "step-12000"                  # names this run's checkpoint (atlas history)
     keep = 30                             # checkpoints kept in OUT, the newest
 
@@ -31,6 +30,9 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
 
     [channels_per_layer]
     "blocks.8" = "0-15"
+
+    [cluster]                             # worker jobs on SLURM, not `scheduler` (atlas.cluster)
+    partition = "gpu"
 """
 
 from __future__ import annotations

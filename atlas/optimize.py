@@ -22,7 +22,12 @@ from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
 from atlas.record import VARIANT_FILE, UnitRecord, optimization_facts
 
-CALIBRATION_STEPS = 4  # time_task: a warm-up, one step as the first ones, two as the others
+CALIBRATION_STEPS = 3  # time_task: a warm-up and two timed steps
+# What a task costs besides its plain steps, in plain steps of its batch (measured here: the
+# analyses 2 for Lite0 to 5.5 for ResNet-50; the recipe's first `redirect_relu` = 8 steps a
+# host sync per ReLU, 1.3x to 2x a plain step). Timing it would cost a calibration more than
+# its steps do, for 1-2% of a 512-step unit.
+OVERHEAD_STEPS = 8
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -167,38 +172,22 @@ def time_task(
     model, task: Task, steps: int = CALIBRATION_STEPS, device: str | None = None
 ) -> float:
     """Seconds per unit of `task` at its recipe's steps, from a few timed steps of its batch
-    (its K samples and variants), scaled, plus the analyses that follow them. The first step
-    is a warm-up; the recipe's first `redirect_relu` steps redirect ReLU gradients, which costs
-    a host sync per ReLU (atlas.optim.relu), so the next step is timed as those and the others
-    (their median, robust to other load on a shared machine) as the rest. What `atlas plan`
-    estimates with when OUT has no timings of earlier runs."""
+    (its K samples and variants), scaled: the first step is a warm-up, the others' median
+    (robust to other load on a shared machine) stands for every step, plus OVERHEAD_STEPS.
+    What `atlas plan` estimates with when OUT has no timings of earlier runs."""
     device = resolve_device(device)
-    redirected = min(task.recipe.redirect_relu, task.recipe.steps)
-    recipe = task.recipe.replace(steps=steps, octaves=(), redirect_relu=min(redirected, 2))
+    redirect = min(task.recipe.redirect_relu, 1)  # the warm-up only: the timed steps are plain
+    recipe = task.recipe.replace(steps=steps, octaves=(), redirect_relu=redirect)
     stamps: list[float] = []
-    results = visualize(
+    visualize(
         model,
         task_targets(task),
         recipe,
         device=device,
         on_step=lambda *_: stamps.append(time.perf_counter()),
     )
-    intervals = [b - a for a, b in itertools.pairwise(stamps)]
-    per_step = statistics.median(intervals[1:] if redirected else intervals)
-    per_redirected = intervals[0] if redirected else per_step
-    samples = [r for group in unit_groups(results, task) for r in group[: task.samples]]
-    started = time.perf_counter()
-    analyse(
-        model,
-        [r.target for r in samples],
-        [r.image for r in samples],
-        [r.start for r in samples],
-        task.samples,
-        task.inputs_from,
-    )
-    analysis = time.perf_counter() - started
-    stepping = per_redirected * redirected + per_step * (task.recipe.steps - redirected)
-    return (stepping + analysis) / len(task.units)
+    per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    return per_step * (task.recipe.steps + OVERHEAD_STEPS) / len(task.units)
 
 
 def calibration_task(model, task: Task) -> dict:

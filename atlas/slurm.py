@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +47,10 @@ COMMAND_TIMEOUT = 60  # seconds for one sbatch, squeue, sinfo or scancel
 
 
 def _slurm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AtlasError(f"SLURM's {args[0]} did not answer within {COMMAND_TIMEOUT} s") from None
 
 
 def _refusal(stderr: str) -> str:
@@ -153,16 +155,16 @@ def squeue(ids: set[str], name: str) -> dict[str, tuple[str, str, str]]:
 
 def describe(states: dict[str, tuple[str, str, str]], total: int) -> str:
     """'2 of 4 worker jobs running, 2 pending in partition gpu (Resources)'."""
-    counts = Counter(state for state, _, _ in states.values())
+    running = sum(state == "RUNNING" for state, _, _ in states.values())
     pending = [(partition, reason) for state, partition, reason in states.values()
                if state in PENDING]  # fmt: skip
-    line = f"{counts['RUNNING']} of {total} worker jobs running"
+    line = f"{running} of {total} worker jobs running"
     if pending:
         partitions = sorted({partition for partition, _ in pending})
         reasons = sorted({reason for _, reason in pending if reason and reason != "None"})
         line += f", {len(pending)} pending in partition {', '.join(partitions)}"
         line += f" ({', '.join(reasons)})" if reasons else ""
-    ended = total - counts["RUNNING"] - len(pending)  # completing, or gone from squeue
+    ended = total - running - len(pending)  # completing, or gone from squeue
     return line + (f", {ended} ended" if ended > 0 else "")
 
 
@@ -259,7 +261,10 @@ class WorkerJobs:
         try:
             self.cluster.close()
         finally:
-            left = squeue(self.submitted, self.config.name)
+            try:
+                left = set(squeue(self.submitted, self.config.name))
+            except (AtlasError, RuntimeError):  # no answer: cancel them all to be sure
+                left = self.submitted
             if left:
                 _slurm("scancel", *sorted(left))
 
