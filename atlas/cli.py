@@ -386,6 +386,11 @@ def run_command(force: bool, prune: bool, **options) -> None:
     progress = RunProgress()
     summary = run_atlas(config, on_start=progress.start, on_progress=progress.update)
     progress.finish()
+    if summary.rekeyed:
+        click.echo(
+            f"kept {summary.rekeyed} units stored before preprocessing was part of unit keys, "
+            "as made with the preprocessing of now (`atlas run --force` redoes them)"
+        )
     click.echo(
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"

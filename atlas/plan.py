@@ -133,7 +133,17 @@ def unit_key(
     """The unit's content key; `identity` is the model's (LoadedModel.identity), `source` its
     layer's LayerInfo.source and `inputs` the layer its circuit reads (what the record's
     inputs are channels of); `index` None is the layer's whole-layer image."""
-    fields = [identity, source, index, recipe.hash, samples, seed, ENGINE_VERSION, timelapse, inputs]
+    fields = [
+        identity,
+        source,
+        index,
+        recipe.hash,
+        samples,
+        seed,
+        ENGINE_VERSION,
+        timelapse,
+        inputs,
+    ]
     fields += [list(variants)] if variants else []  # in the key only when asked for
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 

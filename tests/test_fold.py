@@ -106,7 +106,7 @@ def test_visualize_gives_what_the_unfolded_model_gives(monkeypatch):
     model = bn_model()
     targets = [channel("relu2", 3), logit(1)]
     folded = visualize(model, targets, QUICK, seed=2)
-    monkeypatch.setattr("atlas.optim.loop.running_module", lambda m, hooked: m.module)
+    monkeypatch.setattr("atlas.optim.loop.running_module", lambda m, hooked, **_: m.module)
     plain = visualize(model, targets, QUICK, seed=2)
     for a, b in zip(folded, plain, strict=True):
         np.testing.assert_allclose(a.history, b.history, rtol=1e-3, atol=1e-3)

@@ -70,7 +70,9 @@ class Preprocessing:
 
     def as_json(self) -> dict:
         """As plan.json and results.json record it: mean and std rather than the affine map."""
-        normalization = {"other": self.other} if self.other else {"mean": self.mean, "std": self.std}
+        normalization = (
+            {"other": self.other} if self.other else {"mean": self.mean, "std": self.std}
+        )
         return {
             **normalization,
             "size": list(self.size),
@@ -166,6 +168,15 @@ class LoadedModel:
         if preprocessing == self.legacy:
             return self.digest
         return f"{self.digest}+{preprocessing.digest}"
+
+    def preprocessing_facts(self) -> dict:
+        """The preprocessing as plan.json and results.json record it (and the site shows it)."""
+        preprocessing = self.preprocessing
+        return {
+            **preprocessing.as_json(),
+            "described": preprocessing.describe(),
+            "from": self.preprocessing_from,
+        }
 
     def keep_keys(self) -> LoadedModel:
         """This model, read as it is, keyed as before preprocessing was keyed: for sources

@@ -21,7 +21,9 @@ def _is_model_file(spec: str) -> bool:
 
 
 def _describe() -> list[str]:
-    return ["FILE.pt                 a TorchScript file (its logits only), ImageNet mean/std, 224 px"]
+    return [
+        "FILE.pt                 a TorchScript file (its logits only), ImageNet mean/std, 224 px"
+    ]
 
 
 @register_source("torchscript", accepts=_is_model_file, describe=_describe, rank=40)
