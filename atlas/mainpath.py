@@ -24,6 +24,7 @@ ViT-B/16 its patch embedding and 12 encoder blocks, Swin-T its patch embedding, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,12 @@ def _mixes(module: nn.Module) -> bool:
 
 
 def _node(value: object) -> object:
+    """The autograd node of a module's input or output: the tensor itself, the first of a
+    tuple, or the last tensor of a mapping (a transformers ModelOutput: its pooled output when
+    it has one, which is what the classifier reads, else its last hidden state)."""
+    if isinstance(value, Mapping):
+        tensors = [v for v in value.values() if isinstance(v, torch.Tensor)]
+        value = tensors[-1] if tensors else None
     tensor = value[0] if isinstance(value, tuple | list) and value else value
     return tensor.grad_fn if isinstance(tensor, torch.Tensor) else None
 

@@ -35,10 +35,10 @@ class InputNormalization(nn.Module):
         return images * self.scale + self.shift
 
 
-def _rounded(values) -> tuple[float, ...]:
+def _rounded(values, digits: int = 6) -> tuple[float, ...]:
     """Six significant digits: equal settings written two ways (1/0.229 in float32 or 64)
     compare and hash equal."""
-    return tuple(float(f"{float(v):.6g}") for v in values)
+    return tuple(float(f"{float(v):.{digits}g}") for v in values)
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,11 @@ class Preprocessing:
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return _rounded(-b / a for a, b in zip(self.scale, self.shift, strict=True))
+        return _rounded((-b / a for a, b in zip(self.scale, self.shift, strict=True)), 5)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return _rounded(1 / a for a in self.scale)
+        return _rounded((1 / a for a in self.scale), 5)
 
     @property
     def digest(self) -> str:
