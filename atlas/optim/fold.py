@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from atlas.errors import describe
 from atlas.layers import capture, deepest, module_device, run_forward
 from atlas.names import LOGITS
 
@@ -205,7 +206,7 @@ def running_module(model, hooked: Collection[str], with_logits: bool = True) -> 
                 )
         return module if cache["differs"] & set(checked) else cache["copy"]
     except Exception as error:  # a layout folding does not know: run the model as it is
-        log.warning("%s: BatchNorm not folded (%s); runs unfolded", model.spec, error)
+        log.warning("%s: BatchNorm not folded (%s); runs unfolded", model.spec, describe(error))
         cache.clear()
         cache["pairs"] = []
         return module
