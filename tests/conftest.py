@@ -25,6 +25,7 @@ SLOW_FILES = {
     "test_site_browser.py",
     "test_trust_lite0.py",
     "test_tvmodels.py",
+    "test_zoos.py",
 }
 
 

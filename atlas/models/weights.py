@@ -42,9 +42,11 @@ def pickled_class(path: Path) -> str | None:
                 names.append(".".join(strings[-2:]))
     except (OSError, StopIteration, zipfile.BadZipFile, ValueError):
         return None
-    if not any(n.startswith("torch.nn.modules.") for n in names):
+    modules = [n for n in names if n.startswith("torch.nn.modules.")]
+    if not modules:
         return None
-    return next((n for n in names if not n.startswith(("torch.", "collections."))), names[0])
+    library = ("torch.", "collections.", "builtins.", "__builtin__.", "copyreg.", "_codecs.")
+    return next((n for n in names if not n.startswith(library)), modules[0])
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
