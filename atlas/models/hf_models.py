@@ -105,6 +105,19 @@ def processor_settings(processor: object, config: object) -> tuple[dict, str]:
     return settings, f"its image processor ({type(processor).__name__})"
 
 
+def _name_the_architecture(config: object) -> None:
+    """A config written from scratch names no architecture; where its model type has more than
+    one classifier (DeiT: with and without its distillation head), transformers then fails to
+    choose: take the first, the plain classifier."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as CLASSIFIERS,
+    )
+
+    named = CLASSIFIERS.get(getattr(config, "model_type", None))
+    if not getattr(config, "architectures", None) and isinstance(named, tuple | list):
+        config.architectures = [named[0]]
+
+
 def _labels(config: object) -> tuple[str, ...] | None:
     id2label = getattr(config, "id2label", None) or {}
     labels = tuple(str(id2label[i]) for i in sorted(id2label, key=int))
@@ -128,6 +141,7 @@ def load(spec: str, weights: str | None) -> LoadedModel:
     except (OSError, ValueError) as error:
         raise _not_here(spec, name, error) from error
     auto = transformers.AutoModelForImageClassification
+    _name_the_architecture(config)
     try:
         if weights:  # random, or a state-dict file loaded into the random build
             with seeded_init():
