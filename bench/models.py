@@ -70,7 +70,12 @@ HF_ARCHITECTURES = {
     "cvt": {},
     "deit": {},
     "dinov2": {},
-    "efficientnet": {"width_coefficient": 1.0, "depth_coefficient": 1.0, "image_size": 224},
+    "efficientnet": {
+        "width_coefficient": 1.0,
+        "depth_coefficient": 1.0,
+        "hidden_dim": 1280,
+        "image_size": 224,
+    },
     "focalnet": {},
     "levit": {},
     "mobilenet_v2": {},

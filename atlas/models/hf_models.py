@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from pathlib import Path
 
 from torch import nn
 
@@ -60,10 +61,13 @@ def _logits(_module: nn.Module, _inputs: tuple, output) -> object:
 
 
 def _not_here(spec: str, name: str, error: Exception) -> AtlasError:
+    """A folder without what it needs, or a name the local cache lacks: one line."""
+    if Path(name).is_dir():
+        return AtlasError(f"{spec}: {describe(error)}")
     return AtlasError(
-        f"{spec}: {describe(error)}; atlas does not download: on a networked machine run "
-        f"`hf download {name}` and copy the Hugging Face cache here, or give a folder with "
-        "config.json (hf:path/to/folder) and --weights random"
+        f"{spec} is not in the local Hugging Face cache and atlas does not download: on a "
+        f"networked machine run `hf download {name}` and copy the Hugging Face cache here, or "
+        "give a folder with its config.json (hf:path/to/folder) and --weights random"
     )
 
 

@@ -68,7 +68,8 @@ def _pretrained_cfg(timm, name: str):
 
 
 def cached_weights(cfg) -> tuple[Path | None, str]:
-    """(the local file of a pretrained cfg's weights or None, what to fetch to get it)."""
+    """(the local file of a pretrained cfg's weights or None, what to do on a networked
+    machine to get it)."""
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
@@ -77,11 +78,11 @@ def cached_weights(cfg) -> tuple[Path | None, str]:
             found = try_to_load_from_cache(cfg.hf_hub_id, filename)
             if isinstance(found, str):
                 return Path(found), cfg.hf_hub_id
-        return None, f"`hf download {cfg.hf_hub_id}` into the Hugging Face cache"
+        return None, f"run `hf download {cfg.hf_hub_id}` and copy the Hugging Face cache here"
     if cfg.url:
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
-        return (cached if cached.is_file() else None), f"{cfg.url} into {cached.parent}"
-    return None, "its weights (timm names no source for them)"
+        return (cached if cached.is_file() else None), f"put {cfg.url} in {cached.parent}"
+    return None, "find its weights (timm names no source for them)"
 
 
 def _labels(module) -> tuple[str, ...] | None:
@@ -122,8 +123,8 @@ def load(spec: str, weights: str | None) -> LoadedModel:
         if found is None:
             raise AtlasError(
                 f"{spec}: the weights {cfg.hf_hub_id or cfg.url or name} are not on this "
-                f"machine and atlas does not download: on a networked machine fetch {fetch} "
-                "and copy it here, or pass --weights random or a state-dict file"
+                f"machine and atlas does not download: on a networked machine {fetch}, or pass "
+                "--weights random or a state-dict file"
             )
         module = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": found})
         weights_path = str(found)
