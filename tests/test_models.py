@@ -3,9 +3,6 @@ with its ImageNet weights, torchvision architectures, factories, TorchScript fil
 discovery on small models built here."""
 
 import re
-import sys
-import textwrap
-import uuid
 from collections import OrderedDict
 
 import numpy as np
@@ -331,13 +328,9 @@ def head_first():
 
 
 @pytest.fixture
-def factories(tmp_path, monkeypatch):
+def factories(importable):
     """The name of a fresh importable module holding the factories above."""
-    name = f"atlas_test_factories_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORIES))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+    return importable(FACTORIES)
 
 
 def test_factory_returning_a_module_gets_imagenet_defaults(factories):

@@ -4,8 +4,6 @@ unit while the keys of before stay where atlas chose it, and a plain module in t
 
 import json
 import sys
-import textwrap
-import uuid
 
 import numpy as np
 import pytest
@@ -67,13 +65,9 @@ def bad_cfg():
 
 
 @pytest.fixture
-def factories(tmp_path, monkeypatch):
+def factories(importable):
     """The name of a fresh importable module holding the factories above."""
-    name = f"atlas_test_preprocessing_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORIES))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+    return importable(FACTORIES)
 
 
 def plan_keys(spec: str, **flags) -> dict[str, str]:
@@ -245,59 +239,40 @@ def test_visualize_takes_a_plain_module_and_refuses_anything_else():
 # --- runs: a changed normalization reruns; atlases made before keep their units once -------------
 
 
-def run(spec: str, out, *extra):
-    return invoke(
-        "run",
-        spec,
-        "--layers",
-        "1",
-        "--channels",
-        "0-1",
-        "--classes",
-        "0",
-        "--steps",
-        "2",
-        "--size",
-        "16",
-        "--scheduler",
-        "inline",
-        "--out",
-        out,
-        *extra,
-    )
+SMALL = [
+    "--channels",
+    "0-1",
+    "--classes",
+    "0",
+    "--steps",
+    "2",
+    "--size",
+    "16",
+]  # 3 units, 2 steps each
+
+
+def run(spec: str, layer: str, out) -> object:
+    return invoke("run", spec, "--layers", layer, *SMALL, "--scheduler", "inline", "--out", out)
+
+
+def plan(spec: str, layer: str, out) -> object:
+    return invoke("plan", spec, "--layers", layer, *SMALL, "--no-calibrate", "--out", out)
 
 
 def test_a_changed_factory_normalization_reruns_its_units(factories, tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setenv("ATLAS_TEST_MEAN", "0.5")
-    first = run(f"{factories}:with_cfg", out)
+    first = run(f"{factories}:with_cfg", "1", out)
     assert "3 done, 0 failed, 0 already stored of 3 units" in first.stdout, first.output
-    plan = json.loads((out / "plan.json").read_text())
-    assert plan["model"]["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
-    assert plan["model"]["preprocessing"]["size"] == [40, 40]
-    again = run(f"{factories}:with_cfg", out)
+    recorded = json.loads((out / "plan.json").read_text())["model"]["preprocessing"]
+    assert (recorded["mean"], recorded["size"]) == ([0.5, 0.5, 0.5], [40, 40])
+    again = run(f"{factories}:with_cfg", "1", out)
     assert "0 done, 0 failed, 3 already stored of 3 units" in again.stdout, again.output
     monkeypatch.setenv("ATLAS_TEST_MEAN", "0.45")  # the factory's normalization corrected
     sys.modules.pop(factories)
-    planned = invoke(
-        "plan",
-        f"{factories}:with_cfg",
-        "--layers",
-        "1",
-        "--channels",
-        "0-1",
-        "--classes",
-        "0",
-        "--steps",
-        "2",
-        "--size",
-        "16",
-        "--no-calibrate",
-        "--out",
-        out,
-    )
+    planned = plan(f"{factories}:with_cfg", "1", out)
     assert "3 of 3 units to do" in planned.stdout, planned.output
-    rerun = run(f"{factories}:with_cfg", out)
+    rerun = run(f"{factories}:with_cfg", "1", out)
     assert "3 done, 0 failed, 0 already stored of 3 units" in rerun.stdout, rerun.output
     site = (out / "site" / "index.html").read_text()
     assert "40x40, bicubic, crop 0.875, mean 0.45,0.45,0.45 std 0.5,0.5,0.5" in site
@@ -306,23 +281,7 @@ def test_a_changed_factory_normalization_reruns_its_units(factories, tmp_path, m
 def test_an_atlas_made_before_preprocessing_was_keyed_keeps_its_units_once(tmp_path):
     out = tmp_path / "out"
     spec = "tinymodels:tiny"
-    args = (
-        "--layers",
-        "conv2",
-        "--channels",
-        "0-1",
-        "--classes",
-        "0",
-        "--steps",
-        "2",
-        "--size",
-        "16",
-        "--scheduler",
-        "inline",
-        "--out",
-        out,
-    )
-    assert invoke("run", spec, *args).exit_code == 0
+    assert run(spec, "conv2", out).exit_code == 0
     # made as atlas made it before: keys of the weights digest alone, no preprocessing recorded
     model = models.load(spec)
     config = config_module.build(
@@ -338,16 +297,16 @@ def test_an_atlas_made_before_preprocessing_was_keyed_keeps_its_units_once(tmp_p
     for path in (out / "units").glob("*/*.json"):
         record = json.loads(path.read_text())
         path.write_text(json.dumps({**record, "key": before[record["id"]]}))
-    plan = json.loads((out / "plan.json").read_text())
-    del plan["model"]["preprocessing"]
-    (out / "plan.json").write_text(json.dumps(plan))
+    recorded = json.loads((out / "plan.json").read_text())
+    del recorded["model"]["preprocessing"]
+    (out / "plan.json").write_text(json.dumps(recorded))
 
-    planned = invoke("plan", spec, *args[:-4], "--no-calibrate", "--out", out)
+    planned = plan(spec, "conv2", out)
     assert "3 units stored before preprocessing was part of unit keys are kept" in planned.stdout
     assert "0 of 3 units to do" in planned.stdout
-    result = invoke("run", spec, *args)
+    result = run(spec, "conv2", out)
     assert result.exit_code == 0, result.output
     assert "kept 3 units stored before preprocessing was part of unit keys" in result.stdout
     assert "0 done, 0 failed, 3 already stored of 3 units" in result.stdout
-    again = invoke("run", spec, *args)
+    again = run(spec, "conv2", out)
     assert "kept" not in again.stdout and "3 already stored" in again.stdout

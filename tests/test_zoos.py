@@ -16,6 +16,9 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 
+QUICK = ["--weights", "random", "--steps", "2", "--size", "32"]  # a 2-step visualize
+
+
 def layer_rows(stdout: str) -> dict[str, list[str]]:
     """`atlas layers` rows by layer name: [mark, type, kind, shape, channels, ...]."""
     rows = {}
@@ -81,21 +84,8 @@ def test_timm_batchnorm_act_models_read_and_run(spec, layer, tmp_path):
     main_path = defaults(listed.stdout)
     assert len(main_path) >= 8 and layer_rows(listed.stdout)[layer][2] == "map"
     middle = main_path[len(main_path) // 2]
-    shown = invoke(
-        "visualize",
-        spec,
-        f"{layer}:0",
-        f"{middle}:1",
-        "logits:goldfish",
-        "--weights",
-        "random",
-        "--steps",
-        "2",
-        "--size",
-        "32",
-        "--out",
-        tmp_path,
-    )
+    targets = [f"{layer}:0", f"{middle}:1", "logits:goldfish"]
+    shown = invoke("visualize", spec, *targets, *QUICK, "--out", tmp_path)
     assert shown.exit_code == 0, shown.output
     assert "logits:1 (goldfish)" in shown.stdout  # timm's ImageNet classes
     results = json.loads((tmp_path / "results.json").read_text())
@@ -232,20 +222,8 @@ def test_hf_vit_tokens_logits_and_labels(hf_folders, tmp_path):
     assert rows["vit.layers.1.cls"][-3:-1] == ["cls-token", "32"]
     assert rows["logits"][1:] == ["output", "vector", "5", "5"]
     assert defaults(listed.stdout)[-2:] == ["vit.layers.0", "vit.layers.1"]
-    shown = invoke(
-        "visualize",
-        spec,
-        "vit.layers.1:3",
-        "logits:thing2",
-        "--weights",
-        "random",
-        "--steps",
-        "2",
-        "--size",
-        "32",
-        "--out",
-        tmp_path / "shown",
-    )
+    targets = ["vit.layers.1:3", "logits:thing2"]
+    shown = invoke("visualize", spec, *targets, *QUICK, "--out", tmp_path / "shown")
     assert shown.exit_code == 0, shown.output
     assert "logits:2 (thing2)" in shown.stdout
     out = tmp_path / "run"

@@ -13,7 +13,6 @@ optional extra: `pip install 'atlas[hf]'`.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 from atlas.errors import AtlasError, describe
 from atlas.models.loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, seeded_init
 from atlas.models.plain import wrap
-from atlas.models.registry import prefixed, register_source
+from atlas.models.registry import installed, optional, prefixed, register_source
 from atlas.models.weights import RANDOM, apply_weights, names_a_file
 
 PREFIX = "hf:"
@@ -30,28 +29,11 @@ PREFIX = "hf:"
 RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
 
 
-def _transformers():
-    if importlib.util.find_spec("transformers") is None:
-        raise AtlasError(
-            "Hugging Face models need transformers: pip install 'atlas[hf]' "
-            "(or pip install transformers)"
-        )
-    import transformers
-
-    return transformers
-
-
 def _describe() -> list[str]:
-    if importlib.util.find_spec("transformers") is None:
-        where = "not installed: pip install 'atlas[hf]'"
-    else:
-        from importlib.metadata import version
-
-        where = f"transformers {version('transformers')}"
     return [
-        f"hf:ORG/NAME, hf:FOLDER  a Hugging Face image classifier ({where}), read with its image "
-        "processor; from the local Hugging Face cache or a folder with config.json, "
-        "--weights FILE or random"
+        f"hf:ORG/NAME, hf:FOLDER  a Hugging Face image classifier "
+        f"({installed('transformers', 'hf')}), read with its image processor; from the local "
+        "Hugging Face cache or a folder with config.json, --weights FILE or random"
     ]
 
 
@@ -133,7 +115,7 @@ def _labels(config: object) -> tuple[str, ...] | None:
 @register_source("hf", accepts=prefixed(PREFIX), describe=_describe, rank=21)
 def load(spec: str, weights: str | None) -> LoadedModel:
     """`hf:ORG/NAME` or `hf:FOLDER` with its own weights, a state-dict file or random ones."""
-    transformers = _transformers()
+    transformers = optional("transformers", "hf", "Hugging Face models")
     name = spec.removeprefix(PREFIX)
     if weights and weights != RANDOM and not names_a_file(weights):
         raise AtlasError(

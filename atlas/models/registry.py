@@ -5,8 +5,11 @@ and files; `atlas models` lists them in that order."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 
 from atlas.errors import AtlasError, did_you_mean
 from atlas.models.loaded import LoadedModel
@@ -52,6 +55,21 @@ def register_source(
 def prefixed(prefix: str) -> Callable[[str], bool]:
     """`accepts` for a source whose specs start with `prefix` (`timm:`)."""
     return lambda spec: spec.startswith(prefix)
+
+
+def optional(package: str, extra: str, what: str):
+    """`package` imported, or an AtlasError saying how to install it: the zoos atlas reads
+    beside torchvision are optional extras."""
+    if importlib.util.find_spec(package) is None:
+        raise AtlasError(f"{what} need {package}: pip install 'atlas[{extra}]' (or {package})")
+    return importlib.import_module(package)
+
+
+def installed(package: str, extra: str) -> str:
+    """`timm 1.0.31`, or how to install it, for `atlas models`."""
+    if importlib.util.find_spec(package) is None:
+        return f"not installed: pip install 'atlas[{extra}]'"
+    return f"{package} {version(package)}"
 
 
 def sources() -> list[ModelSource]:

@@ -10,7 +10,6 @@ never downloads, as with HF_HUB_OFFLINE=1. An optional extra: `pip install 'atla
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -19,31 +18,17 @@ from atlas.errors import AtlasError, did_you_mean
 from atlas.models.lite import imagenet_labels
 from atlas.models.loaded import LoadedModel, seeded_init
 from atlas.models.plain import from_pretrained_cfg, wrap
-from atlas.models.registry import prefixed, register_source
+from atlas.models.registry import installed, optional, prefixed, register_source
 from atlas.models.weights import RANDOM, apply_weights, names_a_file
 
 PREFIX = "timm:"
 HF_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for on the hub, in order
 
 
-def _timm():
-    if importlib.util.find_spec("timm") is None:
-        raise AtlasError("timm models need timm: pip install 'atlas[timm]' (or pip install timm)")
-    import timm
-
-    return timm
-
-
 def _describe() -> list[str]:
-    if importlib.util.find_spec("timm") is None:
-        where = "not installed: pip install 'atlas[timm]'"
-    else:
-        from importlib.metadata import version
-
-        where = f"timm {version('timm')}"
     return [
-        f"timm:NAME[.TAG]         a timm model ({where}), read with its pretrained_cfg; "
-        "weights from the local Hugging Face cache, --weights TAG, FILE or random"
+        f"timm:NAME[.TAG]         a timm model ({installed('timm', 'timm')}), read with its "
+        "pretrained_cfg; weights from the local Hugging Face cache, --weights TAG, FILE or random"
     ]
 
 
@@ -105,7 +90,7 @@ def _labels(module) -> tuple[str, ...] | None:
 def load(spec: str, weights: str | None) -> LoadedModel:
     """`timm:NAME` with pretrained weights from the local cache, a tag (--weights TAG), a
     state-dict file, or random (seeded: every process builds the same weights)."""
-    timm = _timm()
+    timm = optional("timm", "timm", "timm models")
     name = spec.removeprefix(PREFIX)
     architecture = _architecture(timm, name)
     is_file = bool(weights) and weights != RANDOM and names_a_file(weights)
