@@ -12,7 +12,6 @@ the network: they are bundled, a local file, or a local cache (torch hub, Huggin
 import importlib
 import pkgutil
 
-from atlas.models.lite import DEFAULT_MODEL, imagenet_labels
 from atlas.models.loaded import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,7 +29,6 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "DEFAULT_MODEL",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "InputNormalization",
@@ -39,7 +37,6 @@ __all__ = [
     "apply_state",
     "apply_weights",
     "describe_sources",
-    "imagenet_labels",
     "load",
     "load_state_dict_file",
     "register_source",

@@ -74,8 +74,8 @@ def processor_settings(processor: object, config: object) -> tuple[dict, str]:
     crop = 1.0
     if getattr(processor, "do_center_crop", False) and _field(cropped, "height"):
         input_size = (_field(cropped, "height"), _field(cropped, "width"))
-        if shortest := _field(resized, "shortest_edge"):
-            crop = min(input_size) / shortest
+        if edge := _field(resized, "shortest_edge") or _field(resized, "height"):
+            crop = min(1.0, min(input_size) / edge)
     elif _field(resized, "height"):
         input_size = (_field(resized, "height"), _field(resized, "width"))
     elif shortest := _field(resized, "shortest_edge"):
@@ -86,9 +86,17 @@ def processor_settings(processor: object, config: object) -> tuple[dict, str]:
         input_size = (size, size)
     settings["input_size"] = tuple(int(n) for n in input_size)
     settings["crop"] = float(crop)
-    resample = getattr(processor, "resample", 2)
-    settings["resize"] = RESAMPLE.get(int(resample) if resample is not None else 2, "bilinear")
+    settings["resize"] = resize_mode(getattr(processor, "resample", None))
     return settings, f"its image processor ({type(processor).__name__})"
+
+
+def resize_mode(resample: object) -> str:
+    """PIL's resample number (or an interpolation enum named like one) as a resize mode."""
+    try:
+        return RESAMPLE.get(int(resample), "bilinear")
+    except (TypeError, ValueError):
+        name = str(getattr(resample, "value", resample)).lower()
+        return name if name in RESAMPLE.values() else "bilinear"
 
 
 def _name_the_architecture(config: object) -> None:
