@@ -82,14 +82,14 @@ def clipped_share(image: Image) -> float:
 
 
 def model_inputs(model, images: Sequence[Image], device: torch.device) -> torch.Tensor:
-    """What the model sees for each image: resized with antialiasing, its channel count,
+    """What the model sees for each image: resized as its preprocessing says, its channel count,
     normalized. A 3-channel image shown to a grey model is averaged to grey."""
     views = []
     for image in images:
         view = to_tensor(image).to(device)[None]
         if view.shape[1] != model.input_channels:
             view = view.mean(1, keepdim=True).expand(-1, model.input_channels, -1, -1)
-        views.append(resize(view, model.input_size))
+        views.append(resize(view, model.input_size, model.resize))
     return model.normalize.to(device)(torch.cat(views).clamp(0, 1))
 
 

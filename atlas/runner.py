@@ -33,6 +33,7 @@ from atlas.plan import (
     make_tasks,
 )
 from atlas.progress import Progress
+from atlas.rekey import made_before_keying, rekey
 from atlas.site import render
 from atlas.store import Store, layer_dirname, webp_problem
 from atlas.trust import TrustPass, TrustSummary
@@ -56,6 +57,7 @@ class RunSummary:
     site: str = ""  # the atlas's index.html
     exemplars: ExemplarSummary | None = None
     trust: TrustSummary | None = None
+    rekeyed: int = 0  # units stored before preprocessing was keyed, kept (atlas.rekey)
 
 
 def now() -> str:
@@ -73,7 +75,12 @@ def plan_record(
         "atlas_version": atlas.__version__,
         "torch_version": torch.__version__,
         "engine_version": ENGINE_VERSION,
-        "model": {"spec": model.spec, "digest": model.digest, "weights": config.weights},
+        "model": {
+            "spec": model.spec,
+            "digest": model.digest,
+            "weights": config.weights,
+            "preprocessing": model.preprocessing_facts(),
+        },
         "recipe": {"name": config.recipe.name, "hash": config.recipe.hash},
         "recipe_settings": dataclasses.asdict(config.recipe),
         "samples": config.samples,
@@ -113,12 +120,17 @@ def _run_claimed(
 ) -> RunSummary:
     started = now()
     history = store.history
-    checkpoint = history.begin(_last_plan(store), model, config.label, started)
+    previous = _last_plan(store)
+    checkpoint = history.begin(previous, model, config.label, started)
+    before = {} if config.force else made_before_keying(store, plan, model, previous)
     store.write_plan(plan_record(plan, model, started, None, checkpoint))
+    rekeyed = rekey(store, before)
     if config.prune:
         store.prune()
     todo = store.pending(plan.units, config.force)
-    summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
+    summary = RunSummary(
+        len(plan.units), len(plan.units) - len(todo), out=str(store.out), rekeyed=rekeyed
+    )
     exemplars = None
     if config.exemplars:
         top = config.exemplars_top

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from atlas.analysis import EvidenceTask, evidence_task
-from atlas.exemplars import CHUNK_IMAGES, decode, list_images, read_blobs
+from atlas.exemplars import CHUNK_IMAGES, decode, list_images, read_blobs, view_of
 from atlas.layers import capture, deepest, run_forward
 from atlas.names import LOGITS
 from atlas.optim.device import resolve_device
@@ -69,7 +69,7 @@ def pattern_task(model, task: PatternTask, device: str | None = None) -> dict:
     """Per layer, [n, C] channel means (float32) of the chunk's decodable images; `kept` are
     their positions in the chunk."""
     device = resolve_device(device)
-    images, kept = decode(task.blobs, model.input_size, model.input_channels)
+    images, kept = decode(task.blobs, *view_of(model))
     result = {"first": task.first, "kept": kept, "layers": {}}
     if not kept:
         return result
