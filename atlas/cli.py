@@ -17,6 +17,10 @@ from atlas.optim.recipes import DEFAULT as DEFAULT_RECIPE
 from atlas.optim.recipes import PRESETS
 
 DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda when available)"
+WEIGHTS_HELP = (
+    "random (untrained, seeded), a state-dict FILE, or a weights NAME (a torchvision weights "
+    "member, a timm tag); default: the model's own pretrained weights, from local files only."
+)
 
 
 def checked_device(_context, _parameter, value: str | None) -> str | None:
@@ -88,25 +92,15 @@ def cli() -> None:
 
 @cli.command("models")
 def models_command() -> None:
-    """List the built-in model specs and where their weights come from."""
-    from atlas import models as model_registry
-    from atlas import tvmodels
+    """List the kinds of model spec (one per model source) and where their weights come from."""
+    from atlas.models import describe_sources
 
-    rows = model_registry.describe_builtins()
-    width = max(len(row["name"]) for row in rows)
-    for row in rows:
-        click.echo(f"{row['name']:<{width}}  {row['input']:<9} {row['weights']}")
-    names = tvmodels.names()
-    click.echo(
-        f"\nAlso any of {len(names)} torchvision classification models by name "
-        f"({', '.join(names[:4])}, ...), with weights from the local torch hub cache or "
-        "--weights FILE; `package.module:factory`; or a TorchScript file."
-    )
+    click.echo("\n".join(describe_sources()))
 
 
 @cli.command("layers")
 @click.argument("model")
-@click.option("--weights", help="State-dict file (or torchvision weights name).")
+@click.option("--weights", metavar="random|FILE|NAME", help=WEIGHTS_HELP)
 @click.option("--match", "patterns", multiple=True, metavar="GLOB", help="Only matching layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], as_json: bool):
@@ -124,6 +118,8 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
         rows = [{**layer.as_dict(), "default": layer.name in defaults} for layer in layers]
         click.echo(json.dumps(rows, indent=2))
         return
+    origin = loaded.preprocessing_from or "as given"
+    click.echo(f"input: {loaded.preprocessing.describe()} ({origin})")
     width = max(len(layer.name) for layer in layers)
     click.echo(f"  {'layer':<{width}}  {'type':<24} {'kind':<13} {'shape':<14} channels")
     for layer in layers:
@@ -140,7 +136,7 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
 @click.argument("model")
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weights", help="State-dict file (or torchvision weights name).")
+@click.option("--weights", metavar="random|FILE|NAME", help=WEIGHTS_HELP)
 @click.option(
     "--config",
     "config_file",
@@ -303,7 +299,7 @@ def run_options(function: Callable) -> Callable:
             type=click.Path(dir_okay=False),
             help="atlas.toml; flags override it.",
         ),
-        click.option("--weights", help="State-dict file (or torchvision weights name)."),
+        click.option("--weights", metavar="random|FILE|NAME", help=WEIGHTS_HELP),
         click.option(
             "--layers",
             multiple=True,
@@ -398,6 +394,11 @@ def run_command(force: bool, prune: bool, **options) -> None:
     progress = RunProgress()
     summary = run_atlas(config, on_start=progress.start, on_progress=progress.update)
     progress.finish()
+    if summary.rekeyed:
+        click.echo(
+            f"kept {summary.rekeyed} units stored before preprocessing was part of unit keys, "
+            "as made with the preprocessing of now (`atlas run --force` redoes them)"
+        )
     click.echo(
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from atlas.errors import AtlasError
 from atlas.estimate import estimate, unmeasured_layers
 from atlas.execute import visible_gpus
 from atlas.optimize import time_task
 from atlas.plan import load_and_plan, make_tasks
 from atlas.progress import format_duration
+from atlas.rekey import made_before_keying
 from atlas.store import Store
 
 CALIBRATION_BATCH = 4  # units of a layer timed together
@@ -16,7 +18,12 @@ def plan_summary(config, *, calibrate: bool) -> dict:
     """Units, tasks, units still to do and estimated seconds per layer, as plain data."""
     model, plan = load_and_plan(config)
     store = Store(config.out)
-    todo = store.pending(plan.units, config.force)
+    try:
+        previous = store.read_plan()
+    except AtlasError:  # a damaged plan.json: the run rewrites it and keeps nothing from before
+        previous = None
+    kept = {} if config.force else made_before_keying(store, plan, model, previous)
+    todo = [u for u in store.pending(plan.units, config.force) if (u.layer, u.index) not in kept]
     device = "cuda" if visible_gpus() else "cpu"
     all_tasks = make_tasks(plan, list(plan.units), device)
     todo_tasks = make_tasks(plan, todo, device)
@@ -56,6 +63,7 @@ def plan_summary(config, *, calibrate: bool) -> dict:
         "device": device,
         "units": len(plan.units),
         "todo": len(todo),
+        "kept_from_before": len(kept),
         "tasks": len(todo_tasks),
         "estimated_seconds": None if None in known else sum(known),
         "layers": layers,
@@ -78,6 +86,11 @@ def plan_table(summary: dict) -> str:
         )
     sources = sorted({row["estimate_from"] for row in summary["layers"] if row["todo"]})
     estimated = format_duration(summary["estimated_seconds"])
+    if summary["kept_from_before"]:
+        lines.append(
+            f"{summary['kept_from_before']} units stored before preprocessing was part of unit "
+            "keys are kept, as made with the preprocessing of now (--force redoes them)"
+        )
     lines.append(
         f"{summary['todo']} of {summary['units']} units to do in {summary['tasks']} tasks; "
         f"estimated {estimated} on one {summary['device']} worker"

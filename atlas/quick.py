@@ -92,6 +92,7 @@ def run_facts(model, recipe: Recipe, seconds: float, device: str | None) -> dict
     return {
         "model": model.spec,
         "weights_digest": model.digest,
+        "preprocessing": model.preprocessing_facts(),
         "recipe": recipe.name,
         "recipe_hash": recipe.hash,
         "steps": recipe.steps,

@@ -32,6 +32,7 @@ from atlas.plan import (
     make_tasks,
 )
 from atlas.progress import Progress
+from atlas.rekey import made_before_keying, rekey
 from atlas.site import render
 from atlas.store import Store, layer_dirname, webp_problem
 
@@ -52,6 +53,7 @@ class RunSummary:
     out: str = ""
     site: str = ""  # the atlas's index.html
     passes: list[PassSummary] = field(default_factory=list)  # what each pass did, in order
+    rekeyed: int = 0  # units stored before preprocessing was keyed, kept (atlas.rekey)
 
 
 def now() -> str:
@@ -69,7 +71,12 @@ def plan_record(
         "atlas_version": atlas.__version__,
         "torch_version": torch.__version__,
         "engine_version": ENGINE_VERSION,
-        "model": {"spec": model.spec, "digest": model.digest, "weights": config.weights},
+        "model": {
+            "spec": model.spec,
+            "digest": model.digest,
+            "weights": config.weights,
+            "preprocessing": model.preprocessing_facts(),
+        },
         "recipe": {"name": config.recipe.name, "hash": config.recipe.hash},
         "recipe_settings": dataclasses.asdict(config.recipe),
         "samples": config.samples,
@@ -109,12 +116,17 @@ def _run_claimed(
 ) -> RunSummary:
     started = now()
     history = store.history
-    checkpoint = history.begin(_last_plan(store), model, config.label, started)
+    previous = _last_plan(store)
+    checkpoint = history.begin(previous, model, config.label, started)
+    before = {} if config.force else made_before_keying(store, plan, model, previous)
     store.write_plan(plan_record(plan, model, started, None, checkpoint))
+    rekeyed = rekey(store, before)
     if config.prune:
         store.prune()
     todo = store.pending(plan.units, config.force)
-    summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
+    summary = RunSummary(
+        len(plan.units), len(plan.units) - len(todo), out=str(store.out), rekeyed=rekeyed
+    )
     clock = time.monotonic()
     passes_left = next(pending_passes(config, model, plan, store), None) is not None
     if todo or passes_left:  # passes left: e.g. the exemplars of a run killed before them

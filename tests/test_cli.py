@@ -120,15 +120,18 @@ def test_layers_json(atlas):
 def test_layers_text_and_match(atlas):
     result = atlas("layers", LITE0, "--match", "blocks.8", "--match", "logits")
     assert result.exit_code == 0, result.output
-    rows = [row.split() for row in result.stdout.splitlines()]
+    first, *lines = result.stdout.splitlines()
+    # the preprocessing it is read with: (x*255 - 127) / 128, as mean and std
+    assert first.startswith("input: 3x224x224, bilinear, mean 0.498,0.498,0.498 std 0.502,")
+    rows = [row.split() for row in lines]
     assert rows[0] == ["layer", "type", "kind", "shape", "channels"]
     assert rows[1:3] == [
         ["*", "blocks.8", "MBConvBlock", "map", "112x14x14", "112"],
         ["logits", "output", "vector", "1000", "1000"],
     ]
-    assert rows[3][0] == "*" and "default layers" in result.stdout.splitlines()[3]
+    assert rows[3][0] == "*" and "default layers" in lines[3]
     result = atlas("layers", LITE0, "--match", "head")
-    assert result.stdout.splitlines()[1].split() == [
+    assert result.stdout.splitlines()[2].split() == [
         "*",
         "head",
         "Sequential",

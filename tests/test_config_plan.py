@@ -530,17 +530,17 @@ def test_keys_are_deterministic_and_distinct(model):
 
 def test_key_follows_unit_key_fields(model):
     recipe = get(DEFAULT, steps=3)
-    key = unit_key(model.digest, "conv2", 3, recipe, 1, 1)
+    key = unit_key(model.identity, "conv2", 3, recipe, 1, 1)
     assert keys(make_plan(plan_config(**BASE), model))[("conv2", 3)] == key
     variants = [
         unit_key("another digest", "conv2", 3, recipe, 1, 1),
-        unit_key(model.digest, "relu2", 3, recipe, 1, 1),
-        unit_key(model.digest, "conv2", 4, recipe, 1, 1),
-        unit_key(model.digest, "conv2", 3, recipe.replace(lr=0.1), 1, 1),
-        unit_key(model.digest, "conv2", 3, recipe, 2, 1),
-        unit_key(model.digest, "conv2", 3, recipe, 1, 2),
-        unit_key(model.digest, "conv2", 3, recipe, 1, 1, timelapse=4),
-        unit_key(model.digest, "conv2", 3, recipe, 1, 1, inputs="conv1"),  # its circuit's layer
+        unit_key(model.identity, "relu2", 3, recipe, 1, 1),
+        unit_key(model.identity, "conv2", 4, recipe, 1, 1),
+        unit_key(model.identity, "conv2", 3, recipe.replace(lr=0.1), 1, 1),
+        unit_key(model.identity, "conv2", 3, recipe, 2, 1),
+        unit_key(model.identity, "conv2", 3, recipe, 1, 2),
+        unit_key(model.identity, "conv2", 3, recipe, 1, 1, timelapse=4),
+        unit_key(model.identity, "conv2", 3, recipe, 1, 1, inputs="conv1"),  # its circuit's layer
     ]
     assert len({key, *variants}) == 9
     assert ENGINE_VERSION  # part of every key: bumping it changes them all

@@ -42,6 +42,7 @@ def site_info(manifest: dict, units: list[dict]) -> dict:
         "spec": model.get("spec", "unknown model"),
         "digest": model.get("digest", "?"),
         "weights": model.get("weights") or "default",
+        "input": (model.get("preprocessing") or {}).get("described", "not recorded"),
         "recipe": recipe.get("name", "?"),
         "recipe_hash": recipe.get("hash", "?"),
         "steps": settings.get("steps", "?"),
