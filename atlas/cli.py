@@ -220,7 +220,7 @@ def visualize_command(
     """Visualize a few TARGETS of MODEL: blocks.8:3 (channel), blocks.8:3@3,3 (neuron),
     blocks.8:3@centre, blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or
     logits:hen (class). With --grow, channel targets only, grown neuron by neuron."""
-    from atlas import config, quick
+    from atlas import config, results
     from atlas import models as model_registry
     from atlas.files import writable_folder
     from atlas.optim.loop import check_targets
@@ -248,7 +248,7 @@ def visualize_command(
         growth.check(loaded, parsed)
         out_path = writable_folder(out)
         with StepProgress("growing") as on_step:
-            summary = growth.run(
+            summary = growth.write_growth(
                 loaded,
                 parsed,
                 recipe,
@@ -267,7 +267,7 @@ def visualize_command(
     check_targets(loaded, parsed)
     out_path = writable_folder(out)
     with StepProgress("optimizing") as on_step:
-        summary = quick.run(
+        summary = results.write_results(
             loaded,
             parsed,
             recipe,
@@ -387,8 +387,8 @@ def build_config(config_file, recipe, steps, size, lr, samples, **flags):
 )
 def run_command(force: bool, prune: bool, **options) -> None:
     """Visualize every planned unit of MODEL on Dask and store the results in OUT."""
+    from atlas.pipeline import run_atlas
     from atlas.progress import RunProgress
-    from atlas.runner import run_atlas
 
     config = dataclasses.replace(build_config(**options), force=force, prune=prune)
     progress = RunProgress()
@@ -471,15 +471,15 @@ def status_command(out: str, as_json: bool) -> None:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def history_command(out: str) -> None:
     """Print the checkpoints OUT holds, oldest first, with each layer's mean change."""
-    from atlas.history import describe
+    from atlas.history_timeline import describe, timeline
     from atlas.store import Store
 
     store = Store(out)
     units, plan = store.classify()
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
-    timeline, _ = store.history.timeline(plan, units)
-    click.echo(describe(timeline))
+    checkpoints, _ = timeline(store.history, plan, units)
+    click.echo(describe(checkpoints))
 
 
 @cli.command("render")

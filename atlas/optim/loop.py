@@ -27,7 +27,6 @@ from atlas.errors import AtlasError
 from atlas.layers import capture, deepest, resolve, run_forward
 from atlas.models.loaded import LoadedModel
 from atlas.models.plain import wrap
-from atlas.record import LOGITS
 from atlas.optim import transforms
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
@@ -36,6 +35,7 @@ from atlas.optim.objectives import diversity as diversity_term
 from atlas.optim.param import ImageParam, colour_matrix
 from atlas.optim.recipes import Recipe, check_timelapse
 from atlas.optim.relu import redirected_relus
+from atlas.record import LOGITS
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`atlas run`: config -> plan -> store (skip what is done) -> execute -> manifest.
+"""The `atlas run` pipeline: config -> plan -> store (skip what is done) -> execute (the units,
+then the passes) -> manifest -> site.
 
 The client loads the model once (CPU only, never CUDA) to discover layers and the weights
 digest; workers load it again through the executor's plugin. Every finished task is stored at
@@ -32,6 +33,7 @@ from atlas.plan import (
     make_tasks,
 )
 from atlas.progress import Progress
+from atlas.record import RunRecord
 from atlas.rekey import made_before_keying, rekey
 from atlas.site import render
 from atlas.store import Store, layer_dirname, webp_problem
@@ -67,28 +69,29 @@ def plan_record(
     of a new OUT)."""
     config = plan.config
     checkpoint = checkpoint or Checkpoint.first(1, model, config.label, started)
-    return {
-        "atlas_version": atlas.__version__,
-        "torch_version": torch.__version__,
-        "engine_version": ENGINE_VERSION,
-        "model": {
-            "spec": model.spec,
-            "digest": model.digest,
-            "weights": config.weights,
-            "preprocessing": model.preprocessing_facts(),
-        },
-        "recipe": {"name": config.recipe.name, "hash": config.recipe.hash},
-        "recipe_settings": dataclasses.asdict(config.recipe),
-        "samples": config.samples,
-        "seed": config.seed,
-        "timelapse": config.timelapse,
-        "started": started,
-        "finished": finished,
-        "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
-        "labels": list(model.labels or []),  # the site names the classes units push
-        "checkpoint": dataclasses.asdict(checkpoint),
-        "units": [unit.as_json() for unit in plan.units],
-    }
+    run = RunRecord(
+        spec=model.spec,
+        digest=model.digest,
+        weights=config.weights,
+        preprocessing=model.preprocessing_facts(),
+        recipe=config.recipe.name,
+        recipe_hash=config.recipe.hash,
+        recipe_settings=dataclasses.asdict(config.recipe),
+        samples=config.samples,
+        seed=config.seed,
+        timelapse=config.timelapse,
+        started=started,
+        finished=finished,
+        atlas_version=atlas.__version__,
+        torch_version=torch.__version__,
+        engine_version=ENGINE_VERSION,
+        layers=tuple(
+            {**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers
+        ),
+        labels=tuple(model.labels or ()),
+        checkpoint=dataclasses.asdict(checkpoint),
+    )
+    return {**run.as_json(), "units": [unit.as_json() for unit in plan.units]}
 
 
 def run_atlas(
