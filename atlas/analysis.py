@@ -175,9 +175,9 @@ class EvidenceTask:
 def evidence_task(model, task: EvidenceTask) -> dict:
     """The unit's inputs and class effects, averaged over every image of the task that
     decodes; `images` says how many."""
-    from atlas.exemplars import decode, view_of  # the exemplar pass's view of a file
+    from atlas.exemplars import decode, fit_settings  # a file as the exemplar pass shows it
 
-    pixels, kept = decode(task.blobs, *view_of(model))
+    pixels, kept = decode(task.blobs, *fit_settings(model))
     images = list(pixels.to(module_device(model.module)))
     target = unit_target(task.layer, task.index)
     result: dict = {"images": len(kept), "inputs": (), "classes": ()}

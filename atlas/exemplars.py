@@ -145,7 +145,7 @@ def decode(
     return stacked.float() / 255, kept
 
 
-def view_of(model) -> tuple:
+def fit_settings(model) -> tuple:
     """`decode`'s arguments after the blobs for `model`: how its preprocessing shows a photo."""
     return model.input_size, model.input_channels, model.resize, model.crop
 
@@ -154,7 +154,7 @@ def exemplar_task(model, task: ExemplarTask, device: str | None = None) -> dict:
     """One chunk: per layer, the best `top` images of the chunk for each unit, as arrays
     [k, units] of scores, image ids and the strongest position (row, column) in the map."""
     device = resolve_device(device)
-    images, kept = decode(task.blobs, *view_of(model))
+    images, kept = decode(task.blobs, *fit_settings(model))
     unreadable = sorted(set(range(len(task.blobs))) - set(kept))
     result = {"first": task.first, "unreadable": unreadable, "layers": {}}
     if not kept:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlas.exemplars import decode, view_of
+from atlas.exemplars import decode, fit_settings
 from atlas.layers import capture, deepest, run_forward
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
@@ -58,7 +58,7 @@ def pattern_task(model, task: PatternTask, device: str | None = None) -> dict:
     """Per layer, [n, C] channel means (float32) of the chunk's decodable images; `kept` are
     their positions in the chunk."""
     device = resolve_device(device)
-    images, kept = decode(task.blobs, *view_of(model))
+    images, kept = decode(task.blobs, *fit_settings(model))
     result = {"first": task.first, "kept": kept, "layers": {}}
     if not kept:
         return result

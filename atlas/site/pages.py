@@ -97,11 +97,11 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
         if record.layer not in units_by_layer:  # a layer no longer planned: its units are stale
             units_by_layer[record.layer] = []
             layers.append({"name": record.layer, "type": "not planned", "shape": []})
-        view = unit_page(out, site, record, warn)
+        page = unit_page(out, site, record, warn)
         if checkpoints:
-            frames = timeline.filmstrip(view.record, checkpoints)
-            view.filmstrip = linked_frames(out, site, view.layer_dir, frames, warn)
-        units_by_layer[record.layer].append(view)
+            frames = timeline.filmstrip(page.record, checkpoints)
+            page.filmstrip = linked_frames(out, site, page.layer_dir, frames, warn)
+        units_by_layer[record.layer].append(page)
     connect(units_by_layer, planned, _labels(manifest))
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
@@ -179,8 +179,8 @@ def _whole_layer(
     """The layer's whole-layer image (`--variants layer`) as its page shows it, if done."""
     if record is None or record.status != "done":
         return None
-    view = unit_page(out, site, record, warn)
-    return view if view.images else None
+    page = unit_page(out, site, record, warn)
+    return page if page.images else None
 
 
 def _labels(manifest: dict) -> list[str]:
