@@ -11,6 +11,7 @@ import torch
 from clihelpers import assert_bad_input, invoke
 
 from atlas import models
+from atlas.record import RunRecord
 
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
@@ -89,8 +90,8 @@ def test_timm_batchnorm_act_models_read_and_run(spec, layer, tmp_path):
     assert shown.exit_code == 0, shown.output
     assert "logits:1 (goldfish)" in shown.stdout  # timm's ImageNet classes
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["preprocessing"]["resize"] == "bicubic"
-    assert results["preprocessing"]["crop"] == 0.875
+    preprocessing = RunRecord.from_json(results).preprocessing
+    assert (preprocessing["resize"], preprocessing["crop"]) == ("bicubic", 0.875)
     assert len(results["units"]) == 3
 
 
