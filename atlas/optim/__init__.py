@@ -7,10 +7,12 @@ from importlib import import_module
 
 _HOMES = {
     "objectives": [
+        "Direction",
         "Diversity",
         "Objective",
         "Target",
         "channel",
+        "direction",
         "diversity",
         "logit",
         "neuron",
