@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atlas.concepts.extra import require
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes
 
@@ -176,8 +177,7 @@ def learn(
     if method == "nmf":
         if negative:
             raise AtlasError(
-                "NMF needs non-negative activations and this layer's are signed: "
-                "use the sae method"
+                "NMF needs non-negative activations and this layer's are signed: use the sae method"
             )
         dictionary = _learn_nmf(vectors, concepts, seed)
     else:
@@ -195,8 +195,6 @@ def learn(
 
 
 def _learn_nmf(vectors: np.ndarray, concepts: int, seed: int) -> Dictionary:
-    from atlas.concepts.extra import require
-
     decomposition = require("sklearn.decomposition", "scikit-learn", "concept dictionaries")
     nmf = decomposition.NMF(
         n_components=concepts, init="nndsvda", max_iter=NMF_ITERATIONS, random_state=seed

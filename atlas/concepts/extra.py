@@ -17,6 +17,5 @@ def require(module: str, package: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise AtlasError(
-            f"{purpose} need {package}, which is not installed: "
-            f"pip install 'atlas[{EXTRA}]'"
+            f"{purpose} need {package}, which is not installed: pip install 'atlas[{EXTRA}]'"
         ) from error

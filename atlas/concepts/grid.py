@@ -18,8 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from atlas.concepts.describe import COSINE_POWER, EXEMPLARS, TOP_CHANNELS
-from atlas.concepts.describe import Exemplar, best_samples, top_channels
+from atlas.concepts.describe import (
+    COSINE_POWER,
+    EXEMPLARS,
+    TOP_CHANNELS,
+    Exemplar,
+    best_samples,
+    top_channels,
+)
 from atlas.concepts.dictionary import Dictionary
 from atlas.concepts.extra import require
 from atlas.concepts.samples import Samples
