@@ -28,7 +28,7 @@ class PlantedDirections(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(channels, 3)
         with torch.no_grad():
-            self.presence[0].bias.fill_(-0.15)
+            self.presence[0].bias.fill_(-0.3)
             self.mix.weight.copy_(directions.T[:, :, None, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

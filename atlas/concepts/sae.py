@@ -17,6 +17,8 @@ from torch import nn
 STEPS = 3000
 BATCH = 1024
 LEARNING_RATE = 2e-3
+RESAMPLE_EVERY = 250  # steps; atoms that fired on under DEAD_SHARE of the vectors restart
+DEAD_SHARE = 1e-3
 
 
 class TopKSAE(nn.Module):
@@ -25,7 +27,7 @@ class TopKSAE(nn.Module):
     def __init__(self, channels: int, concepts: int, active: int):
         super().__init__()
         self.active = active
-        self.centre = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("centre", torch.zeros(channels))
         self.encoder = nn.Linear(channels, concepts)
         self.atoms = nn.Parameter(torch.zeros(concepts, channels))
 
@@ -46,9 +48,12 @@ def train_sae(
     vectors: np.ndarray, concepts: int, active: int, seed: int, steps: int = STEPS
 ) -> TopKSAE:
     """A TopKSAE fitted to `vectors` (float32 [N, C]) by Adam on the mean squared error, on
-    mini-batches drawn with `seed`. The centre starts at the mean and the atoms at distinct
-    random vectors minus the mean (the encoder tied to them), so that every atom starts where
-    data is; the data is scaled to unit mean square for the optimizer and scaled back after.
+    mini-batches drawn with `seed`, the data scaled to unit mean square for the optimizer.
+    The centre is the geometric median, fixed: where most sparse codes are zero. Started at
+    the mean, or learned, it drifted there and one atom learned to undo it on most vectors;
+    2 of 5 planted 4-direction layers then lost a direction (bench/concepts.py planted).
+    The atoms start at random vectors minus the centre (far ones likelier: never the centre
+    itself), the encoder tied to them; atoms that stop firing restart (`_resample`).
     Runs on one thread: its matrices are small, and on a busy 2-core CPU two threads made a
     step 12x slower (5 ms against 65 ms at 1024 x 112 -> 16)."""
     threads = torch.get_num_threads()
@@ -66,23 +71,60 @@ def _train(vectors: np.ndarray, concepts: int, active: int, seed: int, steps: in
         scale = float(data.square().mean().sqrt().clamp_min(1e-12))
         data = data / scale
         sae = TopKSAE(data.shape[1], concepts, active)
-        mean = data.mean(0)
-        picks = torch.randperm(len(data))[:concepts]
+        centre = geometric_median(data)
+        # rows far from the centre are likelier picks (the first step of k-means++ seeding):
+        # never a row at the centre itself, which would start a dead atom
+        distance = (data - centre).square().sum(1)
+        picks = torch.multinomial(distance + 1e-12 * (distance.sum() == 0), concepts)
         with torch.no_grad():
-            sae.centre.copy_(mean)
-            sae.atoms.copy_(data[picks] - mean)
+            sae.centre.copy_(centre)
+            sae.atoms.copy_(data[picks] - centre)
             sae.normalize_atoms()
             sae.encoder.weight.copy_(sae.atoms)
             sae.encoder.bias.zero_()
         optimizer = torch.optim.Adam(sae.parameters(), lr=LEARNING_RATE)
-        for _ in range(steps):
+        fired = torch.zeros(concepts)
+        for step in range(1, steps + 1):
             batch = data[torch.randint(len(data), (min(BATCH, len(data)),))]
-            loss = (sae(batch) - batch).square().mean()
+            codes = sae.encode(batch)
+            loss = (codes @ sae.atoms + sae.centre - batch).square().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sae.normalize_atoms()
+            fired += codes.detach().gt(0).sum(0)
+            if step % RESAMPLE_EVERY == 0 and step <= steps - 2 * RESAMPLE_EVERY:
+                if _resample(sae, batch, fired < DEAD_SHARE * RESAMPLE_EVERY * len(batch)):
+                    optimizer = torch.optim.Adam(sae.parameters(), lr=LEARNING_RATE)
+                fired.zero_()
         with torch.no_grad():
             sae.centre.mul_(scale)
             sae.encoder.bias.mul_(scale)
     return sae
+
+
+def _resample(sae: TopKSAE, batch: torch.Tensor, dead: torch.Tensor) -> bool:
+    """Restart each atom that (almost) never fired at the residual of one of the batch's
+    worst-rebuilt vectors, its encoder row tied to it (Bricken et al. 2023's resampling, in
+    short). Without it, one of 4 planted directions stayed unfound on 2 of 5 planted layers:
+    an atom that starts where no vector needs it never fires again, and never learns."""
+    if not dead.any():
+        return False
+    with torch.no_grad():
+        residual = batch - sae(batch)
+        worst = residual.square().sum(1).topk(int(dead.sum())).indices
+        sae.atoms[dead] = residual[worst]
+        sae.normalize_atoms()
+        sae.encoder.weight[dead] = sae.atoms[dead]
+        sae.encoder.bias[dead] = 0
+    return True
+
+
+def geometric_median(data: torch.Tensor, iterations: int = 50) -> torch.Tensor:
+    """The point of least summed distance to the rows of `data` (Weiszfeld's iteration from
+    the coordinate-wise median): where sparse codes are zero, unlike the mean."""
+    median = data.median(0).values
+    for _ in range(iterations):
+        weights = 1 / (data - median).norm(dim=1).clamp_min(1e-6)
+        median = (weights[:, None] * data).sum(0) / weights.sum()
+    return median
