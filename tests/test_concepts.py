@@ -8,10 +8,11 @@ import pytest
 import torch
 from conceptmodels import noise_folder, planted_directions, planted_model
 from PIL import Image
+from synthetic import make_image_folder
 from test_layout import ChannelsLast, TinyViT, raw_output, wrap
 
 from atlas.concepts.describe import best_samples, describe, firing_maps, patches, top_channels
-from atlas.concepts.dictionary import Dictionary, check_concepts, learn
+from atlas.concepts.dictionary import Dictionary, check_concepts, learn, learn_concepts
 from atlas.concepts.samples import Collection, Samples, Sampling, collect, sample_task
 from atlas.errors import AtlasError
 
@@ -206,6 +207,27 @@ def test_top_channels_and_best_samples():
     )
     picks = best_samples(np.array([0.2, 0.9, 0.5, -1.0, 0.0]), samples, count=9)
     assert [(p.sample, p.image) for p in picks] == [(1, 0), (2, 1)]  # image 2 never fires
+
+
+def test_learn_concepts_checks_the_folder_and_keys_the_dictionary(planted, tmp_path):
+    _, model, samples = planted
+    dictionary = learn_concepts(samples, 2, seed=0)
+    assert dictionary.size == 2 and dictionary.key
+    assert learn_concepts(samples, 2, seed=1).key != dictionary.key
+    few = collect(model, "mix", noise_folder(tmp_path / "few", 3), Sampling(per_image=4))
+    with pytest.raises(AtlasError, match="need at least 4 images and 40 sampled activations"):
+        learn_concepts(few, 4)
+
+
+def test_images_that_do_not_decode_leave_no_gap(tmp_path):
+    names = make_image_folder(tmp_path)  # 40 images, a corrupt JPEG and a text file
+    model = planted_model(planted_directions(PLANTED, CHANNELS, signed=False))
+    samples = collect(model, "mix", tmp_path, Sampling(per_image=4))
+    broken = samples.files.index("broken.jpg")
+    assert samples.unreadable == (broken,) and broken not in samples.images
+    assert len(samples.vectors) == 4 * len(names)
+    counts = np.bincount(samples.images, minlength=len(samples.files))
+    assert counts[broken] == 0 and (np.delete(counts, broken) == 4).all()
 
 
 def test_bad_numbers_of_concepts_are_one_sentence():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from atlas.concepts.extra import require
+from atlas.concepts.samples import Samples
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes
 
@@ -154,6 +155,25 @@ def _nnls(vectors: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
             step = (target[:, k] - codes @ gram[:, k]) / gram[k, k].clamp_min(1e-12)
             codes[:, k] = (codes[:, k] + step).clamp_min(0)
     return codes
+
+
+def learn_concepts(
+    samples: Samples,
+    concepts: int,
+    *,
+    method: str = "auto",
+    active: int | None = None,
+    seed: int = 0,
+) -> Dictionary:
+    """The dictionary of a layer's samples, checked against what they can support first, and
+    keyed by them and its settings (`Dictionary.key`: store it once, reuse it)."""
+    check_concepts(
+        concepts, samples.channels, samples.image_count, len(samples.vectors), samples.layer
+    )
+    if method == "sae" or (method == "auto" and (samples.vectors < 0).any()):
+        active = default_active(concepts) if active is None else min(active, concepts)
+    key = dictionary_key(samples.key, concepts, method, active or 0, seed)
+    return learn(samples.vectors, concepts, method=method, active=active, seed=seed, key=key)
 
 
 def learn(
