@@ -19,10 +19,11 @@ own TopK autoencoder). Every command prints a Markdown table for bench/RESULTS.m
   both methods, NMF (what `auto` picks) and the autoencoder.
 - coherence: each unit's top-9 exemplar patches (the best sampled position of each image, by
   the concept's coefficient or the channel's activation, cut as the exemplar pass cuts them)
-  embedded by EfficientNet-Lite2's penultimate features (its pooled 1280 features); the mean
-  cosine similarity of the 36 pairs, averaged over the K concepts, over the K channels of
-  highest variance and over 32 random channels; and over 20 sets of 9 random patches
-  (chance).
+  embedded by EfficientNet-Lite2's penultimate features (its pooled 1280 features): the mean
+  cosine similarity of the 36 pairs (and, in brackets, from how many distinct photos the 9
+  crops come: crops of one photo look alike whatever the unit), averaged over the K
+  concepts, over the K channels of highest variance and over 32 random channels; and over 20
+  sets of 9 random patches (chance).
 - cost: wall time of the activation pass, the dictionary and UMAP, and the peak RSS of the
   process (run one folder per process).
 - planted: the tiny model of tests/conceptmodels.py, whose layer is built from known
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import resource
 import sys
 import time
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from demo_photos import PHOTOS
 from speed import cores, git_commit
 
 from atlas import models
@@ -61,6 +64,7 @@ JUDGE = "efficientnet_lite2"
 TOP = 9
 RANDOM_CHANNELS = 32
 RANDOM_SETS = 20
+PHOTO_COUNT = len(PHOTOS)  # demo_photos.py's photos; one that does not load shifts the count
 
 
 def header(command: str) -> None:
@@ -115,13 +119,22 @@ def judge_features(judge, crops: list[np.ndarray]) -> np.ndarray:
     return features / np.linalg.norm(features, axis=1, keepdims=True)
 
 
-def coherence_of(judge, model, samples: Samples, folder: Path, picks) -> float:
-    """Mean pairwise cosine of the patches' Lite2 features."""
+def coherence_of(judge, model, samples: Samples, folder: Path, picks) -> tuple[float, int]:
+    """Mean pairwise cosine of the patches' Lite2 features, and how many of the photos that
+    demo_photos.py cropped they come from (crop i is of photo i mod the photo count)."""
     cut = [patch for patch in patches(model, samples, folder, picks) if patch is not None]
     features = judge_features(judge, cut)
     similarity = features @ features.T
     count = len(features)
-    return float((similarity.sum() - count) / (count * (count - 1)))
+    crops = [re.search(r"(\d+)", samples.files[pick.image]) for pick in picks]
+    photos = {int(found.group(1)) % PHOTO_COUNT for found in crops if found}
+    return float((similarity.sum() - count) / (count * (count - 1))), len(photos)
+
+
+def cell(scores: list[tuple[float, int]]) -> str:
+    """'0.543 (4.1)': mean similarity and mean number of source photos."""
+    similarity, photos = np.mean(scores, axis=0)
+    return f"{similarity:.3f} ({photos:.1f})"
 
 
 def coherence(args) -> None:
@@ -156,21 +169,19 @@ def coherence(args) -> None:
             scores[rng.choice(len(vectors), TOP, replace=False)] = 1.0
             picks = best_samples(scores, samples, TOP, -1)
             chance.append(coherence_of(judge, model, samples, args.photos, picks))
-        mean_random = np.mean([channel_scores[int(c)] for c in others])
+        random_channels = cell([channel_scores[int(c)] for c in others])
         for k in args.k:
             dictionary = learn(vectors, k, seed=0)
             concepts = describe(samples, dictionary, exemplars=TOP)
-            mean_concepts = np.mean(
-                [
-                    coherence_of(judge, model, samples, args.photos, c.exemplars)
-                    for c in concepts
-                    if len(c.exemplars) > 1
-                ]
-            )
-            mean_top = np.mean([channel_scores[int(c)] for c in top_variance[:k]])
+            found = [
+                coherence_of(judge, model, samples, args.photos, c.exemplars)
+                for c in concepts
+                if len(c.exemplars) > 1
+            ]
+            top = cell([channel_scores[int(c)] for c in top_variance[:k]])
             print(
-                f"| {layer} ({dictionary.method}) | {k} | {mean_concepts:.3f} | {mean_top:.3f} | "
-                f"{mean_random:.3f} | {np.mean(chance):.3f} |"
+                f"| {layer} ({dictionary.method}) | {k} | {cell(found)} | {top} | "
+                f"{random_channels} | {cell(chance)} |"
             )
 
 
