@@ -23,7 +23,8 @@ own TopK autoencoder). Every command prints a Markdown table for bench/RESULTS.m
   cosine similarity of the 36 pairs (and, in brackets, from how many distinct photos the 9
   crops come: crops of one photo look alike whatever the unit), averaged over the K
   concepts, over the K channels of highest variance and over 32 random channels; and over 20
-  sets of 9 random patches (chance).
+  sets of 9 random patches (chance). `--per-photo` takes every unit's best crop of each photo
+  instead of its best of each crop, so that the 9 come from 9 photos.
 - cost: wall time of the activation pass, the dictionary and UMAP, and the peak RSS of the
   process (run one folder per process).
 - planted: the tiny model of tests/conceptmodels.py, whose layer is built from known
@@ -50,7 +51,7 @@ from demo_photos import PHOTOS
 from speed import cores, git_commit
 
 from atlas import models
-from atlas.concepts.describe import best_samples, describe, patches
+from atlas.concepts.describe import Exemplar, best_samples, describe, patches
 from atlas.concepts.dictionary import learn
 from atlas.concepts.grid import activation_atlas
 from atlas.concepts.samples import Samples, Sampling, collect, layer_maps
@@ -137,12 +138,40 @@ def cell(scores: list[tuple[float, int]]) -> str:
     return f"{similarity:.3f} ({photos:.1f})"
 
 
+def photo_of(samples: Samples) -> np.ndarray:
+    """Each sample's source photo (demo_photos.py: crop i is of photo i mod the count)."""
+    crops = [int(re.search(r"(\d+)", name).group(1)) for name in samples.files]
+    return np.asarray(crops)[samples.images] % PHOTO_COUNT
+
+
+def best_by_photo(scores: np.ndarray, samples: Samples, above: float) -> list[Exemplar]:
+    """The best sample of each photo, for the TOP best photos (scores over `above`)."""
+    photos, seen, picks = photo_of(samples), set(), []
+    for i in np.argsort(-scores, kind="stable"):
+        if scores[i] <= above or photos[i] in seen:
+            continue
+        seen.add(photos[i])
+        row, col = int(samples.rows[i]), int(samples.cols[i])
+        picks.append(Exemplar(int(i), int(samples.images[i]), row, col, float(scores[i])))
+        if len(picks) == TOP:
+            break
+    return picks
+
+
 def coherence(args) -> None:
+    per_photo = " --per-photo" if args.per_photo else ""
     header(
-        f"coherence {args.photos} --layers {' '.join(args.layers)} --k {' '.join(map(str, args.k))}"
+        f"coherence {args.photos} --layers {' '.join(args.layers)} "
+        f"--k {' '.join(map(str, args.k))}{per_photo}"
     )
     model, judge = models.load(MODEL), models.load(JUDGE)
     rng = np.random.default_rng(0)
+
+    def choose(scores: np.ndarray, samples: Samples, above: float) -> list[Exemplar]:
+        if args.per_photo:
+            return best_by_photo(scores, samples, above)
+        return best_samples(scores, samples, TOP, above)
+
     print(
         f"| layer | K | concepts | K channels of highest variance | {RANDOM_CHANNELS} random "
         "channels | 9 random patches |"
@@ -155,28 +184,28 @@ def coherence(args) -> None:
         others = rng.choice(samples.channels, RANDOM_CHANNELS, replace=False)
         channel_scores = {
             int(c): coherence_of(
-                judge,
-                model,
-                samples,
-                args.photos,
-                best_samples(vectors[:, c], samples, TOP, -np.inf),
+                judge, model, samples, args.photos, choose(vectors[:, c], samples, -np.inf)
             )
             for c in {*top_variance[: max(args.k)].tolist(), *others.tolist()}
         }
         chance = []
         for _ in range(RANDOM_SETS):
-            scores = np.full(len(vectors), -np.inf)
-            scores[rng.choice(len(vectors), TOP, replace=False)] = 1.0
-            picks = best_samples(scores, samples, TOP, -1)
+            if args.per_photo:
+                picks = best_by_photo(rng.random(len(vectors)), samples, -np.inf)
+            else:
+                scores = np.full(len(vectors), -np.inf)
+                scores[rng.choice(len(vectors), TOP, replace=False)] = 1.0
+                picks = best_samples(scores, samples, TOP, -1)
             chance.append(coherence_of(judge, model, samples, args.photos, picks))
         random_channels = cell([channel_scores[int(c)] for c in others])
         for k in args.k:
             dictionary = learn(vectors, k, seed=0)
-            concepts = describe(samples, dictionary, exemplars=TOP)
+            codes = dictionary.encode(vectors).numpy()
+            picked = [choose(codes[:, concept], samples, 0.0) for concept in range(k)]
             found = [
-                coherence_of(judge, model, samples, args.photos, c.exemplars)
-                for c in concepts
-                if len(c.exemplars) > 1
+                coherence_of(judge, model, samples, args.photos, picks)
+                for picks in picked
+                if len(picks) > 1
             ]
             top = cell([channel_scores[int(c)] for c in top_variance[:k]])
             print(
@@ -339,6 +368,8 @@ def main() -> None:
     for name in ("variance", "coherence", "cost", "power", "autoencoders"):
         sub = commands.add_parser(name)
         sub.add_argument("photos", type=Path)
+        if name == "coherence":
+            sub.add_argument("--per-photo", action="store_true")
         if name in ("variance", "coherence"):
             sub.add_argument("--layers", nargs="+", default=["blocks.8", "head.2"])
             sub.add_argument("--k", nargs="+", type=int, default=[16, 32])
