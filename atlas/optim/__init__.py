@@ -7,10 +7,12 @@ from atlas.lazy import lazy_names
 
 _HOMES = {
     "objectives": [
+        "Direction",
         "Diversity",
         "Objective",
         "Target",
         "channel",
+        "direction",
         "diversity",
         "logit",
         "neuron",

@@ -114,10 +114,15 @@ def needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], st
 def _check_indices(model, objectives: Sequence[Objective]) -> None:
     for objective in objectives:
         for _, term in objective.terms:
-            if not isinstance(term, Target) or term.index is None:
+            if not isinstance(term, Target) or (term.index is None and term.direction is None):
                 continue
             layer = resolve(model, term.layer)
-            if not 0 <= term.index < layer.channels:
+            if term.direction is not None and len(term.direction.values) != layer.channels:
+                raise AtlasError(
+                    f"{term.id} has {len(term.direction.values)} weights but {term.layer} has "
+                    f"{layer.channels} channels"
+                )
+            if term.index is not None and not 0 <= term.index < layer.channels:
                 what = "class" if term.layer == LOGITS else "channel"
                 raise AtlasError(
                     f"{what} {term.index} is out of range: {term.layer} has "
