@@ -485,7 +485,7 @@ def table(models: dict, zoo: str) -> str:
         checked = f"{r['checked']}" + (f" ({len(r['mismatches'])} off)" if r["mismatches"] else "")
         size = "x".join(str(n) for n in r["input_size"])
         if zoo != "torchvision":
-            size = r["preprocessing"].split(", ", 1)[1].replace(" std", ", std")
+            size = r["preprocessing"].split("x", 1)[1].replace(" std", ", std")  # no channels
         status = r["status"].replace("|", "\\|")
         lines.append(
             f"| {family} | {r['name']} | {kinds_text(r['kinds'])} | {checked} "
