@@ -14,7 +14,7 @@ giant) and its default image processor, saved as a folder (`hf:FOLDER`). Each is
 2. each layer's channel count against its module's own size (a Conv's out_channels, a
    BatchNorm's num_features, a Linear's out_features, a LayerNorm's normalized_shape[-1], else
    an int attribute hidden_dim, embed_dim or out_channels), for maps, channels-last maps,
-   tokens and class tokens;
+   tokens and class tokens (not a Conv1d over tokens, whose out_channels count tokens);
 3. its default layers (`atlas.plan.default_layer_patterns`) and their unit count;
 4. `atlas visualize SPEC LAYER:0 --weights random --steps 2 --size 64` of the middle default
    layer, through the real CLI: OK when it exits 0 and writes an image.
@@ -186,6 +186,8 @@ def versions() -> str:
 
 def inspect(spec: str) -> dict:
     """Steps 1-3 for one model (run in its own process)."""
+    from torch import nn
+
     from atlas import models
     from atlas.plan import default_layer_patterns
 
@@ -199,7 +201,10 @@ def inspect(spec: str) -> dict:
     for layer in layers:
         if layer.kind not in CHECKED_KINDS:
             continue
-        size = module_size(modules[layer.module or layer.name])
+        module = modules[layer.module or layer.name]
+        if layer.kind in ("tokens", "cls_token") and isinstance(module, nn.Conv1d):
+            continue  # a Conv1d over tokens (CoaT's aggregate): its channels count tokens
+        size = module_size(module)
         if size is None:
             continue
         checked += 1
@@ -480,7 +485,7 @@ def table(models: dict, zoo: str) -> str:
         checked = f"{r['checked']}" + (f" ({len(r['mismatches'])} off)" if r["mismatches"] else "")
         size = "x".join(str(n) for n in r["input_size"])
         if zoo != "torchvision":
-            size = r["preprocessing"].split(", ", 1)[1].replace(" std", ", std")
+            size = r["preprocessing"].split("x", 1)[1].replace(" std", ", std")  # no channels
         status = r["status"].replace("|", "\\|")
         lines.append(
             f"| {family} | {r['name']} | {kinds_text(r['kinds'])} | {checked} "
