@@ -723,3 +723,13 @@ def test_samples_get_a_diversity_unless_one_is_set(tmp_path, toml, flags, expect
     samples = flags.get("samples", 2) or built.samples
     recipe = config_module.load_recipe(str(path), diversity=given, samples=samples)
     assert recipe.diversity == expected  # atlas visualize reads it the same way
+
+
+def test_a_name_cut_short_suggests_the_names_it_begins_first():
+    from atlas.errors import did_you_mean
+
+    names = ["gcvit_small", "davit_small", "vit_small_patch16_224", "vit_base_patch16_224"]
+    assert did_you_mean("vit_smal", names, limit=2) == (
+        " (did you mean: vit_small_patch16_224, gcvit_small?)"
+    )
+    assert did_you_mean("zzz", names) == ""
