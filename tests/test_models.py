@@ -135,6 +135,18 @@ def test_lite0_digest_changes_with_one_changed_weight(lite0, tmp_path):
     torch.testing.assert_close(changed.module.fc.bias[3], lite0.module.fc.bias[3] + 0.5)
 
 
+def test_lite0_takes_a_state_dict_saved_from_atlas_s_own_module(lite0, tmp_path):
+    """The module that atlas.models.load gives names its layers stem, blocks, head and fc; a
+    state dict saved from it (a fine-tuned copy, say) loads as the package's own names do."""
+    state = {name: tensor.clone() for name, tensor in lite0.module.state_dict().items()}
+    state["fc.bias"][3] += 0.5
+    path = tmp_path / "lite0-own-names.pth"
+    torch.save(state, path)
+    changed = models.load("efficientnet_lite0", str(path))
+    assert changed.digest != lite0.digest
+    torch.testing.assert_close(changed.module.fc.bias[3], lite0.module.fc.bias[3] + 0.5)
+
+
 def test_lite0_rejects_weights_that_do_not_fit(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(2, 2)}, path)

@@ -12,7 +12,7 @@ from torch import nn
 from atlas.errors import AtlasError
 from atlas.models.loaded import InputNormalization, LoadedModel, seeded_init
 from atlas.models.registry import register_source
-from atlas.models.weights import RANDOM, apply_weights
+from atlas.models.weights import RANDOM, apply_state, load_state_dict_file
 
 DEFAULT_MODEL = "efficientnet_lite0"
 LITE_VARIANTS = {  # name -> (input size, weights package, weights class)
@@ -87,13 +87,18 @@ def load(name: str, weights: str | None) -> LoadedModel:
     size = LITE_VARIANTS[name][0]
     with seeded_init():  # random weights: the same in every process
         upstream = EfficientNet.from_name(name.replace("_", "-"))
+    module = EfficientNetLite(upstream)  # shares upstream's modules: loading either loads both
     weights_path = RANDOM
     if weights != RANDOM:
         weights_path = Path(weights) if weights else _weights_file(name)
-        apply_weights(upstream, weights_path, name)
+        state = load_state_dict_file(weights_path)
+        # the upstream package's names (`_conv_stem.weight`), or atlas's (`stem.0.weight`: a
+        # state dict saved from atlas.models.load(name).module)
+        target = module if set(state) == set(module.state_dict()) else upstream
+        apply_state(target, state, f"weights file {weights_path}", name)
     return LoadedModel(
         spec=name,
-        module=EfficientNetLite(upstream),
+        module=module,
         normalize=InputNormalization((255 / 128,) * 3, (-127 / 128,) * 3),
         input_size=(size, size),
         labels=imagenet_labels(),
