@@ -1,7 +1,7 @@
 """A unit's activation on an image as a reader would see it: the image resized to the model's
-input with antialiasing, normalized, and shown once with none of the optimization's random
-transforms ("clean"). The analyses, the change score, `atlas compare` and the quality measures
-all read activations this way.
+input as its preprocessing says (with antialiasing), normalized, and shown once with none of the
+optimization's random transforms ("clean"). The analyses, the change score, `atlas compare` and
+the quality measures all read activations this way.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ def to_tensor(image: Image) -> torch.Tensor:
 
 
 def model_inputs(model, images: Sequence[Image], device: torch.device) -> torch.Tensor:
-    """What the model sees for each image: resized with antialiasing, its channel count,
+    """What the model sees for each image: resized as its preprocessing says, its channel count,
     normalized. A 3-channel image shown to a grey model is averaged to grey."""
     views = []
     for image in images:
         view = to_tensor(image).to(device)[None]
         if view.shape[1] != model.input_channels:
             view = view.mean(1, keepdim=True).expand(-1, model.input_channels, -1, -1)
-        views.append(resize(view, model.input_size))
+        views.append(resize(view, model.input_size, model.resize))
     return model.normalize.to(device)(torch.cat(views).clamp(0, 1))
 
 

@@ -175,9 +175,9 @@ class EvidenceTask:
 def evidence_task(model, task: EvidenceTask) -> dict:
     """The unit's inputs and class effects, averaged over every image of the task that
     decodes; `images` says how many."""
-    from atlas.exemplars import decode  # the exemplar pass's decoding: the same view of a file
+    from atlas.exemplars import decode, fit_settings  # a file as the exemplar pass shows it
 
-    pixels, kept = decode(task.blobs, model.input_size, model.input_channels)
+    pixels, kept = decode(task.blobs, *fit_settings(model))
     images = list(pixels.to(module_device(model.module)))
     target = unit_target(task.layer, task.index)
     result: dict = {"images": len(kept), "inputs": (), "classes": ()}

@@ -18,6 +18,10 @@ from atlas.optim.recipes import DEFAULT as DEFAULT_RECIPE
 from atlas.optim.recipes import PRESETS
 
 DEVICE_HELP = "cpu, cuda, cuda:N (default: cuda when available)"
+WEIGHTS_HELP = (
+    "random (untrained, seeded), a state-dict FILE, or a weights NAME (a torchvision weights "
+    "member, a timm tag); default: the model's own pretrained weights, from local files only."
+)
 
 
 def checked_device(_context, _parameter, value: str | None) -> str | None:
@@ -89,25 +93,15 @@ def cli() -> None:
 
 @cli.command("models")
 def models_command() -> None:
-    """List the built-in model specs and where their weights come from."""
-    from atlas import models as model_registry
-    from atlas import tvmodels
+    """List the kinds of model spec (one per model source) and where their weights come from."""
+    from atlas.models import describe_sources
 
-    rows = model_registry.describe_builtins()
-    width = max(len(row["name"]) for row in rows)
-    for row in rows:
-        click.echo(f"{row['name']:<{width}}  {row['input']:<9} {row['weights']}")
-    names = tvmodels.names()
-    click.echo(
-        f"\nAlso any of {len(names)} torchvision classification models by name "
-        f"({', '.join(names[:4])}, ...), with weights from the local torch hub cache or "
-        "--weights FILE; `package.module:factory`; or a TorchScript file."
-    )
+    click.echo("\n".join(describe_sources()))
 
 
 @cli.command("layers")
 @click.argument("model")
-@click.option("--weights", help="State-dict file (or torchvision weights name).")
+@click.option("--weights", metavar="random|FILE|NAME", help=WEIGHTS_HELP)
 @click.option("--match", "patterns", multiple=True, metavar="GLOB", help="Only matching layers.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], as_json: bool):
@@ -125,6 +119,8 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
         rows = [{**layer.as_dict(), "default": layer.name in defaults} for layer in layers]
         click.echo(json.dumps(rows, indent=2))
         return
+    origin = loaded.preprocessing_from or "as given"
+    click.echo(f"input: {loaded.preprocessing.describe()} ({origin})")
     width = max(len(layer.name) for layer in layers)
     click.echo(f"  {'layer':<{width}}  {'type':<24} {'kind':<13} {'shape':<14} channels")
     for layer in layers:
@@ -141,7 +137,7 @@ def layers_command(model: str, weights: str | None, patterns: tuple[str, ...], a
 @click.argument("model")
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--weights", help="State-dict file (or torchvision weights name).")
+@click.option("--weights", metavar="random|FILE|NAME", help=WEIGHTS_HELP)
 @click.option(
     "--config",
     "config_file",
@@ -225,7 +221,7 @@ def visualize_command(
     """Visualize a few TARGETS of MODEL: blocks.8:3 (channel), blocks.8:3@3,3 (neuron),
     blocks.8:3@centre, blocks.8:3@0-2,0-7 (region), blocks.8 (whole layer), logits:8 or
     logits:hen (class). With --grow, channel targets only, grown neuron by neuron."""
-    from atlas import config, quick
+    from atlas import config, results
     from atlas import models as model_registry
     from atlas.files import writable_folder
     from atlas.optim.loop import check_targets
@@ -253,7 +249,7 @@ def visualize_command(
         growth.check(loaded, parsed)
         out_path = writable_folder(out)
         with StepProgress("growing") as on_step:
-            summary = growth.run(
+            summary = growth.write_growth(
                 loaded,
                 parsed,
                 recipe,
@@ -272,7 +268,7 @@ def visualize_command(
     check_targets(loaded, parsed)
     out_path = writable_folder(out)
     with StepProgress("optimizing") as on_step:
-        summary = quick.run(
+        summary = results.write_results(
             loaded,
             parsed,
             recipe,
@@ -304,7 +300,7 @@ def run_options(function: Callable) -> Callable:
             type=click.Path(dir_okay=False),
             help="atlas.toml; flags override it.",
         ),
-        click.option("--weights", help="State-dict file (or torchvision weights name)."),
+        click.option("--weights", metavar="random|FILE|NAME", help=WEIGHTS_HELP),
         click.option(
             "--layers",
             multiple=True,
@@ -397,8 +393,8 @@ def build_config(config_file, recipe, steps, size, lr, samples, **flags):
 )
 def run_command(force: bool, prune: bool, **options) -> None:
     """Visualize every planned unit of MODEL on Dask and store the results in OUT."""
+    from atlas.pipeline import run_atlas
     from atlas.progress import RunProgress
-    from atlas.runner import run_atlas
 
     config = dataclasses.replace(build_config(**options), force=force, prune=prune)
     progress = RunProgress()
@@ -406,6 +402,11 @@ def run_command(force: bool, prune: bool, **options) -> None:
         config, on_start=progress.start, on_progress=progress.update, on_cluster=progress.cluster
     )
     progress.finish()
+    if summary.rekeyed:
+        click.echo(
+            f"kept {summary.rekeyed} units stored before preprocessing was part of unit keys, "
+            "as made with the preprocessing of now (`atlas run --force` redoes them)"
+        )
     click.echo(
         f"{summary.done} done, {summary.failed} failed, {summary.skipped} already stored "
         f"of {summary.planned} units in {summary.seconds:.1f} s; results in {summary.out}"
@@ -487,15 +488,15 @@ def status_command(out: str, as_json: bool) -> None:
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 def history_command(out: str) -> None:
     """Print the checkpoints OUT holds, oldest first, with each layer's mean change."""
-    from atlas.history import describe
+    from atlas.history_timeline import describe, timeline
     from atlas.store import Store
 
     store = Store(out)
     units, plan = store.classify()
     if plan is None:
         raise AtlasError(f"{out} is not an atlas (no plan.json): run `atlas run ... --out {out}`")
-    timeline, _ = store.history.timeline(plan, units)
-    click.echo(describe(timeline))
+    checkpoints, _ = timeline(store.history, plan, units)
+    click.echo(describe(checkpoints))
 
 
 @cli.command("render")

@@ -9,7 +9,7 @@ are a small static site in DIR. A side is an OUT folder or one checkpoint of it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import resolve
 from atlas.optim.device import resolve_device
 from atlas.optim.objectives import unit_target
-from atlas.record import LOGITS, UnitRecord
+from atlas.record import LOGITS, RunRecord, UnitRecord
 from atlas.site import Page, link_or_copy, site_info, write_pages
 from atlas.store import Store, layer_dirname
 
@@ -75,8 +75,9 @@ def _checkpoint_side(name: str, out: Path, at: str) -> Side:
     checkpoint = history.find(at)
     done = {k: u for k, u in history.units(checkpoint).items() if u.status == "done"}
     done = {k: u for k, u in done.items() if k[1] is not None}
-    facts = {"spec": checkpoint.spec, "digest": checkpoint.digest, "weights": checkpoint.weights}
-    plan = {**history.plan(checkpoint), "model": facts}
+    made = RunRecord.from_json(history.plan(checkpoint))
+    run = replace(made, spec=checkpoint.spec, digest=checkpoint.digest, weights=checkpoint.weights)
+    plan = run.as_json()
     info = site_info(plan, [u.as_json() for u in done.values()])
     return Side(name, out, plan, {**info, "out": f"{out}@{checkpoint.name}"}, done)
 
@@ -84,11 +85,11 @@ def _checkpoint_side(name: str, out: Path, at: str) -> Side:
 def load_model(side: Side, loaded: dict):
     """The model that made the atlas, loaded once per weights digest; its weights must still
     be the ones the atlas was made with."""
-    model_facts = side.plan.get("model") or {}
-    digest = model_facts.get("digest")
+    run = RunRecord.from_json(side.plan)
+    digest = run.digest
     if digest in loaded:
         return loaded[digest]
-    model = models.load(model_facts.get("spec", "?"), model_facts.get("weights"))
+    model = models.load(run.spec, run.weights)
     if model.digest != digest:
         raise AtlasError(
             f"atlas {side.name} ({side.out}) was made with weights {digest}, but "

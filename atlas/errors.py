@@ -11,9 +11,13 @@ class AtlasError(Exception):
 def did_you_mean(name: str, choices: Iterable[str], limit: int = 5) -> str:
     """A ' (did you mean: a, b?)' suffix naming the closest choices, or '' when none is close."""
     choices = list(choices)
-    close = difflib.get_close_matches(name, choices, n=limit, cutoff=0.5)
+    # a name cut short ('vit_smal') means the names it begins, before any that merely look alike
+    close = sorted(c for c in choices if c.lower().startswith(name.lower()))[:limit]
+    if len(close) < limit:
+        close += difflib.get_close_matches(name, choices, n=limit - len(close), cutoff=0.5)
     if not close:
         close = [c for c in choices if name.lower() in c.lower()][:limit]
+    close = list(dict.fromkeys(close))
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 

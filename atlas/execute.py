@@ -60,15 +60,17 @@ def worker_device() -> str:
     return resolve_device().type
 
 
-def load_model_here(spec: str, weights: str | None, digest: str):
-    """Load the model in this process and check it is the one the client planned with."""
+def load_model_here(spec: str, weights: str | None, identity: str):
+    """Load the model in this process and check it is the one the client planned with: the
+    same weights, read with the same preprocessing (LoadedModel.identity)."""
     from atlas import models
 
     model = models.load(spec, weights)
-    if model.digest != digest:
+    if model.identity != identity:
         raise RuntimeError(
-            f"the worker's {spec} has weights digest {model.digest}, the plan {digest}: "
-            "the weights file differs between the client and this worker"
+            f"the worker's {spec} is {model.identity} (weights digest, then preprocessing), "
+            f"the plan's {identity}: the weights file or the preprocessing differs between the "
+            "client and this worker"
         )
     return model
 
@@ -76,8 +78,8 @@ def load_model_here(spec: str, weights: str | None, digest: str):
 class ModelPlugin(WorkerPlugin):
     """Loads the model once per worker process (also on workers that join later)."""
 
-    def __init__(self, spec: str, weights: str | None, digest: str):
-        self.spec, self.weights, self.digest = spec, weights, digest
+    def __init__(self, spec: str, weights: str | None, identity: str):
+        self.spec, self.weights, self.digest = spec, weights, identity
 
     def setup(self, worker) -> None:
         models = getattr(worker, _MODELS_ATTRIBUTE, {})
@@ -158,8 +160,8 @@ class DaskExecutor:
 
     def __init__(self, client, model, weights: str | None, planned: int = 0):
         self.client = client
-        self.digest = model.digest
-        plugin = ModelPlugin(model.spec, weights, model.digest)
+        self.digest = model.identity  # the plugin's models are held by identity
+        plugin = ModelPlugin(model.spec, weights, self.digest)
         try:
             client.register_plugin(plugin, name=f"atlas-model-{self.digest}")
         except Exception as error:

@@ -18,7 +18,6 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,9 +28,6 @@ from atlas.layers import capture, deepest, module_device, resolve, run_forward
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
 from atlas.record import LOGITS
-
-if TYPE_CHECKING:  # the executor's module imports Dask, which workers need not load for this
-    pass
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CHUNK_IMAGES = 32  # images per task on a CPU worker; four times as many on a GPU
@@ -61,28 +57,45 @@ def fingerprint(folder: Path, files: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def exemplar_key(digest: str, source: str, index: int, folder_print: str, top: int) -> str:
-    """`source`: the LayerInfo.source of the unit's layer (what its ranking reads)."""
-    fields = [digest, source, index, folder_print, top, EXEMPLAR_VERSION]
+def exemplar_key(identity: str, source: str, index: int, folder_print: str, top: int) -> str:
+    """`identity`: the model's (weights and preprocessing); `source`: the LayerInfo.source of
+    the unit's layer (what its ranking reads)."""
+    fields = [identity, source, index, folder_print, top, EXEMPLAR_VERSION]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
-def centre_crop(image: Image.Image, input_size: tuple[int, int]) -> tuple[float, ...]:
-    """(left, top, width, height) of the largest centred region of `image` with the aspect
-    ratio of the model's input: what the model is shown, resized."""
+PIL_RESAMPLING = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def centre_crop(
+    image: Image.Image, input_size: tuple[int, int], crop: float = 1.0
+) -> tuple[float, ...]:
+    """(left, top, width, height) of the centre `crop` (timm's crop_pct; 1: all) of the
+    largest centred region of `image` with the aspect ratio of the model's input: what the
+    model is shown, resized."""
     height, width = input_size
-    scale = min(image.width / width, image.height / height)
+    scale = min(image.width / width, image.height / height) * crop
     crop_width, crop_height = width * scale, height * scale
     return (image.width - crop_width) / 2, (image.height - crop_height) / 2, crop_width, crop_height
 
 
-def fit(image: Image.Image, input_size: tuple[int, int], channels: int) -> Image.Image:
-    """`image` as the model sees it: its centre region resized to the input size, in the
-    model's colour mode."""
+def fit(
+    image: Image.Image,
+    input_size: tuple[int, int],
+    channels: int,
+    resize: str = "bilinear",
+    crop: float = 1.0,
+) -> Image.Image:
+    """`image` as the model sees it: its centre region resized to the input size (with the
+    model's resize mode and crop), in the model's colour mode."""
     image = image.convert("L" if channels == 1 else "RGB")
-    left, top, width, height = centre_crop(image, input_size)
+    left, top, width, height = centre_crop(image, input_size, crop)
     box = (left, top, left + width, top + height)
-    return image.resize((input_size[1], input_size[0]), Image.Resampling.BILINEAR, box)
+    return image.resize((input_size[1], input_size[0]), PIL_RESAMPLING[resize], box)
 
 
 # --- the worker's side -----------------------------------------------------------------------
@@ -106,16 +119,22 @@ class ExemplarTask:
 
 
 def decode(
-    blobs: Iterable[bytes], input_size: tuple[int, int], channels: int
+    blobs: Iterable[bytes],
+    input_size: tuple[int, int],
+    channels: int,
+    resize: str = "bilinear",
+    crop: float = 1.0,
 ) -> tuple[torch.Tensor, list[int]]:
-    """The decodable images as [N, C, H, W] in [0, 1], and their positions in `blobs`."""
+    """The decodable images as [N, C, H, W] in [0, 1] as `fit` shows them to the model, and
+    their positions in `blobs`."""
     height, width = input_size
     pixels, kept = [], []
     for position, blob in enumerate(blobs):
         try:
             with Image.open(io.BytesIO(blob)) as image:
                 image.draft("RGB", (2 * width, 2 * height))  # JPEG: decode at a reduced scale
-                array = np.asarray(fit(image, input_size, channels), dtype=np.uint8)
+                shown = fit(image, input_size, channels, resize, crop)
+                array = np.asarray(shown, dtype=np.uint8)
         except DECODE_ERRORS:
             continue
         pixels.append(array.reshape(height, width, channels))
@@ -126,11 +145,16 @@ def decode(
     return stacked.float() / 255, kept
 
 
+def fit_settings(model) -> tuple:
+    """`decode`'s arguments after the blobs for `model`: how its preprocessing shows a photo."""
+    return model.input_size, model.input_channels, model.resize, model.crop
+
+
 def exemplar_task(model, task: ExemplarTask, device: str | None = None) -> dict:
     """One chunk: per layer, the best `top` images of the chunk for each unit, as arrays
     [k, units] of scores, image ids and the strongest position (row, column) in the map."""
     device = resolve_device(device)
-    images, kept = decode(task.blobs, model.input_size, model.input_channels)
+    images, kept = decode(task.blobs, *fit_settings(model))
     unreadable = sorted(set(range(len(task.blobs))) - set(kept))
     result = {"first": task.first, "unreadable": unreadable, "layers": {}}
     if not kept:
@@ -244,13 +268,17 @@ def patch_box(
 
 
 def cut_patch(
-    path: Path, box: tuple[float, ...], input_size: tuple[int, int], channels: int
+    path: Path,
+    box: tuple[float, ...],
+    input_size: tuple[int, int],
+    channels: int,
+    crop: float = 1.0,
 ) -> np.ndarray:
     """The patch `box` (model-input pixels) of the image at `path`, cut from the original at
     its full resolution and resized to PATCH_PX."""
     with Image.open(path) as image:
         image = image.convert("L" if channels == 1 else "RGB")
-        left, top, width, _ = centre_crop(image, input_size)
+        left, top, width, _ = centre_crop(image, input_size, crop)
         scale = width / input_size[1]
         x0, y0, x1, y1 = box
         source = (left + x0 * scale, top + y0 * scale, left + x1 * scale, top + y1 * scale)

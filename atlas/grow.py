@@ -31,7 +31,7 @@ from atlas.optim.loop import (
 )
 from atlas.optim.objectives import Objective, Target, as_objective, region
 from atlas.optim.recipes import Recipe
-from atlas.quick import run_facts
+from atlas.results import run_record
 
 
 def map_size(model, target: Target) -> tuple[int, int]:
@@ -101,7 +101,7 @@ def _frame_record(result: UnitResult, k: int, width: int, images: list[str]) -> 
     }
 
 
-def run(
+def write_growth(
     model,
     targets: Sequence[Target],
     recipe: Recipe,
@@ -174,7 +174,8 @@ def run(
                 "frames": frames,
             }
         )
-    summary = {**run_facts(model, recipe, seconds, device), "grow": True, "units": records}
+    run = run_record(model, recipe, seconds, device, seed=seed, grow=True)
+    summary = {**run.as_json(), "units": records}
     atomic_write_json(out / "results.json", summary)
     return summary
 

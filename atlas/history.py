@@ -24,13 +24,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_json
-from atlas.record import UnitRecord
+from atlas.record import RunRecord, UnitRecord
 
 DEFAULT_KEEP = 30
 CHECKPOINTS = "checkpoints"
@@ -81,13 +80,11 @@ class Checkpoint:
 
 def legacy_checkpoint(plan: dict) -> Checkpoint | None:
     """The checkpoint of an OUT written before checkpoints were recorded: its plan's."""
-    model = plan.get("model") or {}
-    if not isinstance(model.get("digest"), str):
+    run = RunRecord.from_json(plan)
+    if run.digest == RunRecord.digest:  # no digest recorded
         return None
-    digest = model["digest"]
-    started = str(plan.get("started") or "")
     return Checkpoint(
-        f"001-{digest[:8]}", 1, digest, str(model.get("spec")), model.get("weights"), None, started
+        f"001-{run.digest[:8]}", 1, run.digest, run.spec, run.weights, None, run.started or ""
     )
 
 
@@ -357,47 +354,6 @@ class History:
                     blob.unlink(missing_ok=True)
         return removed
 
-    def timeline(self, plan: dict | None, units: list[UnitRecord]) -> tuple[list[dict], list]:
-        """What the manifest shows of the history: the timeline, oldest first, each
-        checkpoint with its layers' mean change, and `units` with their filmstrips: a frame
-        per checkpoint that has a picture of the unit (archived, or stored since under the
-        current checkpoint), the one made with the unit's shown recipe where there is one."""
-        current = named_checkpoint(plan)
-        timeline = [c for c in self.archived() if current is None or c.id != current.id]
-        timeline += [current] if current is not None else []
-        recipes = {(u.layer, u.index): u.recipe_hash for u in units}
-        frames: dict[Key, list[dict]] = {}
-        entries = []
-        for checkpoint in timeline:
-            candidates = dict(self.frames(checkpoint))
-            is_current = checkpoint is current
-            if is_current:
-                for unit in units:
-                    made_now = unit.checkpoint == current.id or (
-                        unit.checkpoint is None and unit.status == "done"
-                    )
-                    if made_now and unit.status in ("done", "stale") and unit.images:
-                        frame = {"checkpoint": current.id, "image": unit.images[0]}
-                        frame |= {"change": unit.change, "recipe_hash": unit.recipe_hash}
-                        key = (unit.layer, unit.index)
-                        candidates[key] = [*candidates.get(key, []), frame]
-            chosen = {
-                key: _pick_frame(found, recipes.get(key)) for key, found in candidates.items()
-            }
-            for key, frame in chosen.items():
-                frames.setdefault(key, []).append(frame)
-            facts = asdict(checkpoint)
-            if is_current:
-                facts["units"] = len(chosen)
-            damaged = self.damaged(checkpoint)
-            facts["complete"] = facts["complete"] and not damaged
-            means = _mean_change((key[0], f["change"]) for key, f in chosen.items())
-            entries.append(
-                {**facts, "current": is_current, "damaged": damaged, "mean_change": means}
-            )
-        shown = [replace(u, filmstrip=tuple(frames.get((u.layer, u.index), ()))) for u in units]
-        return entries, shown
-
 
 def _identity(entry: dict) -> tuple:
     """An archived result is one picture of one unit's key (or a failure of the key)."""
@@ -409,54 +365,6 @@ def _pick(records: list[UnitRecord], recipe_hash: str | None) -> UnitRecord:
     """The newest of `records` made with `recipe_hash`, else the newest."""
     same = [r for r in records if recipe_hash is not None and r.recipe_hash == recipe_hash]
     return (same or records)[-1]
-
-
-def _pick_frame(frames: list[dict], recipe_hash: str | None) -> dict:
-    """The newest frame made with `recipe_hash`, else the newest, without its recipe."""
-    same = [f for f in frames if recipe_hash is not None and f.get("recipe_hash") == recipe_hash]
-    frame = (same or frames)[-1]
-    return {k: v for k, v in frame.items() if k != "recipe_hash"}
-
-
-def describe(timeline: list[dict]) -> str:
-    """`atlas history`'s table: one line per checkpoint, oldest first, with its layers' mean
-    change against the one before."""
-    header = ["checkpoint", "label", "started", "digest", "units", "state", "mean change"]
-    rows = []
-    for entry in timeline:
-        means = [
-            f"{layer} {value:.2f}"
-            for layer, value in entry["mean_change"].items()
-            if value is not None
-        ]
-        state = "complete" if entry["complete"] else "incomplete"
-        state = "units.json damaged" if entry.get("damaged") else state
-        rows.append(
-            [
-                entry["id"],
-                entry["label"] or "-",
-                entry["started"][:16].replace("T", " ") or "?",
-                entry["digest"][:12],
-                str(entry["units"]),
-                f"{state}, current" if entry["current"] else state,
-                ", ".join(means) or "-",
-            ]
-        )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(
-            [*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]
-        ).rstrip()
-        for row in [header, *rows]
-    )
-
-
-def _mean_change(changes: Iterable[tuple[str, float | None]]) -> dict[str, float | None]:
-    """Each layer's mean change over its units that have one (None: none has)."""
-    by_layer: dict[str, list[float]] = {}
-    for layer, change in changes:
-        by_layer.setdefault(layer, []).extend([] if change is None else [change])
-    return {layer: sum(v) / len(v) if v else None for layer, v in by_layer.items()}
 
 
 def _read(path: Path) -> dict | None:

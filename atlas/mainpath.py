@@ -24,6 +24,7 @@ ViT-B/16 its patch embedding and 12 encoder blocks, Swin-T its patch embedding, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +62,16 @@ def _mixes(module: nn.Module) -> bool:
 
 
 def _node(value: object) -> object:
-    tensor = value[0] if isinstance(value, tuple | list) and value else value
-    return tensor.grad_fn if isinstance(tensor, torch.Tensor) else None
+    """The autograd node of a module's input or output: the tensor itself, the first of a
+    tuple (nested ones too: PVTv2's stages return ((hidden,), height, width)), or the last
+    tensor of a mapping (a transformers ModelOutput: its pooled output when it has one, which
+    is what the classifier reads, else its last hidden state)."""
+    if isinstance(value, Mapping):
+        tensors = [v for v in value.values() if isinstance(v, torch.Tensor)]
+        value = tensors[-1] if tensors else None
+    while isinstance(value, tuple | list) and value:
+        value = value[0]
+    return value.grad_fn if isinstance(value, torch.Tensor) else None
 
 
 class _Trace:
@@ -75,13 +84,14 @@ class _Trace:
         handles = []
 
         def before(name: str):
-            def hook(mod, inputs):
+            def hook(mod, inputs, keywords):
                 call = self.calls.setdefault(name, _Call(mod))
                 call.calls += 1
                 if stack:
                     self.calls[stack[-1]].steps.append(name)
                 stack.append(name)
-                call.given = _node(inputs)
+                # transformers passes its inputs by keyword (`pixel_values=`)
+                call.given = _node(inputs or tuple(keywords.values()))
 
             return hook
 
@@ -93,7 +103,7 @@ class _Trace:
             return hook
 
         for name, mod in module.named_modules():
-            handles.append(mod.register_forward_pre_hook(before(name)))
+            handles.append(mod.register_forward_pre_hook(before(name), with_kwargs=True))
             handles.append(mod.register_forward_hook(after(name)))
         device = module_device(module)
         grey = torch.full((1, model.input_channels, *model.input_size), 0.5, device=device)

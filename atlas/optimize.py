@@ -66,6 +66,19 @@ def unit_groups(results: list, task: Task) -> list[list]:
     return [results[first : first + per_unit] for first in range(0, len(results), per_unit)]
 
 
+def analyse_samples(model, task: Task, groups: list[list]) -> list:
+    """What each unit of `task` is for (atlas.analysis), measured on its K samples."""
+    samples = [result for group in groups for result in group[: task.samples]]
+    return analyse(
+        model,
+        [result.target for result in samples],
+        [result.image for result in samples],
+        [result.start for result in samples],
+        task.samples,
+        task.inputs_from,
+    )
+
+
 def visualize_splitting(model, targets: list, task: Task, device: torch.device) -> list:
     """visualize() the batch; on a CUDA out-of-memory error, free memory and do each half
     separately (a unit's images stay together). Each image keeps its own random stream, so
@@ -97,15 +110,7 @@ def optimize_task(model, task: Task, device: str | None = None) -> dict:
     started = time.perf_counter()
     results = visualize_splitting(model, task_targets(task), task, device)
     groups = unit_groups(results, task)
-    samples = [result for group in groups for result in group[: task.samples]]
-    analyses = analyse(
-        model,
-        [result.target for result in samples],
-        [result.image for result in samples],
-        [result.start for result in samples],
-        task.samples,
-        task.inputs_from,
-    )
+    analyses = analyse_samples(model, task, groups)
     encoded = [[encode_image(r.image) for r in group[: task.samples]] for group in groups]
     changes = _changes(model, task, encoded)
     seconds = time.perf_counter() - started

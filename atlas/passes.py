@@ -94,18 +94,19 @@ class ExemplarPass:
         folder_print = exemplars.fingerprint(self.folder, self.files)
         stored = self.store.exemplars()
         self.keys: dict[tuple[str, int], str] = {}
+        identity = model.identity
         for unit in plan_units:
             if unit.index is None:  # a whole-layer image: no single unit to rank images by
                 continue
             source = resolve(model, unit.layer).source
-            key = exemplars.exemplar_key(model.digest, source, unit.index, folder_print, top)
+            key = exemplars.exemplar_key(identity, source, unit.index, folder_print, top)
             if stored.get((unit.layer, unit.index), {}).get("key") != key:
                 self.keys[(unit.layer, unit.index)] = key
         self.units: dict[str, list[int]] = {}
         for layer, index in self.keys:
             self.units.setdefault(layer, []).append(index)
         units = sorted(self.units.items())
-        text = json.dumps([model.digest, folder_print, top, units, exemplars.EXEMPLAR_VERSION])
+        text = json.dumps([identity, folder_print, top, units, exemplars.EXEMPLAR_VERSION])
         self.pass_key = hashlib.sha256(text.encode()).hexdigest()
 
     @property
@@ -182,7 +183,7 @@ class ExemplarPass:
                     box = exemplars.patch_box(row, col, map_size, reach, size)
                     try:
                         patch = exemplars.cut_patch(
-                            self.files[image_id], box, size, model.input_channels
+                            self.files[image_id], box, size, model.input_channels, model.crop
                         )
                     except exemplars.DECODE_ERRORS:  # changed or removed since the pass read it
                         continue

@@ -1,7 +1,8 @@
 """config -> units and tasks, each with a content key.
 
-A unit's key is the sha256 of everything that decides its files: the weights digest, the layer
-and what of it the objective reads, the unit index, the recipe hash, K, the seed, the engine
+A unit's key is the sha256 of everything that decides its files: the model's identity (the
+weights digest and the preprocessing, atlas.models.loaded), the layer and what of it the
+objective reads, the unit index, the recipe hash, K, the seed, the engine
 version and the timelapse interval.
 Every image has its own random stream, so a unit is made the same way whichever task it shares:
 units (not tasks) are what the store caches, and a task batches units of one layer that still
@@ -120,7 +121,7 @@ def inputs_from(planned: list[str], layer: str) -> str | None:
 
 
 def unit_key(
-    digest: str,
+    identity: str,
     source: str,
     index: int,
     recipe: Recipe,
@@ -130,10 +131,20 @@ def unit_key(
     inputs: str | None = None,
     variants: tuple[str, ...] = (),
 ) -> str:
-    """The unit's content key; `source` is its layer's LayerInfo.source and `inputs` the layer
-    its circuit reads (what the record's inputs are channels of); `index` None is the layer's
-    whole-layer image."""
-    fields = [digest, source, index, recipe.hash, samples, seed, ENGINE_VERSION, timelapse, inputs]
+    """The unit's content key; `identity` is the model's (LoadedModel.identity), `source` its
+    layer's LayerInfo.source and `inputs` the layer its circuit reads (what the record's
+    inputs are channels of); `index` None is the layer's whole-layer image."""
+    fields = [
+        identity,
+        source,
+        index,
+        recipe.hash,
+        samples,
+        seed,
+        ENGINE_VERSION,
+        timelapse,
+        inputs,
+    ]
     fields += [list(variants)] if variants else []  # in the key only when asked for
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
@@ -146,8 +157,10 @@ def default_layer_patterns(model) -> tuple[str, ...]:
     return tuple(default_layers(model))
 
 
-def make_plan(config: AtlasConfig, model) -> Plan:
-    """Every planned unit, in layer order then index order, with its key."""
+def make_plan(config: AtlasConfig, model, identity: str | None = None) -> Plan:
+    """Every planned unit, in layer order then index order, with its key. `identity` is what
+    the keys hold of the model (default: `model.identity`)."""
+    identity = model.identity if identity is None else identity
     patterns = config.layers or default_layer_patterns(model)
     layers = [layer for layer in select(model, patterns) if layer.name != LOGITS]
     chosen_names = [layer.name for layer in layers]
@@ -163,7 +176,7 @@ def make_plan(config: AtlasConfig, model) -> Plan:
         for index in indices:
             variants = unit_variants(config.variants, layer, index)
             key = unit_key(
-                model.digest,
+                identity,
                 layer.source,
                 index,
                 config.recipe,

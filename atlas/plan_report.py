@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from atlas.errors import AtlasError
 from atlas.estimate import estimate, unmeasured_layers
 from atlas.execute import executor, visible_gpus
 from atlas.optimize import calibration_task
 from atlas.plan import Plan, load_and_plan, make_tasks
 from atlas.progress import Progress, format_duration
+from atlas.rekey import made_before_keying
 from atlas.store import Store
 
 WHAT = "layer shapes"  # what the progress line counts
@@ -74,7 +76,12 @@ def plan_summary(
     `calibrate_layers`, the layers without earlier timings are timed (`calibrate`)."""
     model, plan = load_and_plan(config)
     store = Store(config.out)
-    todo = store.pending(plan.units, config.force)
+    try:
+        previous = store.read_plan()
+    except AtlasError:  # a damaged plan.json: the run rewrites it and keeps nothing from before
+        previous = None
+    kept = {} if config.force else made_before_keying(store, plan, model, previous)
+    todo = [u for u in store.pending(plan.units, config.force) if (u.layer, u.index) not in kept]
     records = store.records()
     timings, failures = {}, []
     device = "cuda" if visible_gpus() else "cpu"
@@ -116,6 +123,7 @@ def plan_summary(
         "device": device,
         "units": len(plan.units),
         "todo": len(todo),
+        "kept_from_before": len(kept),
         "tasks": len(todo_tasks),
         "estimated_seconds": None if None in known else sum(known),
         "calibration_failures": failures,
@@ -139,6 +147,11 @@ def plan_table(summary: dict) -> str:
         )
     sources = sorted({row["estimate_from"] for row in summary["layers"] if row["todo"]})
     estimated = format_duration(summary["estimated_seconds"])
+    if summary["kept_from_before"]:
+        lines.append(
+            f"{summary['kept_from_before']} units stored before preprocessing was part of unit "
+            "keys are kept, as made with the preprocessing of now (--force redoes them)"
+        )
     lines.append(
         f"{summary['todo']} of {summary['units']} units to do in {summary['tasks']} tasks; "
         f"estimated {estimated} on one {summary['device']} worker"

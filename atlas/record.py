@@ -1,9 +1,12 @@
-"""UnitRecord: the one record of a unit's result, its fields spelled here and nowhere else.
+"""The typed records every stage reads and writes, their fields spelled here and nowhere else.
 
-Workers and `atlas visualize` write it, the store keeps it as OUT/units/<layer>/<index>.json,
-and the manifest, site, compare and the test fixtures read it back. Reading is tolerant:
-unknown keys (a newer atlas, a user's note) are ignored and missing ones take their defaults,
-so atlases written by earlier versions stay readable. This module never imports torch.
+UnitRecord, one unit's result: workers and `atlas visualize` write it, the store keeps it as
+OUT/units/<layer>/<index>.json, and the manifest, site, compare and the test fixtures read it
+back. RunRecord, one run's facts beside its units: `atlas run` writes it as plan.json (with the
+planned units), `atlas visualize` as results.json (with the unit records), the manifest carries
+its fields, and the site, the history and compare read it. Reading is tolerant: unknown keys (a
+newer atlas, a user's note) are ignored and missing ones take their defaults, so files written
+by earlier versions stay readable. This module never imports torch.
 """
 
 from __future__ import annotations
@@ -232,3 +235,72 @@ def _point(point: object, step: int) -> tuple[int, float]:
     if isinstance(point, list | tuple) and len(point) == 2:
         return (int(point[0]), float(point[1]))
     return (step, float(point))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one run did beside its units: which model (spec, weights digest, the weights asked
+    for, its preprocessing), which recipe, K and seed, when, where and with which versions;
+    for `atlas run` also its layers, the model's class labels and its checkpoint."""
+
+    spec: str = "unknown model"
+    digest: str = "?"  # of the weights
+    weights: str | None = None  # as given: a file, a name, "random"; None: the model's own
+    preprocessing: dict | None = None  # as LoadedModel.preprocessing_facts() says it
+    recipe: str = "?"
+    recipe_hash: str = "?"
+    recipe_settings: dict = field(default_factory=dict)
+    samples: int = 1
+    seed: int = 0
+    timelapse: int = 0
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    device: str | None = None
+    atlas_version: str = "?"
+    torch_version: str = "?"
+    engine_version: str | None = None
+    layers: tuple[dict, ...] = ()  # the planned layers, with the folder each is stored in
+    labels: tuple[str, ...] = ()  # the model's class labels: the site names the classes units push
+    checkpoint: dict | None = None  # atlas.history's Checkpoint, as JSON
+    grow: bool = False  # results.json of `atlas visualize --grow`
+
+    def as_json(self) -> dict:
+        """As plan.json and results.json hold it (their units beside it)."""
+        data = dataclasses.asdict(self)
+        model = {name: data.pop(name) for name in ("spec", "digest", "weights", "preprocessing")}
+        data["model"] = model
+        data["recipe"] = {"name": data.pop("recipe"), "hash": data.pop("recipe_hash")}
+        data["layers"], data["labels"] = list(self.layers), list(self.labels)
+        return data
+
+    @classmethod
+    def from_json(cls, data: object) -> RunRecord:
+        """The run facts of a plan.json, results.json or manifest; results.json of before
+        named the model by a string with a `weights_digest` beside it, and its recipe by name
+        with a `recipe_hash`. Values of the wrong type take their defaults."""
+        data = data if isinstance(data, dict) else {}
+        model, recipe = data.get("model"), data.get("recipe")
+        flat = dict(data)
+        if isinstance(model, dict):
+            flat.update((name, model.get(name)) for name in ("spec", "digest", "weights"))
+            flat["preprocessing"] = model.get("preprocessing", data.get("preprocessing"))
+        elif isinstance(model, str):
+            flat.update(spec=model, digest=data.get("weights_digest"))
+        if isinstance(recipe, dict):
+            flat.update(recipe=recipe.get("name"), recipe_hash=recipe.get("hash"))
+        for name in ("layers", "labels"):
+            if isinstance(flat.get(name), list):
+                flat[name] = tuple(flat[name])
+        hints = _run_field_types()
+        known = {}
+        for item in dataclasses.fields(cls):
+            value = flat.get(item.name)
+            if value is not None and _fits(value, hints[item.name]):
+                known[item.name] = value
+        return cls(**known)
+
+
+@functools.cache
+def _run_field_types() -> dict[str, object]:
+    return typing.get_type_hints(RunRecord)

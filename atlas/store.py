@@ -41,6 +41,7 @@ from atlas.files import (
     safe_name,
 )
 from atlas.history import History
+from atlas.history_timeline import timeline
 from atlas.record import STATUSES, VARIANT_FILE, UnitRecord
 
 UNIT_FILES = ("timelapse", "maps")  # record fields that name a unit's extra WebP files
@@ -380,7 +381,7 @@ class Store:
     def write_manifest(self) -> dict:
         """Rebuild manifest.json from plan.json, the unit JSONs and the archived checkpoints."""
         units, plan = self.classify()
-        checkpoints, units = self.history.timeline(plan, units)
+        checkpoints, units = timeline(self.history, plan, units)
         plan = plan or {}
         counts = Counter(unit.status for unit in units)
         manifest = {

@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from atlas.exemplars import decode
+from atlas.exemplars import decode, fit_settings
 from atlas.layers import capture, deepest, run_forward
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
-
-if TYPE_CHECKING:
-    pass
 
 RANDOM_IMAGES = 64  # folder images: half set each layer's mean, half what chance agreement is
 RANDOM_SEED = 0
@@ -62,7 +58,7 @@ def pattern_task(model, task: PatternTask, device: str | None = None) -> dict:
     """Per layer, [n, C] channel means (float32) of the chunk's decodable images; `kept` are
     their positions in the chunk."""
     device = resolve_device(device)
-    images, kept = decode(task.blobs, model.input_size, model.input_channels)
+    images, kept = decode(task.blobs, *fit_settings(model))
     result = {"first": task.first, "kept": kept, "layers": {}}
     if not kept:
         return result

@@ -1,25 +1,31 @@
-"""Every torchvision classification model through atlas, offline, with random weights.
+"""Every model zoo through atlas, offline, with random weights.
 
-    nice -n 10 .venv/bin/python bench/models.py [--only NAME[,NAME]] [--force]
-        [--out bench/models.json] [--markdown docs/models.md] [--timeout S]
+    nice -n 10 .venv/bin/python bench/models.py [--zoo torchvision|timm|hf] [--only NAME[,NAME]]
+        [--force] [--out FILE] [--markdown docs/models.md] [--timeout S]
 
-For each model of `torchvision.models.list_models(module=torchvision.models)`, built with
-`atlas.models.load(name, "random")`:
+The zoos: every torchvision classification model (`torchvision.models.list_models`); one model
+per timm family, the smallest of each of timm's model modules (`timm.list_modules()`, counted
+on the meta device, timm's `test_*` models left out); and a handful of Hugging Face image
+classifiers, each built from its architecture's default config (made smaller where that is a
+giant) and its default image processor, saved as a folder (`hf:FOLDER`). Each is loaded with
+`atlas.models.load(spec, "random")`:
 
 1. the kinds of its layers as atlas reads them (map, channels_last, tokens, cls_token, vector);
 2. each layer's channel count against its module's own size (a Conv's out_channels, a
    BatchNorm's num_features, a Linear's out_features, a LayerNorm's normalized_shape[-1], else
    an int attribute hidden_dim, embed_dim or out_channels), for maps, channels-last maps,
-   tokens and class tokens;
+   tokens and class tokens (not a Conv1d over tokens, whose out_channels count tokens);
 3. its default layers (`atlas.plan.default_layer_patterns`) and their unit count;
-4. `atlas visualize NAME LAYER:0 --weights random --steps 2 --size 64` of the middle default
+4. `atlas visualize SPEC LAYER:0 --weights random --steps 2 --size 64` of the middle default
    layer, through the real CLI: OK when it exits 0 and writes an image.
 
 Each model is inspected in a fresh process and visualized in another, one at a time, so memory
 never holds more than one model (ViT-H/14 and RegNet-Y-128GF are ~2.5 GB each). Results go to
-the JSON file after every model; a rerun skips the models already there (--force redoes them).
-`--markdown FILE` writes the table between the markers `<!-- models table -->` and
-`<!-- end models table -->` of FILE (the prose around them is kept), or a new file.
+the zoo's JSON file (bench/models.json, models-timm.json, models-hf.json) after every model; a
+rerun skips the models already there (--force redoes them). `--markdown FILE` writes the zoo's
+table between its markers (`<!-- models table -->` and `<!-- end models table -->` for
+torchvision, `<!-- timm table -->` ... for timm, `<!-- hf table -->` ... for Hugging Face) of
+FILE (the prose around them is kept), or a new file.
 """
 
 from __future__ import annotations
@@ -34,13 +40,55 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("map", "channels_last", "tokens", "cls_token", "vector")
 CHECKED_KINDS = ("map", "channels_last", "tokens", "cls_token")
 IMAGE_SUFFIXES = (".webp", ".png")
-BEGIN, END = "<!-- models table -->", "<!-- end models table -->"
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A zoo's results file and the markers of its table in the markdown file."""
+
+    out: str
+    marker: str  # the table goes between <!-- marker --> and <!-- end marker -->
+
+
+ZOOS = {
+    "torchvision": Zoo("bench/models.json", "models table"),
+    "timm": Zoo("bench/models-timm.json", "timm table"),
+    "hf": Zoo("bench/models-hf.json", "hf table"),
+}
+# Hugging Face architectures, with the config settings that make a giant default a small one
+HF_ARCHITECTURES = {
+    "beit": {},
+    "convnext": {},
+    "convnextv2": {},
+    "cvt": {},
+    "deit": {},
+    "dinov2": {},
+    "efficientnet": {
+        "width_coefficient": 1.0,
+        "depth_coefficient": 1.0,
+        "hidden_dim": 1280,
+        "image_size": 224,
+    },
+    "focalnet": {},
+    "levit": {},
+    "mobilenet_v2": {},
+    "mobilevit": {},
+    "poolformer": {},
+    "pvt_v2": {},
+    "regnet": {},
+    "resnet": {},
+    "swin": {},
+    "swinv2": {},
+    "vit": {},
+}
+HF_FOLDERS = Path(tempfile.gettempdir()) / "atlas-bench-hf"
 
 # families in the order the table shows them (roughly by year); a model's family is the first
 # prefix its name starts with
@@ -123,16 +171,28 @@ def module_size(module) -> tuple[int, str] | None:
     return None
 
 
-def inspect(name: str) -> dict:
+def versions() -> str:
+    """torch and the zoos' packages that are installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("torch", "torchvision", "timm", "transformers"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def inspect(spec: str) -> dict:
     """Steps 1-3 for one model (run in its own process)."""
-    import torch
-    import torchvision
+    from torch import nn
 
     from atlas import models
     from atlas.plan import default_layer_patterns
 
     started = time.time()
-    loaded = models.load(name, "random")
+    loaded = models.load(spec, "random")
     loaded_at = time.time()
     layers = loaded.layers
     modules = dict(loaded.module.named_modules())
@@ -141,7 +201,10 @@ def inspect(name: str) -> dict:
     for layer in layers:
         if layer.kind not in CHECKED_KINDS:
             continue
-        size = module_size(modules[layer.module or layer.name])
+        module = modules[layer.module or layer.name]
+        if layer.kind in ("tokens", "cls_token") and isinstance(module, nn.Conv1d):
+            continue  # a Conv1d over tokens (CoaT's aggregate): its channels count tokens
+        size = module_size(module)
         if size is None:
             continue
         checked += 1
@@ -156,10 +219,10 @@ def inspect(name: str) -> dict:
     unknown = [d for d in defaults if d not in by_name]
     logits = by_name.get("logits")
     return {
-        "name": name,
-        "family": family_of(name),
+        "spec": spec,
         "params": sum(p.numel() for p in loaded.module.parameters()),
         "input_size": list(loaded.input_size),
+        "preprocessing": loaded.preprocessing.describe(),
         "layers": len(layers),
         "kinds": kinds,
         "checked": checked,
@@ -172,29 +235,82 @@ def inspect(name: str) -> dict:
         "seconds_load": round(loaded_at - started, 2),
         "seconds_layers": round(discovered_at - loaded_at, 2),
         "seconds_defaults": round(time.time() - discovered_at, 2),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "versions": versions(),
     }
 
 
-def child_main(name: str) -> None:
+def child_main(spec: str) -> None:
     try:
-        record = inspect(name)
+        record = inspect(spec)
     except Exception as error:  # the parent needs every failure as a record
         message = str(error).strip().splitlines()
         record = {
-            "name": name,
-            "family": family_of(name),
+            "spec": spec,
             "error": f"{type(error).__name__}: {message[0] if message else ''}",
             "traceback": tail("".join(traceback.format_exception(error))),
         }
     print("\n" + json.dumps(record))
 
 
-def names_main() -> None:
+# --- what each zoo holds: (name, spec, family) ---------------------------------------------
+
+
+def torchvision_models() -> list[tuple[str, str, str]]:
     import torchvision
 
-    print(json.dumps(sorted(torchvision.models.list_models(module=torchvision.models))))
+    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    return [(name, name, family_of(name)) for name in names]
+
+
+def timm_models() -> list[tuple[str, str, str]]:
+    """The smallest model (parameters counted on the meta device) of each timm module."""
+    import timm
+    import torch
+
+    chosen = []
+    for module in sorted(timm.list_modules()):
+        sizes = {}
+        for name in timm.list_models(module=module):
+            if name.startswith("test_"):
+                continue
+            try:
+                with torch.device("meta"):
+                    built = timm.create_model(name)
+            except Exception:  # counted among the module's others
+                continue
+            sizes[name] = sum(p.numel() for p in built.parameters())
+        if sizes:
+            name = min(sizes, key=lambda n: (sizes[n], n))
+            chosen.append((name, f"timm:{name}", module))
+    return chosen
+
+
+def hf_models() -> list[tuple[str, str, str]]:
+    """HF_ARCHITECTURES, each saved as a folder: its default config (with the overrides) and
+    its default image processor."""
+    import transformers
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+
+    chosen = []
+    for model_type, overrides in HF_ARCHITECTURES.items():
+        folder = HF_FOLDERS / model_type
+        config = transformers.AutoConfig.for_model(model_type, **overrides)
+        config.save_pretrained(folder)
+        named = IMAGE_PROCESSOR_MAPPING_NAMES.get(model_type) or ()
+        if isinstance(named, dict):  # transformers 5: by backend
+            named = (named.get("torchvision"), named.get("pil"))
+        processor = next((name for name in named if name), None)
+        if processor:
+            getattr(transformers, processor)().save_pretrained(folder)
+        chosen.append((model_type, f"hf:{folder}", model_type))
+    return chosen
+
+
+ZOO_MODELS = {"torchvision": torchvision_models, "timm": timm_models, "hf": hf_models}
+
+
+def names_main(zoo: str) -> None:
+    print(json.dumps(ZOO_MODELS[zoo]()))
 
 
 # --- the parent: one model at a time, each in fresh processes -------------------------------
@@ -226,14 +342,14 @@ UNIT_LINE = re.compile(r"objective (\S+) -> (\S+) \(best at step (\d+)\)")
 TOTAL_LINE = re.compile(r"units in ([\d.]+) s")
 
 
-def visualize(name: str, layer: str, timeout: float) -> dict:
+def visualize(spec: str, layer: str, timeout: float) -> dict:
     """Step 4: the real CLI in a subprocess."""
     atlas = Path(sys.executable).parent / "atlas"
     with tempfile.TemporaryDirectory(prefix="atlas-models-") as out:
         command = [
             str(atlas),
             "visualize",
-            name,
+            spec,
             f"{layer}:0",
             "--weights",
             "random",
@@ -294,23 +410,20 @@ def status_of(record: dict) -> str:
     return "OK" if visual.get("ok") else visual.get("why", "not visualized")
 
 
-def measure(name: str, timeout: float) -> dict:
+def measure(name: str, spec: str, family: str, timeout: float) -> dict:
     started = time.time()
-    done, seconds = run_child(["--inspect", name], timeout)
+    done, seconds = run_child(["--inspect", spec], timeout)
     if done is None:
-        record = {"name": name, "family": family_of(name)}
-        record["error"] = f"inspection timed out after {timeout:.0f} s"
+        record = {"error": f"inspection timed out after {timeout:.0f} s"}
     else:
         record = last_json(done.stdout) or {
-            "name": name,
-            "family": family_of(name),
             "error": f"inspection exit {done.returncode} without a result",
             "traceback": tail(done.stderr),
         }
-    record["seconds_inspect"] = round(seconds, 2)
+    record.update(name=name, spec=spec, family=family, seconds_inspect=round(seconds, 2))
     if "error" not in record and record["defaults"]:
         defaults = record["defaults"]
-        record["visualize"] = visualize(name, defaults[(len(defaults) - 1) // 2], timeout)
+        record["visualize"] = visualize(spec, defaults[(len(defaults) - 1) // 2], timeout)
     record["status"] = status_of(record)
     record["seconds_total"] = round(time.time() - started, 2)
     record["commit"] = git_commit()
@@ -342,11 +455,18 @@ def kinds_text(kinds: dict) -> str:
     return ", ".join(f"{kinds[k]} {k.replace('_', '-')}" for k in KINDS if kinds.get(k))
 
 
-def table(models: dict) -> str:
-    order = {family: i for i, family in enumerate(FAMILIES)}
+def table(models: dict, zoo: str) -> str:
+    """The zoo's table: torchvision's families by year, the others by name; torchvision's
+    input is its size (read as before), the others' their whole preprocessing."""
+    order = {family: i for i, family in enumerate(FAMILIES if zoo == "torchvision" else ())}
     rows = sorted(
         models.values(),
-        key=lambda r: (order.get(r["family"], len(order)), r.get("params", 0), r["name"]),
+        key=lambda r: (
+            order.get(r["family"], len(order)),
+            r["family"],
+            r.get("params", 0),
+            r["name"],
+        ),
     )
     lines = [
         "| family | model | layers by kind | checked | default layers | units | input "
@@ -364,6 +484,8 @@ def table(models: dict) -> str:
         seconds = f"{visual['seconds']:.0f} s" if "seconds" in visual else ""
         checked = f"{r['checked']}" + (f" ({len(r['mismatches'])} off)" if r["mismatches"] else "")
         size = "x".join(str(n) for n in r["input_size"])
+        if zoo != "torchvision":
+            size = r["preprocessing"].split("x", 1)[1].replace(" std", ", std")  # no channels
         status = r["status"].replace("|", "\\|")
         lines.append(
             f"| {family} | {r['name']} | {kinds_text(r['kinds'])} | {checked} "
@@ -395,7 +517,9 @@ def summary(models: dict) -> list[str]:
     commits = ", ".join(f"{c} ({counts[c]})" for c in commit_order(set(counts)))
     edited = sum(bool(r.get("atlas_edited")) for r in models.values())
     dates = sorted({r.get("date", "?") for r in models.values()})
-    versions = sorted({f"torch {r['torch']}, torchvision {r['torchvision']}" for r in ok})
+    versions = sorted(
+        {r.get("versions") or f"torch {r['torch']}, torchvision {r['torchvision']}" for r in ok}
+    )
     return [
         f"{len(ok)} of {len(models)} models OK; {total / 60:.0f} min in all "
         f"(inspection and visualize, one model at a time); slowest: {slowest['name']} "
@@ -406,20 +530,22 @@ def summary(models: dict) -> list[str]:
     ]
 
 
-def write_markdown(path: Path, models: dict) -> None:
-    block = f"{BEGIN}\n{table(models)}\n\n{' '.join(summary(models))}\n{END}"
-    if path.exists() and BEGIN in (text := path.read_text()) and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
+def write_markdown(path: Path, models: dict, zoo: str) -> None:
+    begin, end = f"<!-- {ZOOS[zoo].marker} -->", f"<!-- end {ZOOS[zoo].marker} -->"
+    block = f"{begin}\n{table(models, zoo)}\n\n{' '.join(summary(models))}\n{end}"
+    if path.exists() and begin in (text := path.read_text()) and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
         path.write_text(before + block + after)
     else:
-        path.write_text(f"# torchvision models\n\n{block}\n")
+        path.write_text(f"# {zoo} models\n\n{block}\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", choices=sorted(ZOOS), default="torchvision")
     parser.add_argument("--only", help="Comma-separated model names (default: all).")
-    parser.add_argument("--out", default="bench/models.json", type=Path)
+    parser.add_argument("--out", type=Path, help="Results file (default: the zoo's).")
     parser.add_argument("--markdown", type=Path, help="Write the table into this file.")
     parser.add_argument("--force", action="store_true", help="Redo models already in --out.")
     parser.add_argument(
@@ -431,26 +557,28 @@ def main() -> None:
     if args.inspect:
         return child_main(args.inspect)
     if args.names:
-        return names_main()
+        return names_main(args.zoo)
 
-    out = args.out if args.out.is_absolute() else ROOT / args.out
+    out = args.out or Path(ZOOS[args.zoo].out)
+    out = out if out.is_absolute() else ROOT / out
     results = json.loads(out.read_text()) if out.exists() else {}
     listed = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--names"],
+        [sys.executable, str(Path(__file__).resolve()), "--names", "--zoo", args.zoo],
         capture_output=True,
         text=True,
         check=True,
     )
-    names = json.loads(listed.stdout)
+    zoo = {name: (spec, family) for name, spec, family in json.loads(listed.stdout)}
+    names = list(zoo)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        if unknown := [n for n in wanted if n not in names]:
-            parser.error(f"not torchvision classification models: {', '.join(unknown)}")
+        if unknown := [n for n in wanted if n not in zoo]:
+            parser.error(f"not among the {args.zoo} models measured: {', '.join(unknown)}")
         names = wanted
     todo = [n for n in names if args.force or n not in results]
     print(f"{len(todo)} models to do, {len(names) - len(todo)} already in {out}", flush=True)
     for i, name in enumerate(todo, 1):
-        record = measure(name, args.timeout)
+        record = measure(name, *zoo[name], args.timeout)
         results[name] = record
         save(out, dict(sorted(results.items())))
         print(
@@ -459,7 +587,7 @@ def main() -> None:
         )
     if args.markdown:
         markdown = args.markdown if args.markdown.is_absolute() else ROOT / args.markdown
-        write_markdown(markdown, results)
+        write_markdown(markdown, results, args.zoo)
     if results:
         print("\n".join(summary(results)))
 

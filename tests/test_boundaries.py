@@ -25,6 +25,7 @@ RULES = [
     ("atlas.site.timeline", ("torch", "jinja2", "PIL")),
     ("atlas.record", ("torch", "dask")),  # read by the store, the site and compare
     ("atlas.history", ("torch", "dask")),  # checkpoints: files only
+    ("atlas.history_timeline", ("torch", "dask")),
     ("atlas.change", ("torch", "dask")),  # the score; torch only inside the measuring
     ("atlas.optim.recipes", ("torch",)),  # recipes and the CLI's options start fast
     ("atlas.cli", ("torch", "dask", "jinja2")),

@@ -21,6 +21,7 @@ from atlas import models
 from atlas.cli import cli
 from atlas.files import safe_name
 from atlas.optim.recipes import get
+from atlas.record import RunRecord
 
 LITE0 = "efficientnet_lite0"
 
@@ -120,15 +121,18 @@ def test_layers_json(atlas):
 def test_layers_text_and_match(atlas):
     result = atlas("layers", LITE0, "--match", "blocks.8", "--match", "logits")
     assert result.exit_code == 0, result.output
-    rows = [row.split() for row in result.stdout.splitlines()]
+    first, *lines = result.stdout.splitlines()
+    # the preprocessing it is read with: (x*255 - 127) / 128, as mean and std
+    assert first.startswith("input: 3x224x224, bilinear, mean 0.498,0.498,0.498 std 0.502,")
+    rows = [row.split() for row in lines]
     assert rows[0] == ["layer", "type", "kind", "shape", "channels"]
     assert rows[1:3] == [
         ["*", "blocks.8", "MBConvBlock", "map", "112x14x14", "112"],
         ["logits", "output", "vector", "1000", "1000"],
     ]
-    assert rows[3][0] == "*" and "default layers" in result.stdout.splitlines()[3]
+    assert rows[3][0] == "*" and "default layers" in lines[3]
     result = atlas("layers", LITE0, "--match", "head")
-    assert result.stdout.splitlines()[1].split() == [
+    assert result.stdout.splitlines()[2].split() == [
         "*",
         "head",
         "Sequential",
@@ -345,10 +349,10 @@ def test_visualize_writes_images_and_results(atlas, lite0, tmp_path):
             assert image.mode == "RGB"
 
     summary = json.loads((out / "results.json").read_text())
-    assert summary["model"] == LITE0
-    assert summary["weights_digest"] == lite0.digest
-    assert summary["recipe"] == "fourier"
-    assert summary["steps"] == 2
+    run = RunRecord.from_json(summary)
+    assert (run.spec, run.digest) == (LITE0, lite0.digest)
+    assert summary["model"]["digest"] == lite0.digest  # the shape plan.json has too
+    assert run.recipe == "fourier" and run.recipe_settings["steps"] == 2
     units = summary["units"]
     assert [unit["id"] for unit in units] == ["blocks.8:3", "logits:8"]
     assert [unit["kind"] for unit in units] == ["channel", "logit"]
@@ -382,15 +386,15 @@ def test_visualize_takes_its_recipe_from_a_config(atlas, tmp_path):
     out = tmp_path / "out"
     result = atlas("visualize", LITE0, "logits:hen", "--config", toml, "--out", out)
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "results.json").read_text())
-    assert (summary["recipe"], summary["steps"]) == ("plain", 2)
-    assert summary["recipe_hash"] == get("plain", steps=2, size=32).hash
+    run = RunRecord.from_json(json.loads((out / "results.json").read_text()))
+    assert (run.recipe, run.recipe_settings["steps"]) == ("plain", 2)
+    assert run.recipe_hash == get("plain", steps=2, size=32).hash
     flags = ["--recipe", "fourier", "--steps", 1]  # the table's other settings still apply
     result = atlas("visualize", LITE0, "logits:hen", "--config", toml, *flags, "--out", out)
     assert result.exit_code == 0, result.output
-    summary = json.loads((out / "results.json").read_text())
-    assert (summary["recipe"], summary["steps"]) == ("fourier", 1)
-    assert summary["recipe_hash"] == get("fourier", steps=1, size=32, scale=(1.0, 1.0)).hash
+    run = RunRecord.from_json(json.loads((out / "results.json").read_text()))
+    assert (run.recipe, run.recipe_settings["steps"]) == ("fourier", 1)
+    assert run.recipe_hash == get("fourier", steps=1, size=32, scale=(1.0, 1.0)).hash
     toml.write_text(toml.read_text().replace("layers", "layerz"))
     assert_bad_input(
         atlas("visualize", LITE0, "logits:hen", "--config", toml, "--out", out),

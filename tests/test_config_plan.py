@@ -530,17 +530,17 @@ def test_keys_are_deterministic_and_distinct(model):
 
 def test_key_follows_unit_key_fields(model):
     recipe = get(DEFAULT, steps=3)
-    key = unit_key(model.digest, "conv2", 3, recipe, 1, 1)
+    key = unit_key(model.identity, "conv2", 3, recipe, 1, 1)
     assert keys(make_plan(plan_config(**BASE), model))[("conv2", 3)] == key
     variants = [
         unit_key("another digest", "conv2", 3, recipe, 1, 1),
-        unit_key(model.digest, "relu2", 3, recipe, 1, 1),
-        unit_key(model.digest, "conv2", 4, recipe, 1, 1),
-        unit_key(model.digest, "conv2", 3, recipe.replace(lr=0.1), 1, 1),
-        unit_key(model.digest, "conv2", 3, recipe, 2, 1),
-        unit_key(model.digest, "conv2", 3, recipe, 1, 2),
-        unit_key(model.digest, "conv2", 3, recipe, 1, 1, timelapse=4),
-        unit_key(model.digest, "conv2", 3, recipe, 1, 1, inputs="conv1"),  # its circuit's layer
+        unit_key(model.identity, "relu2", 3, recipe, 1, 1),
+        unit_key(model.identity, "conv2", 4, recipe, 1, 1),
+        unit_key(model.identity, "conv2", 3, recipe.replace(lr=0.1), 1, 1),
+        unit_key(model.identity, "conv2", 3, recipe, 2, 1),
+        unit_key(model.identity, "conv2", 3, recipe, 1, 2),
+        unit_key(model.identity, "conv2", 3, recipe, 1, 1, timelapse=4),
+        unit_key(model.identity, "conv2", 3, recipe, 1, 1, inputs="conv1"),  # its circuit's layer
     ]
     assert len({key, *variants}) == 9
     assert ENGINE_VERSION  # part of every key: bumping it changes them all
@@ -723,3 +723,13 @@ def test_samples_get_a_diversity_unless_one_is_set(tmp_path, toml, flags, expect
     samples = flags.get("samples", 2) or built.samples
     recipe = config_module.load_recipe(str(path), diversity=given, samples=samples)
     assert recipe.diversity == expected  # atlas visualize reads it the same way
+
+
+def test_a_name_cut_short_suggests_the_names_it_begins_first():
+    from atlas.errors import did_you_mean
+
+    names = ["gcvit_small", "davit_small", "vit_small_patch16_224", "vit_base_patch16_224"]
+    assert did_you_mean("vit_smal", names, limit=2) == (
+        " (did you mean: vit_small_patch16_224, gcvit_small?)"
+    )
+    assert did_you_mean("zzz", names) == ""

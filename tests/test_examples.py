@@ -24,6 +24,7 @@ from atlas import config, models
 from atlas.cli import cli
 from atlas.optim.param import colour_matrix_from_folder
 from atlas.optim.recipes import DEFAULT_DIVERSITY, Octave, Recipe
+from atlas.record import RunRecord
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 EXERCISED: set[str] = set()  # the examples that have a test below
@@ -237,8 +238,9 @@ def test_inceptionv3_octaves_grow_and_run(atlas, tmp_path):
     result = atlas("visualize", "inception_v3", *grow, *tiny, "--out", grown)
     assert "2 frames over its 17x17 map" in result.stdout
     summary = json.loads((grown / "results.json").read_text())
-    assert summary["recipe"] == "octaves"
-    assert summary["recipe_hash"] == config.load_recipe(example, steps=3, size=32).hash
+    run = RunRecord.from_json(summary)
+    assert run.recipe == "octaves" and run.grow
+    assert run.recipe_hash == config.load_recipe(example, steps=3, size=32).hash
     assert [frame["k"] for frame in summary["units"][0]["frames"]] == [145, 289]
     assert (grown / "Mixed_6b_5.grow.webp").is_file()
     # the same atlas.toml plans an atlas of Mixed_6b's channels for `atlas run`

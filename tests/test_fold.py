@@ -106,7 +106,7 @@ def test_visualize_gives_what_the_unfolded_model_gives(monkeypatch):
     model = bn_model()
     targets = [channel("relu2", 3), logit(1)]
     folded = visualize(model, targets, QUICK, seed=2)
-    monkeypatch.setattr("atlas.optim.loop.running_module", lambda m, hooked: m.module)
+    monkeypatch.setattr("atlas.optim.loop.running_module", lambda m, hooked, **_: m.module)
     plain = visualize(model, targets, QUICK, seed=2)
     for a, b in zip(folded, plain, strict=True):
         np.testing.assert_allclose(a.history, b.history, rtol=1e-3, atol=1e-3)
@@ -120,3 +120,65 @@ def test_only_the_latest_copy_is_kept():
     assert first is not second
     assert running_module(model, ["conv2"]) is second
     assert running_module(model, ["conv1"]) is not first  # rebuilt, the old one was dropped
+
+
+class NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d layout: torch's batch norm, then its children drop and act."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledNorm(nn.BatchNorm2d):
+    """A BatchNorm subclass of unknown layout: its own forward, a child of its own."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gate(x)
+
+
+def norm_act_model(norm: type) -> LoadedModel:
+    model = bn_model()
+    model.module.bn1 = norm(8).eval()
+    model.module.bn2 = norm(12).eval()
+    return LoadedModel("norm-act", model.module, model.normalize, input_size=(32, 32))
+
+
+def test_a_norm_with_its_activation_inside_folds_and_keeps_it_by_name():
+    model = norm_act_model(NormAct)
+    assert {layer.name for layer in model.layers} >= {"bn1", "bn1.act", "bn2.act"}
+    folded = running_module(model, ["bn1.act", "relu2"])  # the crash of timm's models before
+    assert kinds(folded)["bn1"] == "FoldedNorm" and kinds(folded)["bn1.act"] == "SiLU"
+    [result] = visualize(model, [channel("bn1.act", 2)], QUICK)
+    assert np.isfinite(result.objective_best)
+
+
+def test_a_norm_of_unknown_layout_stays_unfolded_and_runs():
+    model = norm_act_model(ScaledNorm)
+    assert running_module(model, ["relu2"]) is model.module
+    [result] = visualize(model, [channel("bn1", 1)], QUICK)
+    assert np.isfinite(result.objective_best)
+
+
+def test_only_the_planned_layers_are_compared(caplog):
+    model = bn_model(leak=True)  # folding bn2 changes the logits, not relu1
+    with caplog.at_level(logging.WARNING):
+        assert running_module(model, ["relu1"], with_logits=False) is not model.module
+    assert caplog.text == ""
+    assert running_module(model, ["relu1"]) is model.module  # with the logits it differs
+
+
+def test_a_copy_that_cannot_be_made_runs_the_model_as_it_is(monkeypatch, caplog):
+    monkeypatch.setattr("atlas.optim.fold.fold_batchnorm", lambda *_: {}["no such layer"])
+    model = bn_model()
+    with caplog.at_level(logging.WARNING):
+        assert running_module(model, ["relu2"]) is model.module
+    assert "BatchNorm not folded (KeyError" in caplog.text

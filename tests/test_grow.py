@@ -16,6 +16,7 @@ from atlas.grow import frame_counts, prefix_objective
 from atlas.optim import channel, get, visualize
 from atlas.optim.loop import image_seed
 from atlas.optim.objectives import BatchObjective, as_objective
+from atlas.record import RunRecord
 
 MODEL = "tinymodels:tiny_small"  # 12 px input: conv3's map is 3x3
 QUICK = ["--steps", "2", "--size", "12", "--format", "png"]
@@ -119,7 +120,8 @@ def test_grow_writes_every_frame_and_the_animation(tmp_path):
     assert size == (12, 12) and milliseconds == 8 * 80 + 1500  # 9 frames, the last held
 
     summary = json.loads((tmp_path / "results.json").read_text())
-    assert summary["grow"] is True and summary["steps"] == 2
+    run = RunRecord.from_json(summary)
+    assert run.grow and run.recipe_settings["steps"] == 2
     (unit,) = summary["units"]
     assert unit["id"] == "conv3:3" and unit["map"] == [3, 3] and unit["grow_step"] == 1
     assert unit["animation"] == "conv3_3.grow.webp"

@@ -3,9 +3,6 @@ with its ImageNet weights, torchvision architectures, factories, TorchScript fil
 discovery on small models built here."""
 
 import re
-import sys
-import textwrap
-import uuid
 from collections import OrderedDict
 
 import numpy as np
@@ -65,6 +62,32 @@ def test_lite0_describes_itself(lite0):
     assert not any(p.requires_grad for p in lite0.module.parameters())
 
 
+def test_lite0_keeps_the_unit_keys_it_had(lite0):
+    """Computed on main before preprocessing entered the keys: the atlases of the bundled model
+    do not rerun. (A changed recipe preset would change them, as it should.)"""
+    from atlas import config
+    from atlas.plan import make_plan
+
+    flags = {"layers": ("blocks.8",), "channels": "3", "classes": "285"}
+    built = config.build(
+        None,
+        model="efficientnet_lite0",
+        recipe="plain",
+        out="unused",
+        recipe_overrides={"steps": 17},
+        **flags,
+    )
+    keys = {unit.id: unit.key for unit in make_plan(built, lite0).units}
+    assert keys == {
+        "blocks.8:3": "ea4f447263f6d62ad78c3174aa54a950d529a983057b73250920abcc9ab4a6c5",
+        "logits:285": "925a86391e98ee8aa6c0107b1e309ae65b5f24e373693529e5f3de59ad7184c7",
+    }
+    assert lite0.identity == lite0.digest
+    assert lite0.preprocessing.describe() == (
+        "3x224x224, bilinear, mean 0.498,0.498,0.498 std 0.502,0.502,0.502"
+    )
+
+
 def test_lite0_normalization_maps_unit_range_to_minus_one_one(lite0):
     images = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 3, 1).expand(1, 3, 3, 1)
     normalized = lite0.normalize(images)[0, :, :, 0]
@@ -108,6 +131,18 @@ def test_lite0_digest_changes_with_one_changed_weight(lite0, tmp_path):
     torch.save(state, path)
     changed = models.load("efficientnet_lite0", str(path))
     assert changed.weights == str(path)
+    assert changed.digest != lite0.digest
+    torch.testing.assert_close(changed.module.fc.bias[3], lite0.module.fc.bias[3] + 0.5)
+
+
+def test_lite0_takes_a_state_dict_saved_from_atlas_s_own_module(lite0, tmp_path):
+    """The module that atlas.models.load gives names its layers stem, blocks, head and fc; a
+    state dict saved from it (a fine-tuned copy, say) loads as the package's own names do."""
+    state = {name: tensor.clone() for name, tensor in lite0.module.state_dict().items()}
+    state["fc.bias"][3] += 0.5
+    path = tmp_path / "lite0-own-names.pth"
+    torch.save(state, path)
+    changed = models.load("efficientnet_lite0", str(path))
     assert changed.digest != lite0.digest
     torch.testing.assert_close(changed.module.fc.bias[3], lite0.module.fc.bias[3] + 0.5)
 
@@ -190,8 +225,27 @@ def test_torchvision_pretrained_weights_are_never_downloaded(tmp_path, monkeypat
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(AtlasError, match="does not download") as raised:
         models.load("resnet18")
-    assert "IMAGENET1K_V1" in str(raised.value)
+    assert "IMAGENET1K_V1" in str(raised.value) and "--weights random" in str(raised.value)
     assert not (tmp_path / "hub").exists()
+
+
+def test_torchvision_models_keep_the_keys_of_their_weights_digest(resnet_random):
+    """Read as atlas read them before preprocessing was keyed: their atlases do not rerun."""
+    assert resnet_random.identity == resnet_random.digest
+    assert resnet_random.preprocessing.describe() == (
+        "3x224x224, bilinear, mean 0.485,0.456,0.406 std 0.229,0.224,0.225"
+    )
+
+
+def test_a_whole_pickled_model_is_named_with_the_fix(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "whole.pt"
+    torch.save(small_classifier(), path)
+    for args in (("resnet18", str(path)), (str(path), None)):
+        with pytest.raises(AtlasError, match="holds a whole pickled model") as raised:
+            models.load(*args)
+        assert "torch.nn.modules.container.Sequential" in str(raised.value)
+        assert "torch.save(model.state_dict(), path)" in str(raised.value)
 
 
 def test_torchvision_unknown_weights_name_lists_the_real_ones():
@@ -286,13 +340,9 @@ def head_first():
 
 
 @pytest.fixture
-def factories(tmp_path, monkeypatch):
+def factories(importable):
     """The name of a fresh importable module holding the factories above."""
-    name = f"atlas_test_factories_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(textwrap.dedent(FACTORIES))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+    return importable(FACTORIES)
 
 
 def test_factory_returning_a_module_gets_imagenet_defaults(factories):
@@ -359,9 +409,13 @@ def test_lazy_factories_and_convolutions_registered_out_of_order(factories, tmp_
     assert (lazy.input_channels, lazy.input_size) == (3, (224, 224))  # lazy: any size runs
     assert models.load(f"{factories}:lazy_cifar").digest == lazy.digest  # built seeded
     small = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 6, 5), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(6 * 14 * 14, 10), torch.nn.Linear(10, 4),
-    )  # fmt: skip
+        torch.nn.Conv2d(3, 6, 5),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(6 * 14 * 14, 10),
+        torch.nn.Linear(10, 4),
+    )
     path = tmp_path / "cifar.pt"
     torch.save(small.state_dict(), path)
     trained = models.load(f"{factories}:lazy_cifar", str(path))  # the file sizes its layers

@@ -376,7 +376,7 @@ def test_change_dots_span_the_timeline_and_skip_frames_without_a_score():
     assert [(x, y) for x, y, _ in dots] == [(25.0, 30.0), (75.0, 0.0)]  # 1.5 is clipped to 1
 
 
-def test_the_history_views_import_neither_torch_nor_jinja_nor_pillow():
+def test_the_pages_history_imports_neither_torch_nor_jinja_nor_pillow():
     code = (
         "import sys, atlas.site.timeline; "
         "assert not {'torch', 'jinja2', 'PIL'} & set(sys.modules), sys.modules.keys()"

@@ -15,15 +15,15 @@ from tinymodels import tiny_model
 
 import atlas.files
 import atlas.optimize
-from atlas import plan_report, runner
+from atlas import pipeline, plan_report
 from atlas.cli import cli
 from atlas.config import AtlasConfig
 from atlas.errors import AtlasError
 from atlas.files import atomic_write_bytes
 from atlas.optim.recipes import get
+from atlas.pipeline import plan_record
 from atlas.plan import make_plan
 from atlas.record import HISTORY_POINTS, STATUSES, UnitRecord, downsample
-from atlas.runner import plan_record
 from atlas.store import Store, layer_dirname
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -648,7 +648,7 @@ def test_unchanged_rerun_starts_no_executor(atlas_cli, monkeypatch):
     def no_executor(*_args, **_kwargs):
         raise AssertionError("an unchanged rerun must not start an executor")
 
-    monkeypatch.setattr(runner, "executor", no_executor)
+    monkeypatch.setattr(pipeline, "executor", no_executor)
     result = atlas_cli("run", "--channels", "0-1", "--classes", "")
     assert result.exit_code == 0, result.output
     assert "2 already stored of 2 units" in result.stdout

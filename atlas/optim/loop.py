@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from atlas.errors import AtlasError
 from atlas.layers import capture, deepest, resolve, run_forward
+from atlas.models.loaded import LoadedModel
+from atlas.models.plain import wrap
 from atlas.optim import transforms
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
@@ -111,10 +114,15 @@ def needed_layers(model, objectives: Sequence[Objective]) -> tuple[list[str], st
 def _check_indices(model, objectives: Sequence[Objective]) -> None:
     for objective in objectives:
         for _, term in objective.terms:
-            if not isinstance(term, Target) or term.index is None:
+            if not isinstance(term, Target) or (term.index is None and term.direction is None):
                 continue
             layer = resolve(model, term.layer)
-            if not 0 <= term.index < layer.channels:
+            if term.direction is not None and len(term.direction.values) != layer.channels:
+                raise AtlasError(
+                    f"{term.id} has {len(term.direction.values)} weights but {term.layer} has "
+                    f"{layer.channels} channels"
+                )
+            if term.index is not None and not 0 <= term.index < layer.channels:
                 what = "class" if term.layer == LOGITS else "channel"
                 raise AtlasError(
                     f"{what} {term.index} is out of range: {term.layer} has "
@@ -152,8 +160,21 @@ def _to_uint8(images: torch.Tensor) -> list[np.ndarray]:
     return list(_as_uint8(images).cpu().numpy())
 
 
+def as_model(model: LoadedModel | nn.Module) -> LoadedModel:
+    """A LoadedModel as it is; a plain nn.Module wrapped with atlas's defaults (or its
+    pretrained_cfg); anything else is a TypeError."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, nn.Module):
+        return wrap(model)
+    raise TypeError(
+        f"visualize takes a torch nn.Module or an atlas.models.LoadedModel, not "
+        f"{type(model).__name__}; atlas.models.load('resnet18') loads one by name"
+    )
+
+
 def visualize(
-    model,
+    model: LoadedModel | nn.Module,
     targets: Sequence[Target | Objective],
     recipe: Recipe,
     *,
@@ -165,12 +186,16 @@ def visualize(
 ) -> list[UnitResult]:
     """Optimize one image per target in one batch; return the results in the same order.
 
-    `model` is a LoadedModel. Repeating a target K times with `recipe.diversity > 0` gives K
-    diverse images of it. `on_step(done, total)` is called after every step. With `timelapse`
-    N > 0, the image is also kept as uint8 (on the device) at step 0, every N steps and the
-    last step, in each result's `frames`. `streams`, one seed per target, replaces the seeds
-    derived from (seed, objective, repeat): images given one stream start from the same image
-    and see the same random transforms, whatever their objectives (growth frames)."""
+    `model` is a LoadedModel, or a plain nn.Module read with ImageNet's mean and std at the
+    first input size it runs on (its timm-style `pretrained_cfg` when it has one); to say
+    otherwise, wrap it: `atlas.models.wrap(module, mean=..., std=..., input_size=...)`.
+    Repeating a target K times with `recipe.diversity > 0` gives K diverse images of it.
+    `on_step(done, total)` is called after every step. With `timelapse` N > 0, the image is
+    also kept as uint8 (on the device) at step 0, every N steps and the last step, in each
+    result's `frames`. `streams`, one seed per target, replaces the seeds derived from (seed,
+    objective, repeat): images given one stream start from the same image and see the same
+    random transforms, whatever their objectives (growth frames)."""
+    model = as_model(model)
     if not targets:
         return []
     check_timelapse(recipe, timelapse)
@@ -181,7 +206,8 @@ def visualize(
     device = resolve_device(device)
     on_cuda = device.type == "cuda"
     # folded BatchNorm (1.5x) and channels_last (1.2x per step on a 2-core CPU, bench/speed.py)
-    module = running_module(model, hooked).to(device, memory_format=torch.channels_last)
+    module = running_module(model, hooked, with_logits=stop_after is None)
+    module = module.to(device, memory_format=torch.channels_last)
     normalize = model.normalize.to(device)
 
     batch, channels = len(objectives), model.input_channels
@@ -238,7 +264,8 @@ def visualize(
                 if timelapse and (step % timelapse == 0 or step == total - 1):
                     frames.append(_as_uint8(images.detach()))
                 views = images.repeat(recipe.views, 1, 1, 1)
-                view = normalize(transforms.apply(views, draws[step], recipe, model.input_size))
+                view = transforms.apply(views, draws[step], recipe, model.input_size, model.resize)
+                view = normalize(view)
                 view = view.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                     output = run_forward(module, view)
@@ -265,7 +292,7 @@ def visualize(
         if redirect is not None:
             redirect.on = False
         with torch.no_grad():  # the requested objectives on the images as stored and shown
-            shown = normalize(_shown(best_image, model.input_size))
+            shown = normalize(_shown(best_image, model.input_size, model.resize))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_cuda):
                 output = run_forward(module, shown.contiguous(memory_format=torch.channels_last))
             if output is not None:
@@ -307,10 +334,10 @@ def _mean_over_views(
     return torch.stack(values).mean(0)
 
 
-def _shown(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _shown(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """The images as stored (8 bits per channel) and as a reader's model would see them:
-    resized to its input with antialiasing, no random transforms."""
-    return transforms.resize((images.clamp(0, 1) * 255).round() / 255, size)
+    resized to its input as the model's preprocessing resizes, no random transforms."""
+    return transforms.resize((images.clamp(0, 1) * 255).round() / 255, size, mode)
 
 
 def _image_generators(

@@ -9,6 +9,8 @@ terms so that a batch of 256 channels costs a handful of tensor ops, not 256.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,9 +42,30 @@ class _Composable:
         return self * -1.0
 
 
+@dataclass(frozen=True, repr=False)
+class Direction:
+    """A named direction over a layer's channels (a concept, an activation-atlas cell) and the
+    power of the cosine similarity that its objective multiplies the dot product by. Its repr
+    names it by digest, so that seeds and keys derived from a target stay short and stable."""
+
+    name: str
+    values: tuple[float, ...]
+    power: float = 2.0
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the weights (as float32) and the power: what a unit key needs of it."""
+        packed = struct.pack(f"<{len(self.values)}f", *self.values) + struct.pack("<d", self.power)
+        return hashlib.sha256(packed).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Direction({self.name!r}, {self.digest[:16]}, power={self.power:g})"
+
+
 @dataclass(frozen=True)
 class Target(_Composable):
-    """One unit of a network. `position` is (y, x); `region` is (y0, y1, x0, x1), half-open."""
+    """One unit of a network. `position` is (y, x); `region` is (y0, y1, x0, x1), half-open;
+    `direction` the weights over channels that a `direction` target reads."""
 
     layer: str
     kind: str = "channel"
@@ -50,6 +73,7 @@ class Target(_Composable):
     position: tuple[int, int] | None = None
     region: tuple[int, int, int, int] | None = None
     negative: bool = False
+    direction: Direction | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -154,6 +178,23 @@ def logit(index: int, *, negative: bool = False) -> Target:
     return Target(LOGITS, "logit", index, negative=negative)
 
 
+def direction(
+    layer: str,
+    name: str,
+    values: Sequence[float],
+    *,
+    power: float = 2.0,
+    position: tuple[int, int] | None = None,
+    negative: bool = False,
+) -> Target:
+    """How far the layer's activation points along `values`, as a dot product times the cosine
+    similarity to the power `power` (Lucid's atlas notebooks, Horama's dot_cossim), averaged
+    over all positions, or at `position`; its id is `<layer>:<name>`, e.g. 'blocks.8:concept3'.
+    """
+    weights = Direction(name, tuple(float(v) for v in values), float(power))
+    return Target(layer, "direction", position=position, negative=negative, direction=weights)
+
+
 def unit_target(layer: str, index: int) -> Target:
     """The target an atlas unit maximizes: a class logit, or a channel of its layer."""
     return logit(index) if layer == LOGITS else channel(layer, index)
@@ -203,6 +244,16 @@ class TermGroup:
         rows, indices = self.tensor("rows", acts.device), self.tensor("indices", acts.device)
         return acts[rows, indices].float()
 
+    def directions(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, C] unit-norm weights of each target's direction, and [n] their cosine powers."""
+        if ("directions", device) not in self._cache:
+            values = [target.direction.values for target in self.targets]
+            weights = torch.tensor(values, dtype=torch.float32, device=device)
+            powers = [target.direction.power for target in self.targets]
+            self._cache[("directions", device)] = torch.nn.functional.normalize(weights, dim=1)
+            self._cache[("powers", device)] = torch.tensor(powers, device=device)
+        return self._cache[("directions", device)], self._cache[("powers", device)]
+
     def masks(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """[n, H, W] averaging masks over each target's box."""
         if ("masks", height, width, device) not in self._cache:
@@ -227,7 +278,11 @@ class ObjectiveKind:
 
 
 KINDS: dict[str, ObjectiveKind] = {}
-NEEDS = {"index": "a channel or class index", "region": "region=(y0, y1, x0, x1)"}
+NEEDS = {
+    "index": "a channel or class index",
+    "region": "region=(y0, y1, x0, x1)",
+    "direction": "direction=Direction(name, weights)",
+}
 
 
 def objective_kind(name: str, **options) -> Callable:
@@ -272,6 +327,36 @@ objective_kind(
     box=lambda target, height, width: target.region,
     suffix=lambda t: "@{}-{},{}-{}".format(*t.region),
 )(_box_mean)
+
+
+COSINE_FLOOR = 0.1  # as Lucid and Horama: an image pointing away still gets a gradient
+
+
+def _all_or_position(target: Target, height: int, width: int) -> tuple[int, int, int, int]:
+    return _centre_or_position(target, height, width) if target.position else (0, height, 0, width)
+
+
+@objective_kind(
+    "direction",
+    needs=("direction",),
+    box=_all_or_position,
+    suffix=lambda t: f":{t.direction.name}" + ("@{},{}".format(*t.position) if t.position else ""),
+)
+def direction_dot_cosine(acts: torch.Tensor, group: TermGroup) -> torch.Tensor:
+    """Per position, the activation's dot product with the unit-norm direction times its
+    cosine similarity (floored at COSINE_FLOOR) to the direction's power; averaged over the
+    target's positions. With power 0 a plain dot product, which a few loud channels can
+    dominate; a higher power rewards pointing along the direction (bench/concepts.py)."""
+    picked = acts[group.tensor("rows", acts.device)].float()
+    weights, powers = group.directions(acts.device)
+    shape = (-1, weights.shape[1]) + (1,) * (picked.dim() - 2)
+    dot = (picked * weights.view(shape)).sum(1)
+    cosine = dot / picked.norm(dim=1).clamp_min(1e-6)
+    powers = powers.view((-1,) + (1,) * (dot.dim() - 1))
+    value = dot * cosine.clamp_min(COSINE_FLOOR).pow(powers)
+    if value.dim() == 1:
+        return value
+    return (value * group.masks(*value.shape[-2:], acts.device)).flatten(1).sum(1)
 
 
 @objective_kind("layer", needs=())

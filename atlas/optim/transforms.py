@@ -42,10 +42,16 @@ def affine_matrices(draws: torch.Tensor, recipe) -> torch.Tensor:
     return torch.stack([row_x, row_y], dim=1)
 
 
-def warp(images: torch.Tensor, matrices: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-    """Sample each image through its affine matrix at `out_size`; outside is grey (0.5)."""
+def warp(
+    images: torch.Tensor,
+    matrices: torch.Tensor,
+    out_size: tuple[int, int],
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Sample each image through its affine matrix at `out_size` with the model's resize
+    `mode`; outside is grey (0.5)."""
     grid = F.affine_grid(matrices, [images.shape[0], 1, *out_size], align_corners=False)
-    sampled = F.grid_sample(images - 0.5, grid, mode="bilinear", align_corners=False)
+    sampled = F.grid_sample(images - 0.5, grid, mode=mode, align_corners=False)
     return sampled + 0.5
 
 
@@ -71,19 +77,28 @@ def colour_jitter(images: torch.Tensor, draws: torch.Tensor, amounts) -> torch.T
 
 
 def apply(
-    images: torch.Tensor, draws: torch.Tensor, recipe, out_size: tuple[int, int]
+    images: torch.Tensor,
+    draws: torch.Tensor,
+    recipe,
+    out_size: tuple[int, int],
+    mode: str = "bilinear",
 ) -> torch.Tensor:
-    """The model's view of the optimized images for one step: warped, resized, colour-jittered."""
+    """The model's view of the optimized images for one step: warped, resized (with the
+    model's resize `mode`), colour-jittered."""
     if recipe.has_geometric_transforms:
-        images = warp(images, affine_matrices(draws, recipe), out_size)
+        images = warp(images, affine_matrices(draws, recipe), out_size, mode)
     elif tuple(images.shape[-2:]) != tuple(out_size):
-        images = resize(images, out_size)
+        images = resize(images, out_size, mode)
     return colour_jitter(images, draws, recipe.colour_jitter)
 
 
-def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear with antialiasing: how an image is shown to a model at another size."""
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """How an image is shown to a model at another size: bilinear (or the model's bicubic or
+    nearest), with antialiasing where the mode has it."""
+    smooth = mode != "nearest"
+    return F.interpolate(
+        images, size=size, mode=mode, antialias=smooth, align_corners=False if smooth else None
+    )
 
 
 def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ Names are imported on first use, so that atlas.site.units (the pages' data) load
 Jinja2 or Pillow.
 """
 
-from importlib import import_module
+from atlas.lazy import lazy_names
 
 _HOMES = {
     "build": ["load_manifest", "render"],
@@ -22,11 +22,4 @@ _HOMES = {
     "linking": ["link_or_copy"],
     "writer": ["Page", "write_pages"],
 }
-_WHERE = {name: module for module, names in _HOMES.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'atlas.site' has no attribute {name!r}")
-    return getattr(import_module(f"atlas.site.{_WHERE[name]}"), name)
+__getattr__, __all__ = lazy_names("atlas.site", _HOMES)

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from atlas.record import LOGITS, LOW_TRUST, UnitRecord
+from atlas.record import LOGITS, LOW_TRUST, RunRecord, UnitRecord
 from atlas.site import timeline
 from atlas.site.linking import linked_frames, unit_page
 from atlas.site.units import (
@@ -33,26 +33,26 @@ PREVIEWS_PER_LAYER = 6
 
 
 def site_info(manifest: dict, units: list[dict]) -> dict:
-    """The facts every page shows, with defaults for manifests of interrupted runs."""
-    model = manifest.get("model") or {}
-    recipe = manifest.get("recipe") or {}
-    settings = manifest.get("recipe_settings") or {}
+    """The facts every page shows, from the run record the manifest carries (with its defaults
+    for manifests of interrupted runs)."""
+    run = RunRecord.from_json(manifest)
     devices = sorted({u["device"] for u in units if u.get("device")})
     return {
-        "spec": model.get("spec", "unknown model"),
-        "digest": model.get("digest", "?"),
-        "weights": model.get("weights") or "default",
-        "recipe": recipe.get("name", "?"),
-        "recipe_hash": recipe.get("hash", "?"),
-        "steps": settings.get("steps", "?"),
-        "size": settings.get("size", "?"),
-        "samples": manifest.get("samples", 1),
-        "seed": manifest.get("seed", 0),
-        "started": manifest.get("started", "?"),
-        "finished": manifest.get("finished"),
+        "spec": run.spec,
+        "digest": run.digest,
+        "weights": run.weights or "default",
+        "input": (run.preprocessing or {}).get("described", "not recorded"),
+        "recipe": run.recipe,
+        "recipe_hash": run.recipe_hash,
+        "steps": run.recipe_settings.get("steps", "?"),
+        "size": run.recipe_settings.get("size", "?"),
+        "samples": run.samples,
+        "seed": run.seed,
+        "started": run.started or "?",
+        "finished": run.finished,
         "devices": ", ".join(devices) or "?",
-        "atlas_version": manifest.get("atlas_version", "?"),
-        "torch_version": manifest.get("torch_version", "?"),
+        "atlas_version": run.atlas_version,
+        "torch_version": run.torch_version,
     }
 
 
@@ -97,11 +97,11 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
         if record.layer not in units_by_layer:  # a layer no longer planned: its units are stale
             units_by_layer[record.layer] = []
             layers.append({"name": record.layer, "type": "not planned", "shape": []})
-        view = unit_page(out, site, record, warn)
+        page = unit_page(out, site, record, warn)
         if checkpoints:
-            frames = timeline.filmstrip(view.record, checkpoints)
-            view.filmstrip = linked_frames(out, site, view.layer_dir, frames, warn)
-        units_by_layer[record.layer].append(view)
+            frames = timeline.filmstrip(page.record, checkpoints)
+            page.filmstrip = linked_frames(out, site, page.layer_dir, frames, warn)
+        units_by_layer[record.layer].append(page)
     connect(units_by_layer, planned, _labels(manifest))
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
@@ -179,8 +179,8 @@ def _whole_layer(
     """The layer's whole-layer image (`--variants layer`) as its page shows it, if done."""
     if record is None or record.status != "done":
         return None
-    view = unit_page(out, site, record, warn)
-    return view if view.images else None
+    page = unit_page(out, site, record, warn)
+    return page if page.images else None
 
 
 def _labels(manifest: dict) -> list[str]:

@@ -8,9 +8,9 @@ Each unit keeps only its strongest inputs of each sign, so u's outputs are the u
 among the strongest inputs of. Class labels come from plan.json (the model's labels), else
 from the class logits in the atlas; a class without either is shown as "class k".
 
-Records are read with UnitRecord.from_json, which is tolerant; parse_record also checks the
-shapes of the fields the build computes with, so that a damaged one is caught before it is
-used. This module imports neither torch nor Jinja2 (atlas.site renders these views).
+Records are read with UnitRecord.from_json, which checks every field's type, so that a damaged
+one is caught before it is used. This module imports neither torch, nor Jinja2, nor Pillow
+(atlas.site.writer renders the pages, atlas.site.linking links their files).
 """
 
 from __future__ import annotations
@@ -203,10 +203,10 @@ def curve_points(history, width: int = CURVE_WIDTH, height: int = CURVE_HEIGHT) 
 def connect(
     units_by_layer: dict[str, list[UnitPage]], planned: list[str], labels: Sequence[str] = ()
 ) -> None:
-    """Set every view's neighbouring planned layers, inputs, outputs, classes and trust
+    """Set every unit page's neighbouring planned layers, inputs, outputs, classes and trust
     layers. `planned` is the plan's layer order (the class logits last); a layer not in it has
     no neighbours. `labels` are the model's class names (plan.json has them)."""
-    views = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
+    pages = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
     logits = {v.index: v for v in units_by_layer.get(LOGITS, [])}
     for layer, units in units_by_layer.items():
         position = planned.index(layer) if layer in planned else None
@@ -223,28 +223,28 @@ def connect(
             measured += 1
             for channel, weight in target.record.inputs:
                 driven.setdefault(channel, []).append((target, weight))
-        for view in units:
-            view.before, view.after, view.outputs_measured = before, after, measured
-            source = view.record.inputs_from
+        for page in units:
+            page.before, page.after, page.outputs_measured = before, after, measured
+            source = page.record.inputs_from
 
             def input_link(channel: int, weight: float, source=source) -> Link:
-                return unit_link(views.get((source, channel)), channel, weight)
+                return unit_link(pages.get((source, channel)), channel, weight)
 
-            view.inputs = ranked(view.record.inputs, SHOWN_UP, SHOWN_DOWN, input_link)
-            view.outputs = ranked(
-                driven.get(view.index, ()),
+            page.inputs = ranked(page.record.inputs, SHOWN_UP, SHOWN_DOWN, input_link)
+            page.outputs = ranked(
+                driven.get(page.index, ()),
                 SHOWN_UP,
                 SHOWN_DOWN,
                 lambda target, weight: unit_link(target, target.index, weight),
             )
-            kept = len(view.record.classes)
-            view.classes = ranked(
-                view.record.classes,
+            kept = len(page.record.classes)
+            page.classes = ranked(
+                page.record.classes,
                 kept,
                 kept,
                 lambda k, e: class_link(logits.get(k), k, e, labels),
             )
-            view.trust_layers = trust_layers(view.record.trust)
+            page.trust_layers = trust_layers(page.record.trust)
 
 
 def trust_layers(trust: dict | None) -> list[tuple[str, float]]:
@@ -264,32 +264,32 @@ def _name_order(name: str) -> tuple:
     return tuple((0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", name))
 
 
-def unit_link(view: UnitPage | None, index: int, weight: float) -> Link:
+def unit_link(page: UnitPage | None, index: int, weight: float) -> Link:
     """A link to another unit's page, with its thumbnail when it has one; the bare channel
     number when the unit is not in the atlas."""
-    if view is None:
+    if page is None:
         return Link(str(index), weight)
-    folder = f"../{view.layer_dir}/"
+    folder = f"../{page.layer_dir}/"
     return Link(
-        view.record.label or (f"class {index}" if view.is_logit else str(index)),
+        page.record.label or (f"class {index}" if page.is_logit else str(index)),
         weight,
-        folder + view.page,
-        folder + view.thumb if view.thumb else None,
-        view.thumb_size,
-        view.alt,
+        folder + page.page,
+        folder + page.thumb if page.thumb else None,
+        page.thumb_size,
+        page.alt,
     )
 
 
 def class_link(
-    view: UnitPage | None, index: int, effect: float, labels: Sequence[str] = ()
+    page: UnitPage | None, index: int, effect: float, labels: Sequence[str] = ()
 ) -> Link:
     """A class: its label, linked to its logit's page (with its picture) when the logit is in
     the atlas; "class <k>" when no label is known."""
     known = labels[index] if 0 <= index < len(labels) else None
-    if view is None:
+    if page is None:
         return Link(known or f"class {index}", effect)
-    name = view.record.label or known or f"class {index}"
-    return dataclasses.replace(unit_link(view, index, effect), name=name)
+    name = page.record.label or known or f"class {index}"
+    return dataclasses.replace(unit_link(page, index, effect), name=name)
 
 
 # --- reading the manifest's records ---

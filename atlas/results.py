@@ -1,7 +1,9 @@
-"""`atlas visualize`: a few units at once, for trying settings quickly (no Dask, no store)."""
+"""What `atlas visualize` writes: a few units' pictures and results.json (a RunRecord with its
+unit records) into a folder, for trying settings quickly (no Dask, no store)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,10 +21,10 @@ from atlas.files import (
 from atlas.optim import Recipe, Target, visualize
 from atlas.optim.device import resolve_device
 from atlas.optim.loop import UnitResult
-from atlas.record import UnitRecord, optimization_facts
+from atlas.record import RunRecord, UnitRecord, optimization_facts
 
 
-def unit_record(
+def record_of(
     results: list[UnitResult], images: list[str], animation: str | None, model, **facts
 ) -> UnitRecord:
     """The record of one unit's K images, as written to results.json: the numbers are those
@@ -45,7 +47,7 @@ def unit_record(
     )
 
 
-def run(
+def write_results(
     model,
     targets: Sequence[Target],
     recipe: Recipe,
@@ -80,23 +82,27 @@ def run(
                 animation = f"{stem}.timelapse.webp"
                 atomic_write_bytes(out / animation, encode_animation(result.frames))
         every = timelapse if animation else None
-        record = unit_record(group, names, animation, model, seed=seed, frames_every=every)
+        record = record_of(group, names, animation, model, seed=seed, frames_every=every)
         records.append(record.as_json())
-    summary = {**run_facts(model, recipe, seconds, device), "units": records}
+    run = run_record(model, recipe, seconds, device, samples=samples, seed=seed)
+    summary = {**run.as_json(), "units": records}
     atomic_write_json(out / "results.json", summary)
     return summary
 
 
-def run_facts(model, recipe: Recipe, seconds: float, device: str | None) -> dict:
+def run_record(model, recipe: Recipe, seconds: float, device: str | None, **facts) -> RunRecord:
     """What results.json says about a run beside its units: model, recipe, time, versions."""
-    return {
-        "model": model.spec,
-        "weights_digest": model.digest,
-        "recipe": recipe.name,
-        "recipe_hash": recipe.hash,
-        "steps": recipe.steps,
-        "seconds": round(seconds, 3),
-        "device": str(resolve_device(device)),
-        "atlas_version": atlas.__version__,
-        "torch_version": torch.__version__,
-    }
+    return RunRecord(
+        spec=model.spec,
+        digest=model.digest,
+        weights=model.weights or None,
+        preprocessing=model.preprocessing_facts(),
+        recipe=recipe.name,
+        recipe_hash=recipe.hash,
+        recipe_settings=dataclasses.asdict(recipe),
+        seconds=round(seconds, 3),
+        device=str(resolve_device(device)),
+        atlas_version=atlas.__version__,
+        torch_version=torch.__version__,
+        **facts,
+    )

@@ -1,4 +1,5 @@
-"""`atlas run`: config -> plan -> store (skip what is done) -> execute -> manifest.
+"""The `atlas run` pipeline: config -> plan -> store (skip what is done) -> execute (the units,
+then the passes) -> manifest -> site.
 
 The client loads the model once (CPU only, never CUDA) to discover layers and the weights
 digest; workers load it again through the executor's plugin. Every finished task is stored at
@@ -32,6 +33,8 @@ from atlas.plan import (
     make_tasks,
 )
 from atlas.progress import Progress
+from atlas.record import RunRecord
+from atlas.rekey import made_before_keying, rekey
 from atlas.site import render
 from atlas.store import Store, layer_dirname, webp_problem
 
@@ -52,6 +55,7 @@ class RunSummary:
     out: str = ""
     site: str = ""  # the atlas's index.html
     passes: list[PassSummary] = field(default_factory=list)  # what each pass did, in order
+    rekeyed: int = 0  # units stored before preprocessing was keyed, kept (atlas.rekey)
 
 
 def now() -> str:
@@ -65,23 +69,29 @@ def plan_record(
     of a new OUT)."""
     config = plan.config
     checkpoint = checkpoint or Checkpoint.first(1, model, config.label, started)
-    return {
-        "atlas_version": atlas.__version__,
-        "torch_version": torch.__version__,
-        "engine_version": ENGINE_VERSION,
-        "model": {"spec": model.spec, "digest": model.digest, "weights": config.weights},
-        "recipe": {"name": config.recipe.name, "hash": config.recipe.hash},
-        "recipe_settings": dataclasses.asdict(config.recipe),
-        "samples": config.samples,
-        "seed": config.seed,
-        "timelapse": config.timelapse,
-        "started": started,
-        "finished": finished,
-        "layers": [{**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers],
-        "labels": list(model.labels or []),  # the site names the classes units push
-        "checkpoint": dataclasses.asdict(checkpoint),
-        "units": [unit.as_json() for unit in plan.units],
-    }
+    run = RunRecord(
+        spec=model.spec,
+        digest=model.digest,
+        weights=config.weights,
+        preprocessing=model.preprocessing_facts(),
+        recipe=config.recipe.name,
+        recipe_hash=config.recipe.hash,
+        recipe_settings=dataclasses.asdict(config.recipe),
+        samples=config.samples,
+        seed=config.seed,
+        timelapse=config.timelapse,
+        started=started,
+        finished=finished,
+        atlas_version=atlas.__version__,
+        torch_version=torch.__version__,
+        engine_version=ENGINE_VERSION,
+        layers=tuple(
+            {**layer.as_dict(), "dir": layer_dirname(layer.name)} for layer in plan.layers
+        ),
+        labels=tuple(model.labels or ()),
+        checkpoint=dataclasses.asdict(checkpoint),
+    )
+    return {**run.as_json(), "units": [unit.as_json() for unit in plan.units]}
 
 
 def run_atlas(
@@ -111,12 +121,17 @@ def _run_claimed(
 ) -> RunSummary:
     started = now()
     history = store.history
-    checkpoint = history.begin(_last_plan(store), model, config.label, started)
+    previous = _last_plan(store)
+    checkpoint = history.begin(previous, model, config.label, started)
+    before = {} if config.force else made_before_keying(store, plan, model, previous)
     store.write_plan(plan_record(plan, model, started, None, checkpoint))
+    rekeyed = rekey(store, before)
     if config.prune:
         store.prune()
     todo = store.pending(plan.units, config.force)
-    summary = RunSummary(len(plan.units), len(plan.units) - len(todo), out=str(store.out))
+    summary = RunSummary(
+        len(plan.units), len(plan.units) - len(todo), out=str(store.out), rekeyed=rekeyed
+    )
     clock = time.monotonic()
     passes_left = next(pending_passes(config, model, plan, store), None) is not None
     if todo or passes_left:  # passes left: e.g. the exemplars of a run killed before them

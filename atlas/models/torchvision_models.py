@@ -16,6 +16,11 @@ number of classes. So GoogLeNet and InceptionV3 files are read with `transform_i
 as torchvision's pretrained ones are, even when trained from scratch: their keys cannot tell.
 `--weights random` keeps the builder's initialization (seeded: every process builds the same
 weights), with the input size and class names of the model's default weights.
+
+Images are read with the weights' mean, std and crop size, resized bilinearly from the whole
+image, as atlas read them before preprocessing was part of unit keys (their torchvision
+transforms resize some models bicubically, after a centre crop): so the atlases of torchvision
+models keep their keys.
 """
 
 from __future__ import annotations
@@ -28,16 +33,15 @@ import torch
 from torch import nn
 
 from atlas.errors import AtlasError
-from atlas.models import (
+from atlas.models.loaded import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    WEIGHTS_SUFFIXES,
     InputNormalization,
     LoadedModel,
-    apply_state,
-    load_state_dict_file,
     seeded_init,
 )
+from atlas.models.registry import register_source
+from atlas.models.weights import RANDOM, apply_state, load_state_dict_file, names_a_file
 
 
 def names() -> list[str]:
@@ -126,14 +130,6 @@ def _normalization(member) -> InputNormalization:
     return InputNormalization.mean_std(mean, std)
 
 
-def _names_a_file(weights: str) -> bool:
-    """A path rather than a weights name: it exists, holds a folder, or ends like a weights
-    file (`ckpt.pth.tar` too), so a missing file is reported as missing."""
-    path = Path(weights)
-    suffixes = {suffix.lower() for suffix in path.suffixes}
-    return path.exists() or "/" in weights or bool(suffixes & WEIGHTS_SUFFIXES)
-
-
 def _from_file(name: str, path: Path, member) -> tuple[nn.Module, object, bool]:
     """(module, the weights member whose settings it has, whether its classes are the
     member's) for a state-dict file: built as torchvision builds its pretrained model (the
@@ -162,17 +158,29 @@ def _from_file(name: str, path: Path, member) -> tuple[nn.Module, object, bool]:
     return module, member, classes is None
 
 
+def _describe() -> list[str]:
+    listed = names()
+    return [
+        f"NAME                    any of {len(listed)} torchvision classification models "
+        f"({', '.join(listed[:3])}, ...): weights from the local torch hub cache, "
+        "--weights NAME (IMAGENET1K_V2), FILE or random"
+    ]
+
+
+@register_source(
+    "torchvision", accepts=lambda spec: spec in names(), describe=_describe, names=names, rank=10
+)
 def load(name: str, weights: str | None) -> LoadedModel:
     """The torchvision model `name` with `weights`: a weights name (default: the model's
     default weights, from the local hub cache), a state-dict file, or 'random'."""
     import torchvision
 
-    is_file = bool(weights) and _names_a_file(weights)
-    member = _weights_member(name, None if weights == "random" or is_file else weights)
+    is_file = bool(weights) and names_a_file(weights)
+    member = _weights_member(name, None if weights == RANDOM or is_file else weights)
     same_classes = True
-    if weights == "random":
+    if weights == RANDOM:
         with seeded_init():
-            module, weights_path = torchvision.models.get_model(name, weights=None), "random"
+            module, weights_path = torchvision.models.get_model(name, weights=None), RANDOM
     elif is_file:
         module, member, same_classes = _from_file(name, Path(weights), member)
         weights_path = weights
@@ -181,8 +189,9 @@ def load(name: str, weights: str | None) -> LoadedModel:
         if not cached.is_file():
             raise AtlasError(
                 f"weights {type(member).__name__}.{member.name} are not on this machine and atlas "
-                f"does not download: put {_file_name(member)} in {cached.parent} "
-                "or pass --weights path/to/state_dict.pth"
+                f"does not download: put {_file_name(member)} in {cached.parent}, "
+                "pass --weights path/to/state_dict.pth, or --weights random for untrained "
+                "weights"
             )
         module = _build_with(name, member, load_state_dict_file(cached))
         if module is None:
@@ -196,4 +205,6 @@ def load(name: str, weights: str | None) -> LoadedModel:
         input_size=(size, size),
         labels=tuple(member.meta["categories"]) if same_classes else None,
         weights=weights_path,
-    )
+        preprocessing_from=f"torchvision's {type(member).__name__}.{member.name}, bilinear "
+        "over the whole image as atlas read it before (not its resize and crop)",
+    ).keep_keys()
