@@ -233,12 +233,9 @@ def _local_cluster():
     uses all CPU cores when there is no GPU."""
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
-    try:
-        import bokeh  # noqa: F401
-
-        dashboard = ":0"
-    except ImportError:
-        dashboard = None
+    # A free port, never the default 8787: another run may hold it (distributed then warns).
+    # Without bokeh there is no dashboard, only the scheduler's small HTTP server.
+    dashboard = ":0"
     gpus = visible_gpus()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ(gpus or 1)}):
         if gpus == 0:
