@@ -93,14 +93,14 @@ def main() -> None:
     import scale  # this file as a module: workers unpickle its task function by name
     from distributed import LocalCluster
 
-    from atlas import runner
+    from atlas import pipeline
     from atlas.config import AtlasConfig
     from atlas.optim.recipes import get
     from atlas.store import Store
 
     per_layer = args.units // LAYERS
     layers = ("stem", *(f"blocks.{i}" for i in range(LAYERS - 1)))
-    runner.optimize_task = scale.noop_task  # the engine step is what this bench leaves out
+    pipeline.optimize_task = scale.noop_task  # the engine step is what this bench leaves out
     with tempfile.TemporaryDirectory() as folder:
         started = time.monotonic()
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
@@ -120,7 +120,7 @@ def main() -> None:
             stamps["last"] = time.monotonic()
 
         started = time.monotonic()
-        summary = runner.run_atlas(config, on_start=on_start, on_progress=on_progress)
+        summary = pipeline.run_atlas(config, on_start=on_start, on_progress=on_progress)
         whole = time.monotonic() - started
         cluster.close()
         units = summary.done
