@@ -104,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         started = time.monotonic()
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)  # fmt: skip
+                               dashboard_address=":0", silence_logs=logging.ERROR)  # fmt: skip
         up = time.monotonic() - started
         config = AtlasConfig(
             model="scale:wide", out=str(Path(folder) / "out"), layers=layers,
