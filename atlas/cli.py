@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import click
 
+from atlas.cluster import KINDS as CLUSTER_KINDS
 from atlas.errors import AtlasError
 from atlas.optim.recipes import DEFAULT as DEFAULT_RECIPE
 from atlas.optim.recipes import PRESETS
@@ -350,6 +351,11 @@ def run_options(function: Callable) -> Callable:
         ),
         click.option("--scheduler", help="local (default), inline, or tcp://host:port."),
         click.option(
+            "--cluster",
+            type=click.Choice(CLUSTER_KINDS),
+            help="Run the workers as batch jobs: slurm (settings: [cluster] in atlas.toml).",
+        ),
+        click.option(
             "--scheduler-file",
             type=click.Path(dir_okay=False),
             help="A Dask scheduler file (dask-jobqueue, `dask scheduler`).",
@@ -392,7 +398,9 @@ def run_command(force: bool, prune: bool, **options) -> None:
 
     config = dataclasses.replace(build_config(**options), force=force, prune=prune)
     progress = RunProgress()
-    summary = run_atlas(config, on_start=progress.start, on_progress=progress.update)
+    summary = run_atlas(
+        config, on_start=progress.start, on_progress=progress.update, on_cluster=progress.cluster
+    )
     progress.finish()
     if summary.rekeyed:
         click.echo(
@@ -438,13 +446,22 @@ def compare_command(out_a: str, out_b: str, out: str, device: str | None) -> Non
     "--calibrate/--no-calibrate",
     default=True,
     show_default=True,
-    help="Time a few steps per layer when no earlier run has timings.",
+    help="Time a few steps per layer shape, where the run would compute, for the layers no "
+    "earlier run has timings of.",
 )
 def plan_command(as_json: bool, calibrate: bool, **options) -> None:
     """Show what `atlas run` would do: units and tasks per layer and an estimated time."""
     from atlas.plan_report import plan_summary, plan_table
+    from atlas.progress import RunProgress
 
-    summary = plan_summary(build_config(**options), calibrate=calibrate)
+    progress = RunProgress()
+    summary = plan_summary(
+        build_config(**options),
+        calibrate_layers=calibrate,
+        on_progress=progress.update,
+        on_cluster=progress.cluster,
+    )
+    progress.finish()
     click.echo(json.dumps(summary, indent=2) if as_json else plan_table(summary))
 
 

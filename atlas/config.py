@@ -30,6 +30,9 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
 
     [channels_per_layer]
     "blocks.8" = "0-15"
+
+    [cluster]                             # worker jobs on SLURM, not `scheduler` (atlas.cluster)
+    partition = "gpu"
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atlas.cluster import ClusterConfig, cluster_config
 from atlas.errors import AtlasError, did_you_mean
 from atlas.history import DEFAULT_KEEP
 from atlas.optim.recipes import DEFAULT, DEFAULT_DIVERSITY, Recipe, check_timelapse, get
@@ -69,6 +73,7 @@ class AtlasConfig:
     exemplars_top: int = 6
     scheduler: str = "local"
     scheduler_file: str | None = None
+    cluster: ClusterConfig | None = None  # worker jobs on a batch scheduler, not `scheduler`
     label: str | None = None  # the checkpoint's name in the history (default: its id)
     keep: int = DEFAULT_KEEP  # checkpoints kept in OUT
     force: bool = False
@@ -316,6 +321,7 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
     per_layer = values.pop("channels_per_layer", {})
     if not isinstance(per_layer, dict):
         raise AtlasError("[channels_per_layer] must be a table")
+    cluster_table, cluster_kind = values.pop("cluster", None), flags.pop("cluster", None)
     samples = flags.get("samples") or values.get("samples", 1)
     recipe = _recipe(
         values,
@@ -341,8 +347,12 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         if values[key] is None:
             del values[key]
     per_layer = {layer: _as_spec(spec) for layer, spec in per_layer.items()}
+    cluster = cluster_config(cluster_table, cluster_kind, str(values["out"]))
+    if cluster and (values.get("scheduler", "local") != "local" or values.get("scheduler_file")):
+        raise AtlasError("both a cluster and a scheduler are given: keep one of them")
     config = AtlasConfig(
         recipe=recipe,
+        cluster=cluster,
         channels_per_layer=tuple(sorted((str(k), str(v)) for k, v in per_layer.items())),
         **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()},
     )

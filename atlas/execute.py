@@ -1,4 +1,5 @@
-"""Runs tasks: in-process (`inline`), on a local Dask cluster, or on an existing one.
+"""Runs tasks: in-process (`inline`), on a local Dask cluster, on an existing one, or on
+worker jobs that a batch scheduler runs (`--cluster slurm`, atlas.slurm).
 
 The model is loaded once per worker by a worker plugin (never pickled into tasks); at most a
 bounded number of tasks is in flight; failed tasks are retried, and a worker that dies has its
@@ -16,12 +17,15 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from atlas.errors import AtlasError
+
+if TYPE_CHECKING:
+    from atlas.config import AtlasConfig
 
 RETRIES = 2  # a task that raises is tried this many more times before its units fail
 CONNECT_TIMEOUT = "10s"
@@ -150,22 +154,20 @@ class InlineExecutor:
 
 
 class DaskExecutor:
-    """Computes tasks on a Dask cluster, a bounded window of them in flight."""
+    """Computes tasks on a Dask cluster that has a worker, a bounded window of them in flight:
+    two per worker, counting the `planned` workers that have not joined yet (batch jobs still
+    queued), so that each has work the moment it joins."""
 
-    def __init__(self, client, model, weights: str | None):
+    def __init__(self, client, model, weights: str | None, planned: int = 0):
         self.client = client
         self.digest = model.identity  # the plugin's models are held by identity
         plugin = ModelPlugin(model.spec, weights, self.digest)
-        try:
-            client.wait_for_workers(1, timeout=WORKER_WAIT)
-        except TimeoutError:
-            raise AtlasError(f"no Dask worker joined the scheduler within {WORKER_WAIT}") from None
         try:
             client.register_plugin(plugin, name=f"atlas-model-{self.digest}")
         except Exception as error:
             message = f"the Dask workers could not load {model.spec}: {_one_line(error)}"
             raise AtlasError(message) from None
-        self.workers = max(1, len(client.scheduler_info().get("workers", {})))
+        self.workers = max(1, planned, len(client.scheduler_info().get("workers", {})))
         self.dashboard_link = _dashboard_link(client)
         devices = set(client.run(worker_device).values())
         self.device = "cuda" if devices == {"cuda"} else "cpu"
@@ -231,12 +233,9 @@ def _local_cluster():
     uses all CPU cores when there is no GPU."""
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
-    try:
-        import bokeh  # noqa: F401
-
-        dashboard = ":0"
-    except ImportError:
-        dashboard = None
+    # A free port, never the default 8787: another run may hold it (distributed then warns).
+    # Without bokeh there is no dashboard, only the scheduler's small HTTP server.
+    dashboard = ":0"
     gpus = visible_gpus()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": _worker_environ(gpus or 1)}):
         if gpus == 0:
@@ -273,16 +272,20 @@ def _local_cluster():
 class Backend(Protocol):
     """How a run reaches the processes that compute its tasks. A backend is chosen by the
     run's settings (the first registered one that accepts them) and opens an Executor for the
-    block, closing whatever it started afterwards. A new backend is one registered class."""
+    block, closing whatever it started afterwards; `on_cluster` hears what the cluster is
+    doing when there is something to say (batch jobs waiting). A new backend is one
+    registered class."""
 
     name: str
 
     @classmethod
-    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool: ...
+    def accepts(cls, config: AtlasConfig) -> bool: ...
 
-    def __init__(self, scheduler: str, scheduler_file: str | None) -> None: ...
+    def __init__(self, config: AtlasConfig) -> None: ...
 
-    def executor(self, model, weights: str | None) -> AbstractContextManager[Executor]: ...
+    def executor(
+        self, model, on_cluster: Callable[[str], None] | None = None
+    ) -> AbstractContextManager[Executor]: ...
 
 
 BACKENDS: list[type[Backend]] = []  # in the order they are asked whether they accept
@@ -300,14 +303,14 @@ class InlineBackend:
     name = "inline"
 
     @classmethod
-    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
-        return scheduler == "inline" and not scheduler_file
+    def accepts(cls, config: AtlasConfig) -> bool:
+        return config.scheduler == "inline" and not config.scheduler_file
 
-    def __init__(self, scheduler: str, scheduler_file: str | None) -> None:
+    def __init__(self, config: AtlasConfig) -> None:
         pass
 
     @contextmanager
-    def executor(self, model, weights: str | None) -> Iterator[Executor]:
+    def executor(self, model, on_cluster=None) -> Iterator[Executor]:
         yield InlineExecutor(model)
 
 
@@ -315,18 +318,28 @@ class DaskBackend:
     """A Dask client of some cluster; `connect` says how. Workers load the model through the
     executor's plugin; the client and what `connect` started are closed after the block."""
 
-    def __init__(self, scheduler: str, scheduler_file: str | None) -> None:
-        self.scheduler, self.scheduler_file = scheduler, scheduler_file
+    def __init__(self, config: AtlasConfig) -> None:
+        self.config = config
+        self.scheduler, self.scheduler_file = config.scheduler, config.scheduler_file
 
-    def connect(self, stack: ExitStack):
+    def connect(self, stack: ExitStack, on_cluster: Callable[[str], None] | None):
         """A distributed.Client; clusters it starts are closed by `stack`."""
         raise NotImplementedError
 
+    def wait_for_workers(self, client) -> None:
+        """Return once a worker has joined; AtlasError when none will."""
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT)
+        except TimeoutError:
+            raise AtlasError(f"no Dask worker joined the scheduler within {WORKER_WAIT}") from None
+
+    planned = 0  # workers still to join that the executor should keep busy
+
     @contextmanager
-    def executor(self, model, weights: str | None) -> Iterator[Executor]:
+    def executor(self, model, on_cluster=None) -> Iterator[Executor]:
         with ExitStack() as stack:
             try:
-                client = self.connect(stack)
+                client = self.connect(stack, on_cluster)
             except AtlasError:
                 raise
             except (OSError, TimeoutError, ValueError) as error:
@@ -335,7 +348,31 @@ class DaskBackend:
                     f"cannot reach the Dask scheduler at {where}: {_one_line(error)}"
                 ) from None
             stack.callback(client.close)
-            yield DaskExecutor(client, model, weights)
+            self.wait_for_workers(client)
+            yield DaskExecutor(client, model, self.config.weights, self.planned)
+
+
+@register_backend
+class SlurmBackend(DaskBackend):
+    """Worker jobs on SLURM through dask-jobqueue (`--cluster slurm`, the [cluster] table):
+    submitted for the run, watched while they queue, resubmitted when the scheduler loses
+    them (scancel, walltime), cancelled at the end and on Ctrl-C (atlas.slurm)."""
+
+    name = "slurm"
+
+    @classmethod
+    def accepts(cls, config: AtlasConfig) -> bool:
+        return config.cluster is not None and config.cluster.kind == "slurm"
+
+    def connect(self, stack: ExitStack, on_cluster: Callable[[str], None] | None):
+        from atlas import slurm
+
+        self.jobs = stack.enter_context(slurm.worker_jobs(self.config.cluster, on_cluster))
+        self.planned = self.config.cluster.most_jobs * self.config.cluster.workers_per_job
+        return self.jobs.client()
+
+    def wait_for_workers(self, client) -> None:
+        self.jobs.wait_for_worker(client, WORKER_WAIT)
 
 
 @register_backend
@@ -346,10 +383,10 @@ class SchedulerFileBackend(DaskBackend):
     name = "scheduler-file"
 
     @classmethod
-    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
-        return bool(scheduler_file)
+    def accepts(cls, config: AtlasConfig) -> bool:
+        return bool(config.scheduler_file)
 
-    def connect(self, stack: ExitStack):
+    def connect(self, stack: ExitStack, on_cluster=None):
         from distributed import Client
 
         if not Path(self.scheduler_file).is_file():
@@ -364,10 +401,10 @@ class LocalBackend(DaskBackend):
     name = "local"
 
     @classmethod
-    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
-        return scheduler == "local"
+    def accepts(cls, config: AtlasConfig) -> bool:
+        return config.scheduler == "local"
 
-    def connect(self, stack: ExitStack):
+    def connect(self, stack: ExitStack, on_cluster=None):
         from distributed import Client
 
         cluster = stack.enter_context(_local_cluster())
@@ -381,19 +418,19 @@ class AddressBackend(DaskBackend):
     name = "address"
 
     @classmethod
-    def accepts(cls, scheduler: str, scheduler_file: str | None) -> bool:
+    def accepts(cls, config: AtlasConfig) -> bool:
         return True  # asked last: any other scheduler setting is an address
 
-    def connect(self, stack: ExitStack):
+    def connect(self, stack: ExitStack, on_cluster=None):
         from distributed import Client
 
         return Client(self.scheduler, timeout=CONNECT_TIMEOUT)
 
 
 def executor(
-    scheduler: str, scheduler_file: str | None, model, weights: str | None
+    config: AtlasConfig, model, on_cluster: Callable[[str], None] | None = None
 ) -> AbstractContextManager[Executor]:
-    """An executor for the configured scheduler, from the first backend that accepts it.
-    `weights` is what the user gave (None: the model's default), loaded again on each worker."""
-    chosen = next(b for b in BACKENDS if b.accepts(scheduler, scheduler_file))
-    return chosen(scheduler, scheduler_file).executor(model, weights)
+    """An executor for the configured scheduler or cluster, from the first backend that
+    accepts it; workers load the model again from `config.weights` (None: its default)."""
+    chosen = next(b for b in BACKENDS if b.accepts(config))
+    return chosen(config).executor(model, on_cluster)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 
 import torch
@@ -21,7 +22,12 @@ from atlas.optim.device import describe_device, resolve_device
 from atlas.plan import Task
 from atlas.record import VARIANT_FILE, UnitRecord, optimization_facts
 
-CALIBRATION_STEPS = 6  # time_task: the first is a warm-up; the median of the others is used
+CALIBRATION_STEPS = 3  # time_task: a warm-up and two timed steps
+# What a task costs besides its plain steps, in plain steps of its batch (measured here: the
+# analyses 2 for Lite0 to 5.5 for ResNet-50; the recipe's first `redirect_relu` = 8 steps a
+# host sync per ReLU, 1.3x to 2x a plain step). Timing it would cost a calibration more than
+# its steps do, for 1-2% of a 512-step unit.
+OVERHEAD_STEPS = 8
 
 
 def unit_record(unit, task: Task, **facts) -> UnitRecord:
@@ -170,23 +176,26 @@ def _done(unit, task: Task, group: list, analysis, images: list[bytes], facts: d
 def time_task(
     model, task: Task, steps: int = CALIBRATION_STEPS, device: str | None = None
 ) -> float:
-    """Seconds per unit of `task` at its recipe's steps: a few timed steps of its batch (its K
-    samples and variants; the median step, robust to other load on a shared machine), scaled,
-    plus the analyses that follow them. What `atlas plan` estimates with when OUT has no
-    timings of earlier runs."""
+    """Seconds per unit of `task` at its recipe's steps, from a few timed steps of its batch
+    (its K samples and variants), scaled: the first step is a warm-up, the others' median
+    (robust to other load on a shared machine) stands for every step, plus OVERHEAD_STEPS.
+    What `atlas plan` estimates with when OUT has no timings of earlier runs."""
     device = resolve_device(device)
-    recipe = task.recipe.replace(steps=steps, octaves=())
+    redirect = min(task.recipe.redirect_relu, 1)  # the warm-up only: the timed steps are plain
+    recipe = task.recipe.replace(steps=steps, octaves=(), redirect_relu=redirect)
     stamps: list[float] = []
-    results = visualize(
+    visualize(
         model,
         task_targets(task),
         recipe,
         device=device,
         on_step=lambda *_: stamps.append(time.perf_counter()),
     )
-    intervals = sorted(b - a for a, b in itertools.pairwise(stamps))
-    per_step = intervals[len(intervals) // 2]
-    started = time.perf_counter()
-    analyse_samples(model, task, unit_groups(results, task))
-    analysis = time.perf_counter() - started
-    return (per_step * task.recipe.steps + analysis) / len(task.units)
+    per_step = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    return per_step * (task.recipe.steps + OVERHEAD_STEPS) / len(task.units)
+
+
+def calibration_task(model, task: Task) -> dict:
+    """`time_task` as an executor's task: timed where the run's tasks would be computed (a
+    GPU worker of the cluster gives GPU figures)."""
+    return {"seconds_per_unit": time_task(model, task)}

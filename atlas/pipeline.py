@@ -99,14 +99,15 @@ def run_atlas(
     *,
     on_start: Callable[[int, int, str | None], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    on_cluster: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """Run the atlas described by `config`; returns counts. `on_start(todo, skipped, link)`
-    and `on_progress` feed a progress display."""
+    """Run the atlas described by `config`; returns counts. `on_start(todo, skipped, link)`,
+    `on_progress` and `on_cluster` (what batch jobs are doing) feed a progress display."""
     model, plan = load_and_plan(config)
     store = Store(writable_folder(config.out, WRITTEN_FOLDERS))
     kept = "the units stored before are kept; rerun when it is writable"
     with store.claimed(), naming_unwritable(store.out, kept):
-        return _run_claimed(config, model, plan, store, on_start, on_progress)
+        return _run_claimed(config, model, plan, store, on_start, on_progress, on_cluster)
 
 
 def _run_claimed(
@@ -116,6 +117,7 @@ def _run_claimed(
     store: Store,
     on_start: Callable[[int, int, str | None], None] | None,
     on_progress: Callable[[Progress], None] | None,
+    on_cluster: Callable[[str], None] | None = None,
 ) -> RunSummary:
     started = now()
     history = store.history
@@ -133,7 +135,7 @@ def _run_claimed(
     clock = time.monotonic()
     passes_left = next(pending_passes(config, model, plan, store), None) is not None
     if todo or passes_left:  # passes left: e.g. the exemplars of a run killed before them
-        with executor(config.scheduler, config.scheduler_file, model, config.weights) as pool:
+        with executor(config, model, on_cluster) as pool:
             if on_start:
                 on_start(len(todo), summary.skipped, pool.dashboard_link)
             last_manifest = clock

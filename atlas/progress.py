@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,9 +33,10 @@ class Progress:
 
 
 class RunProgress:
-    """Done/total, rate, ETA and failures of the current stage (units, then exemplar images);
-    redraws one line on a terminal and logs a line every LOG_EVERY_SECONDS when stderr is a
-    file or a pipe."""
+    """Done/total, rate, ETA and failures of the current stage (units, then exemplar images),
+    and what the cluster's batch jobs are doing; redraws one line on a terminal and logs a
+    line every LOG_EVERY_SECONDS (the jobs' line when it changes) when stderr is a file or a
+    pipe. The jobs' line comes from another thread."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -42,6 +44,9 @@ class RunProgress:
         self.last_log = 0.0
         self.drawn = False
         self.what = "units"
+        self.line = ""  # the stage's last line, redrawn with the jobs' line
+        self.jobs = ""
+        self.lock = threading.Lock()
 
     def start(self, todo: int, skipped: int, dashboard: str | None) -> None:
         message = f"{todo} units to do, {skipped} already stored"
@@ -50,26 +55,48 @@ class RunProgress:
         click.echo(message, file=self.stream)
 
     def update(self, progress: Progress) -> None:
-        if progress.what != self.what:  # a new stage: keep the last line of the one before
-            self.finish()
-            self.what, self.last_log = progress.what, 0.0
-        finished, total, what = progress.done + progress.failed, progress.total, progress.what
-        rate = finished / progress.elapsed if progress.elapsed > 0 else 0.0
-        eta = (total - finished) / rate if rate > 0 else 0.0
-        line = (
-            f"{finished}/{total} {what}  {rate:.2f} {what}/s  ETA {format_duration(eta)}  "
-            f"{progress.failed} failed"
-        )
-        if self.live:
-            filled = int(30 * finished / max(total, 1))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}\033[K")
-            self.stream.flush()
-            self.drawn = True
-        elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or finished == total:
-            click.echo(line, file=self.stream)
-            self.last_log = time.monotonic()
+        with self.lock:
+            if progress.what != self.what:  # a new stage: keep the last line of the one before
+                self._end_line()
+                self.what, self.last_log = progress.what, 0.0
+            finished, total, what = progress.done + progress.failed, progress.total, progress.what
+            rate = finished / progress.elapsed if progress.elapsed > 0 else 0.0
+            eta = (total - finished) / rate if rate > 0 else 0.0
+            line = (
+                f"{finished}/{total} {what}  {rate:.2f} {what}/s  ETA {format_duration(eta)}  "
+                f"{progress.failed} failed"
+            )
+            if self.live:
+                filled = int(30 * finished / max(total, 1))
+                self.line = f"[{'#' * filled}{'.' * (30 - filled)}] {line}"
+                self._draw()
+            elif time.monotonic() - self.last_log >= LOG_EVERY_SECONDS or finished == total:
+                click.echo(line, file=self.stream)
+                self.last_log = time.monotonic()
 
-    def finish(self) -> None:
+    def cluster(self, jobs: str) -> None:
+        """What the worker jobs are doing ('2 of 4 worker jobs running, 2 pending in
+        partition gpu'): on a terminal after the progress line, elsewhere a line of its own."""
+        with self.lock:
+            self.jobs = jobs
+            if self.live:
+                self._draw()
+            else:
+                click.echo(jobs, file=self.stream)
+
+    def _draw(self) -> None:
+        parts = [part for part in (self.line, self.jobs) if part]
+        self.stream.write(f"\r{'; '.join(parts)}\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def _end_line(self) -> None:
         if self.drawn:
             self.stream.write("\n")
             self.drawn = False
+        self.line = ""
+
+    def finish(self) -> None:
+        with self.lock:
+            self._end_line()
+            self.jobs = ""

@@ -349,7 +349,7 @@ def cluster(args) -> int:
         started = time.monotonic()
         workers: dict[tuple, Counter] = {}
         errors = []
-        with executor("local", None, model, None) as pool:
+        with executor(config, model) as pool:
             tasks = make_tasks(plan, list(plan.units), pool.device)
             say(
                 f"atlas.execute.executor('local'): {pool.workers} worker(s) on {pool.device} "

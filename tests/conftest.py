@@ -46,6 +46,7 @@ SLOW_FILES = {
     "test_models.py",
     "test_packaging.py",
     "test_site_browser.py",
+    "test_slurm.py",
     "test_trust_lite0.py",
     "test_tvmodels.py",
     "test_zoos.py",

@@ -845,7 +845,7 @@ def test_plan_lists_units_tasks_and_todo(atlas_cli, optimized, cpu_only):
 
 
 def test_plan_with_calibration_gives_a_positive_estimate(atlas_cli, cpu_only):
-    summary = plan_json(atlas_cli)
+    summary = plan_json(atlas_cli, "--scheduler", "inline")  # timed in this process
     assert summary["todo"] == 6
     assert summary["estimated_seconds"] > 0
     for row in summary["layers"]:

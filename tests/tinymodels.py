@@ -2,6 +2,8 @@
 processes started with tests/ on their PYTHONPATH."""
 
 import dataclasses
+import os
+import time
 
 import torch
 from torch import nn
@@ -59,6 +61,28 @@ def flaky() -> LoadedModel:
     model = tiny_model()
     model.module.conv2 = nn.Sequential(model.module.conv2, _FailWhenOptimized())
     model.spec = "tinymodels:flaky"
+    return model
+
+
+class _Gate(nn.Module):
+    """Holds every optimization step (gradients on) while the file that ATLAS_TEST_GATE names
+    exists, and says so by touching that name + '.held': a test decides when tasks may finish
+    (after a worker job is cancelled or has hit its walltime, say), using no CPU meanwhile."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = os.environ.get("ATLAS_TEST_GATE")
+        if gate and torch.is_grad_enabled() and x.requires_grad and os.path.exists(gate):
+            open(f"{gate}.held", "a").close()
+            while os.path.exists(gate):
+                time.sleep(0.05)
+        return x
+
+
+def gated() -> LoadedModel:
+    """The tiny model whose conv2 waits at the gate (conv1 units never reach it)."""
+    model = tiny_model()
+    model.module.conv2 = nn.Sequential(model.module.conv2, _Gate())
+    model.spec = "tinymodels:gated"
     return model
 
 
