@@ -15,6 +15,9 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     exemplars_top = 6
     variants = ["neuron", "negative"]     # extra images per unit (neuron, negative), and a
                                           # whole-layer image per layer (layer)
+    concepts = 16                         # a dictionary of 16 concepts per concept layer and
+    activation_atlas = 8                  # an 8 x 8 activation atlas, learned from the
+    concept_layers = ["blocks.8"]         # exemplars (default: every planned layer but logits)
     colour_from = "photos/"               # decorrelate colour by these images' statistics: the
                                           # recipe's colour becomes their matrix (in the hash)
     out = "atlas-out"
@@ -67,6 +70,9 @@ class AtlasConfig:
     variants: tuple[str, ...] = ()  # of VARIANTS
     exemplars: str | None = None
     exemplars_top: int = 6
+    concepts: int = 0  # K concepts per concept layer (0: none), learned from the exemplars
+    activation_atlas: int = 0  # an N x N activation atlas per concept layer (0: none)
+    concept_layers: tuple[str, ...] = ()  # names or globs; empty: every planned layer
     scheduler: str = "local"
     scheduler_file: str | None = None
     label: str | None = None  # the checkpoint's name in the history (default: its id)
@@ -141,9 +147,11 @@ def _read_toml(path: str | Path) -> dict:
 _TYPES = {
     **dict.fromkeys(("model", "out", "weights", "channels", "classes", "scheduler"), str),
     **dict.fromkeys(("samples", "seed", "batch", "timelapse", "exemplars_top", "keep"), int),
+    **dict.fromkeys(("concepts", "activation_atlas"), int),
     **dict.fromkeys(("scheduler_file", "exemplars", "label"), str),
     "layers": tuple,
     "variants": tuple,
+    "concept_layers": tuple,
 }
 VARIANTS = ("neuron", "negative", "layer")  # extra images: centre neuron, negative, whole layer
 # colour_from is read into the recipe (its colour matrix), not kept as a setting of its own
@@ -332,7 +340,7 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         raise AtlasError("no model given: pass MODEL or set `model` in atlas.toml")
     if not values.get("out"):
         raise AtlasError("no output folder given: pass --out or set `out` in atlas.toml")
-    for key in ("layers", "variants"):
+    for key in ("layers", "variants", "concept_layers"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
     values["variants"] = _variants(values.get("variants", ()))
@@ -359,6 +367,19 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         (config.exemplars_top >= 1, "exemplars_top must be at least 1"),
         (config.keep >= 1, "keep must be at least 1 (the checkpoint being run)"),
         (config.label != "", "label must not be empty"),
+        (config.concepts >= 0, "concepts must be 0 (none) or a number of concepts"),
+        (
+            config.activation_atlas != 1 and config.activation_atlas >= 0,
+            "activation_atlas must be 0 (none) or a grid size of at least 2",
+        ),
+        (
+            bool(config.exemplars) or not (config.concepts or config.activation_atlas),
+            "concepts and activation atlases are learned from exemplars: add --exemplars DIR",
+        ),
+        (
+            not config.concept_layers or bool(config.concepts or config.activation_atlas),
+            "concept_layers needs --concepts K or --activation-atlas N",
+        ),
     ]
     for ok, message in checks:
         if not ok:

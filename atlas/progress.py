@@ -44,6 +44,7 @@ class RunProgress:
         self.what = "units"
 
     def start(self, todo: int, skipped: int, dashboard: str | None) -> None:
+        self.finish()  # the learning step's images (atlas.learning) may have drawn a line
         message = f"{todo} units to do, {skipped} already stored"
         if dashboard:
             message += f"; Dask dashboard: {dashboard}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +121,13 @@ class Dictionary:
         cross = ((residual.T @ codes).T * atoms).sum(1)
         return ((2 * cross + codes.square().sum(0)) / _total(data)).numpy()
 
+    def reordered(self, order: np.ndarray) -> Dictionary:
+        """The same dictionary with its concepts in `order` (concept k is concept order[k])."""
+        encoder = None if self.encoder is None else self.encoder[order]
+        bias = None if self.encoder_bias is None else self.encoder_bias[order]
+        directions = self.directions[order]
+        return replace(self, directions=directions, encoder=encoder, encoder_bias=bias)
+
     def save(self, path: Path) -> None:
         """One .npz file, written atomically."""
         arrays = {"directions": self.directions, "centre": self.centre}
@@ -204,14 +211,7 @@ def learn(
         active = default_active(concepts) if active is None else min(active, concepts)
         dictionary = _learn_sae(vectors, concepts, active, seed)
     dictionary.key = key
-    order = np.argsort(-dictionary.shares(vectors), kind="stable")
-    dictionary.directions = dictionary.directions[order]
-    if dictionary.encoder is not None:
-        dictionary.encoder, dictionary.encoder_bias = (
-            dictionary.encoder[order],
-            dictionary.encoder_bias[order],
-        )
-    return dictionary
+    return dictionary.reordered(np.argsort(-dictionary.shares(vectors), kind="stable"))
 
 
 def _learn_nmf(vectors: np.ndarray, concepts: int, seed: int) -> Dictionary:
