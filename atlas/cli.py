@@ -350,14 +350,14 @@ def run_options(function: Callable) -> Callable:
         ),
         click.option(
             "--concepts",
-            type=click.IntRange(min=0),
+            type=click.IntRange(min=1),
             metavar="K",
             help="Learn K concepts (directions over the channels) of each concept layer from "
             "the exemplars' activations; each is a unit (needs --exemplars).",
         ),
         click.option(
             "--activation-atlas",
-            type=click.IntRange(min=0),
+            type=click.IntRange(min=2),
             metavar="N",
             help="An N x N activation atlas of each concept layer from the exemplars' "
             "activations; each cell is a unit (needs --exemplars).",

@@ -37,9 +37,16 @@ import numpy as np
 
 from atlas import exemplars
 from atlas.concepts.describe import COSINE_POWER, describe
-from atlas.concepts.dictionary import Dictionary, check_concepts, learn_concepts
+from atlas.concepts.dictionary import Dictionary, check_concepts, concepts_key, learn_concepts
 from atlas.concepts.extra import require
-from atlas.concepts.grid import ActivationAtlas, activation_atlas, check_atlas, nearest_concepts
+from atlas.concepts.grid import (
+    MIN_COUNT,
+    ActivationAtlas,
+    activation_atlas,
+    atlas_key,
+    check_atlas,
+    nearest_concepts,
+)
 from atlas.concepts.samples import Collection, Samples, Sampling, sample_task, samples_key
 from atlas.errors import AtlasError, did_you_mean
 from atlas.files import atomic_write_json
@@ -90,6 +97,15 @@ def matched(new: Dictionary, before: Dictionary | None) -> tuple[Dictionary, lis
     rows, columns = optimize.linear_sum_assignment(-cosine)
     order = rows[np.argsort(columns)]
     return new.reordered(order), [round(float(cosine[k, j]), 4) for j, k in enumerate(order)]
+
+
+def paired(dictionary: Dictionary, before: Dictionary | None) -> list[float | None]:
+    """The cosine of each concept to the one of its index in `before` (None for each when
+    there is nothing to compare it with: no dictionary before, another K or other channels)."""
+    if before is None or before.directions.shape != dictionary.directions.shape:
+        return [None] * dictionary.size
+    cosine = np.sum(dictionary.directions * before.directions, axis=1)
+    return [round(float(value), 4) for value in cosine]
 
 
 @dataclass
@@ -352,10 +368,7 @@ class Learning:
                 summary.failures += failures
             return None
         samples = collection.samples()
-        samples.save(path)
-        for old in path.parent.glob("samples-*.npz"):
-            if old != path:
-                old.unlink(missing_ok=True)
+        samples.save(path)  # beside those of other checkpoints or folders: none is removed
         return samples
 
     def _learn_layer(self, layer: str, samples: Samples) -> None:
@@ -372,16 +385,31 @@ class Learning:
         if config.activation_atlas:
             entry = self._part(layer, "atlas", config.activation_atlas)
             if entry is None:
-                atlas = activation_atlas(samples, config.activation_atlas, seed=config.seed)
-                atlas.save(folder / f"atlas-{atlas.key[:16]}.npz")
+                size = config.activation_atlas
+                key = atlas_key(samples.key, size, MIN_COUNT, config.seed)
+                atlas = self._reused(folder / f"atlas-{key[:16]}.npz", ActivationAtlas, key)
+                if atlas is None:
+                    atlas = activation_atlas(samples, size, min_count=MIN_COUNT, seed=config.seed)
+                    atlas.save(folder / f"atlas-{atlas.key[:16]}.npz")
                 entry = {"size": atlas.size, "key": atlas.key, "cells": len(atlas.cells)}
             fresh["atlas"] = entry
         atomic_write_json(folder / "learned.json", fresh)
 
+    def _reused(self, path: Path, kind: type, key: str) -> Dictionary | ActivationAtlas | None:
+        """The dictionary or atlas an earlier run stored under `key` (another K or N asked for
+        since, then this one again), None when there is none: it is learned."""
+        try:
+            loaded = kind.load(path)
+        except FileNotFoundError:
+            return None
+        except DAMAGED:
+            self.store.report(path, "is corrupt", "it is learned again")
+            return None
+        return loaded if loaded.key == key else None
+
     def _learn_concepts(self, layer: str, samples: Samples, before: object) -> dict:
         """A new dictionary, matched to the one the layer had before, stored; its entry."""
-        folder = self.folder_of(layer)
-        dictionary = learn_concepts(samples, self.config.concepts, seed=self.config.seed)
+        folder, concepts, seed = self.folder_of(layer), self.config.concepts, self.config.seed
         previous = None
         if isinstance(before, dict) and isinstance(before.get("key"), str):
             path = folder / f"dictionary-{before['key'][:16]}.npz"
@@ -389,8 +417,13 @@ class Learning:
                 previous = Dictionary.load(path)
             except DAMAGED:  # gone or damaged: nothing to match to
                 previous = None
-        dictionary, cosines = matched(dictionary, previous)
-        dictionary.save(folder / f"dictionary-{dictionary.key[:16]}.npz")
+        key = concepts_key(samples, concepts, seed=seed)
+        dictionary = self._reused(folder / f"dictionary-{key[:16]}.npz", Dictionary, key)
+        if dictionary is None:
+            dictionary, cosines = matched(learn_concepts(samples, concepts, seed=seed), previous)
+            dictionary.save(folder / f"dictionary-{dictionary.key[:16]}.npz")
+        else:  # ordered when it was learned: concept k against concept k of the one before
+            cosines = paired(dictionary, previous)
         concepts = describe(samples, dictionary)
         return {
             "size": dictionary.size,
