@@ -8,6 +8,7 @@ nothing, so a direction's class effects are known up to its weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,36 @@ def test_clicking_an_atlas_cell_opens_its_panel_with_exemplars_and_top_channels(
     panel.wait_for(state="hidden")
     assert not errors, errors
     context.close()
+
+
+def test_a_second_checkpoint_keeps_the_firsts_concept_pictures_and_matches_concepts(tmp_path):
+    """Nightly: day-2 changes feat's filters; each concept's filmstrip holds a picture of each
+    checkpoint (day-1's still on disk), with the cosine it was matched at; cells get none."""
+    import torch
+
+    from atlas import models
+
+    module = models.load("tinymodels:planted").module
+    state = {name: value.clone() for name, value in module.state_dict().items()}
+    torch.save(state, tmp_path / "day-1.pt")
+    state["feat.0.weight"][2] *= 1.5
+    torch.save(state, tmp_path / "day-2.pt")
+    photos, out = noise_folder(tmp_path / "photos", IMAGES), tmp_path / "out"
+    for day in ("day-1", "day-2"):
+        args = [*RUN, *LEARN, "--exemplars", photos, "--out", out, "--label", day]
+        result = invoke(*args, "--weights", tmp_path / f"{day}.pt")
+        assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["label"] for c in manifest["checkpoints"]] == ["day-1", "day-2"]
+    units = {unit["id"]: unit for unit in manifest["units"]}
+    for name in ("feat:concept0", "feat:concept1"):
+        frames = units[name]["filmstrip"]
+        assert [frame["checkpoint"] for frame in frames] == [
+            c["id"] for c in manifest["checkpoints"]
+        ]
+        assert all((out / frame["image"]).is_file() for frame in frames)
+        assert isinstance(units[name]["direction"]["matched"], float)  # matched to day-1's
+    assert len(list((out / "concepts" / "feat").glob("samples-*.npz"))) == 2  # none removed
+    cell = next(name for name in units if ":cell" in name)
+    page = (out / "site" / "feat~atlas" / f"{units[cell]['index']}.html").read_text()
+    assert 'id="filmstrip"' not in page and "a cell has no history" in page
