@@ -363,6 +363,12 @@ def run_options(function: Callable) -> Callable:
             "activations; each cell is a unit (needs --exemplars).",
         ),
         click.option(
+            "--concept-steps",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="Optimization steps of concept and cell units (default: the recipe's).",
+        ),
+        click.option(
             "--concept-layers",
             multiple=True,
             metavar="GLOB",

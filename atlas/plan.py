@@ -253,7 +253,7 @@ def make_plan(
                 identity,
                 layer.source,
                 index,
-                config.recipe,
+                config.recipe_for(unit is not None),
                 config.samples,
                 config.seed,
                 config.timelapse,
@@ -328,7 +328,7 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
                 Task(
                     layer_name,
                     batch,
-                    config.recipe,
+                    config.recipe_for(layer_name != split_layer(layer_name)[0]),
                     config.samples,
                     config.seed,
                     config.timelapse,

@@ -21,7 +21,7 @@ from atlas.store import Store
 
 RUN = ["run", "tinymodels:planted", "--layers", "feat", "--classes", "", "--steps", "4"]
 RUN += ["--size", "16", "--scheduler", "inline"]
-LEARN = ["--concepts", "2", "--activation-atlas", "3"]
+LEARN = ["--concepts", "2", "--activation-atlas", "3", "--concept-steps", "3"]
 IMAGES = 40
 
 
@@ -68,6 +68,9 @@ def test_adding_concepts_leaves_every_channel_unit_as_it_was(atlas_run):
     output = atlas_run["learned"].output
     done = len(concepts) + len(cells)
     assert f"{done} units to do, 4 already stored" in output  # the channels are not redone
+    steps = {name: 1 + max(step for step, _ in record.history) for name, record in found.items()}
+    assert {steps[name] for name in keys} == {4}  # the recipe's
+    assert {steps[name] for name in concepts + cells} == {3}  # --concept-steps
     assert "concepts: learned feat;" in output
 
 
