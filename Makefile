@@ -17,11 +17,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # A small real atlas of the bundled model: 3 layers x 8 channels + 8 class logits, each with
 # a timelapse of its optimization and its dataset exemplars among 300 crops of scikit-image's
-# sample photos (offline); a few minutes on a 2-core CPU. Rerunning it does only what is missing.
+# sample photos (offline), and 16 concepts and a 6 x 6 activation atlas of blocks.8 learned
+# from those crops (up to 52 more units, at 64 steps); a few minutes on a 2-core CPU. Rerunning it
+# does only what is missing.
 demo: $(VENV)/.installed $(DEMO_OUT)/photos
 	$(BIN)/atlas run efficientnet_lite0 --layers blocks.3 --layers blocks.8 --layers blocks.13 \
 		--channels 0-7 --classes hen,pelican,espresso,castle,goldfish,monarch,volcano,lemon \
-		--steps 128 --timelapse 16 --exemplars $(DEMO_OUT)/photos --out $(DEMO_OUT)
+		--steps 128 --timelapse 16 --exemplars $(DEMO_OUT)/photos --out $(DEMO_OUT) \
+		--concepts 16 --activation-atlas 6 --concept-layers blocks.8 --concept-steps 64
 	$(BIN)/atlas status $(DEMO_OUT)
 	@echo "Open the atlas: $(DEMO_OUT)/site/index.html"
 

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from atlas.activations import model_inputs
-from atlas.layers import capture, gained, module_device, resolve, run_forward
-from atlas.optim.objectives import BatchObjective, Target, as_objective, unit_target
+from atlas.layers import capture, gained, module_device, resolve, run_forward, steered
+from atlas.optim.objectives import BatchObjective, Target, as_objective, direction_values
 from atlas.record import LOGITS
 
 INPUTS_KEPT = 16  # strongest inputs of each sign (pages show 6 and 3; outputs are derived)
@@ -66,31 +66,46 @@ def input_weights(model, targets: Sequence[Target], images, inputs_from: str) ->
 
 
 def class_effects(model, targets: Sequence[Target], images) -> np.ndarray:
-    """[B, classes]: d logits / d gain of each image's own channel (its target's), by a central
-    difference around gain 1."""
+    """[B, classes]: d logits / d gain of each image's own unit (its target's), by a central
+    difference around gain 1: the gain of a channel, or along a direction (a concept, a
+    cell: every position's component along it)."""
     x = model_inputs(model, images, module_device(model.module))
-    layer = targets[0].layer
-    channels = resolve(model, layer).channels
-    rows = torch.arange(len(targets))
-    index = torch.tensor([t.index for t in targets])
     logits = []
     with torch.no_grad():
         for sign in (1, -1):
-            gains = torch.ones(len(targets), channels, device=x.device)
-            gains[rows, index] += sign * EFFECT_STEP
-            with gained(model, layer, gains):
+            with _turned_up(model, targets, sign * EFFECT_STEP, x.device):
                 logits.append(model.module(x).float())
     return ((logits[0] - logits[1]) / (2 * EFFECT_STEP)).numpy()
 
 
+def _turned_up(model, targets: Sequence[Target], step: float, device: torch.device):
+    """The block in which each image's unit is turned up by the relative `step`."""
+    layer = targets[0].layer
+    if targets[0].kind == "direction":
+        return steered(model, layer, _directions(targets).to(device), step)
+    gains = torch.ones(len(targets), resolve(model, layer).channels, device=device)
+    gains[torch.arange(len(targets)), torch.tensor([t.index for t in targets])] += step
+    return gained(model, layer, gains)
+
+
+def _directions(targets: Sequence[Target]) -> torch.Tensor:
+    """[B, C]: each direction target's unit-norm weights."""
+    weights = torch.tensor([t.direction.values for t in targets], dtype=torch.float32)
+    return torch.nn.functional.normalize(weights, dim=1)
+
+
 def channel_maps(model, targets: Sequence[Target], images) -> np.ndarray:
-    """[B, H, W]: each image's target channel over the map."""
+    """[B, H, W]: each image's target over the map: its channel, or its direction's objective
+    at each position."""
     x = model_inputs(model, images, module_device(model.module))
     layer = targets[0].layer
     with torch.no_grad(), capture(model, [layer], stop_after=layer) as acts:
         run_forward(model.module, x)
-    rows = torch.arange(len(targets))
-    return acts[layer][rows, torch.tensor([t.index for t in targets])].float().numpy()
+    found = acts[layer].float()
+    if targets[0].kind == "direction":
+        powers = torch.tensor([t.direction.power for t in targets], device=found.device)
+        return direction_values(found, _directions(targets).to(found.device), powers).numpy()
+    return found[torch.arange(len(targets)), torch.tensor([t.index for t in targets])].numpy()
 
 
 def map_image(before: np.ndarray, after: np.ndarray) -> tuple[bytes, tuple[float, float]]:
@@ -105,7 +120,7 @@ def map_image(before: np.ndarray, after: np.ndarray) -> tuple[bytes, tuple[float
     size = (width * scale, height * scale)
     canvas = Image.new("RGB", (2 * size[0] + MAP_GAP, size[1]), GAP_GREY)
     for column, values in enumerate((before, after)):
-        tile = Image.fromarray(_colour((values - low) / span)).resize(
+        tile = Image.fromarray(colour_ramp((values - low) / span)).resize(
             size, Image.Resampling.NEAREST
         )
         canvas.paste(tile, (column * (size[0] + MAP_GAP), 0))
@@ -114,7 +129,7 @@ def map_image(before: np.ndarray, after: np.ndarray) -> tuple[bytes, tuple[float
     return encoded.getvalue(), (round(low, 5), round(high, 5))
 
 
-def _colour(level: np.ndarray) -> np.ndarray:
+def colour_ramp(level: np.ndarray) -> np.ndarray:
     """A dark-blue to yellow ramp (readable, and monotone in brightness)."""
     stops = np.array([[13, 8, 135], [126, 3, 168], [204, 71, 120], [248, 149, 64], [240, 249, 33]])
     position = np.clip(level, 0, 1) * (len(stops) - 1)
@@ -140,7 +155,7 @@ def analyse(
         weights = mean_per_unit(input_weights(model, targets, images, inputs_from))
         for analysis, row in zip(analyses, weights, strict=True):
             analysis.inputs = strongest(row, INPUTS_KEPT)
-    if layer == LOGITS or targets[0].index is None:  # a class, or a whole layer
+    if layer == LOGITS or targets[0].kind == "layer":  # a class, or a whole layer
         return analyses
     effects = mean_per_unit(class_effects(model, targets, images))
     for analysis, row in zip(analyses, effects, strict=True):
@@ -160,10 +175,13 @@ def analyse(
 @dataclass(frozen=True)
 class EvidenceTask:
     """One unit's images for its inputs and class effects: its K pictures (as stored) and
-    its exemplars' source images, as bytes (workers need no access to OUT or the folder)."""
+    its exemplars' source images, as bytes (workers need no access to OUT or the folder).
+    `layer` and `index` name the unit (a concept's: its learned layer), `target` is what its
+    pictures maximize."""
 
     layer: str
     index: int
+    target: Target
     inputs_from: str | None
     blobs: tuple[bytes, ...]
 
@@ -179,11 +197,10 @@ def evidence_task(model, task: EvidenceTask) -> dict:
 
     pixels, kept = decode(task.blobs, *fit_settings(model))
     images = list(pixels.to(module_device(model.module)))
-    target = unit_target(task.layer, task.index)
     result: dict = {"images": len(kept), "inputs": (), "classes": ()}
     if not images:
         return result
-    targets = [target] * len(images)
+    targets = [task.target] * len(images)
     if task.inputs_from is not None:
         weights = input_weights(model, targets, images, task.inputs_from).mean(0)
         result["inputs"] = strongest(weights, INPUTS_KEPT)

@@ -349,6 +349,32 @@ def run_options(function: Callable) -> Callable:
             metavar="K",
             help="Exemplars per unit (default 6).",
         ),
+        click.option(
+            "--concepts",
+            type=click.IntRange(min=1),
+            metavar="K",
+            help="Learn K concepts (directions over the channels) of each concept layer from "
+            "the exemplars' activations; each is a unit (needs --exemplars).",
+        ),
+        click.option(
+            "--activation-atlas",
+            type=click.IntRange(min=2),
+            metavar="N",
+            help="An N x N activation atlas of each concept layer from the exemplars' "
+            "activations; each cell is a unit (needs --exemplars).",
+        ),
+        click.option(
+            "--concept-steps",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="Optimization steps of concept and cell units (default: the recipe's).",
+        ),
+        click.option(
+            "--concept-layers",
+            multiple=True,
+            metavar="GLOB",
+            help="Layers that get concepts and atlases (repeat); default: every planned layer.",
+        ),
         click.option("--scheduler", help="local (default), inline, or tcp://host:port."),
         click.option(
             "--cluster",

@@ -1,6 +1,8 @@
 """`atlas compare OUT_A OUT_B --out DIR`: two atlases side by side, the most changed units first.
 
 Two models, two checkpoints of one model, or two recipes: units are matched by layer and index.
+Concepts and activation-atlas cells are left out, with a line that says so: each atlas learns
+its own directions (atlas.learning), so concept k of one is not concept k of the other.
 Each unit's change score is atlas.change's, with both sides measured (each model on both
 pictures; activations measured cleanly: the stored image, resized, no transforms). The pages
 are a small static site in DIR. A side is an OUT folder or one checkpoint of it (OUT@label).
@@ -24,7 +26,7 @@ from atlas.files import atomic_write_json, writable_folder
 from atlas.layers import resolve
 from atlas.optim.device import resolve_device
 from atlas.optim.objectives import unit_target
-from atlas.record import LOGITS, RunRecord, UnitRecord
+from atlas.record import LEARNED_KINDS, LOGITS, RunRecord, UnitRecord
 from atlas.site import Page, link_or_copy, site_info, write_pages
 from atlas.store import Store, layer_dirname
 
@@ -42,6 +44,7 @@ class Side:
     info: dict
     units: dict[tuple[str, int], UnitRecord]
     model: object = None
+    learned: int = 0  # its done concepts and cells, left out
 
     def image(self, key: tuple[str, int]) -> np.ndarray:
         with Image.open(self.out / self.units[key].images[0]) as image:
@@ -65,7 +68,13 @@ def read_side(name: str, spec: str | Path) -> Side:
         if u.status == "done" and u.index is not None and u.images and (out / u.images[0]).is_file()
     }
     info = site_info(plan, [u.as_json() for u in units])
-    return Side(name, out, plan, {**info, "out": str(out)}, done)
+    return Side(name, out, plan, {**info, "out": str(out)}, *_channels(done))
+
+
+def _channels(done: dict) -> tuple[dict, object, int]:
+    """The units to pair (all but concepts and cells), no model yet, and how many were left."""
+    kept = {key: unit for key, unit in done.items() if unit.kind not in LEARNED_KINDS.values()}
+    return kept, None, len(done) - len(kept)
 
 
 def _checkpoint_side(name: str, out: Path, at: str) -> Side:
@@ -79,7 +88,7 @@ def _checkpoint_side(name: str, out: Path, at: str) -> Side:
     run = replace(made, spec=checkpoint.spec, digest=checkpoint.digest, weights=checkpoint.weights)
     plan = run.as_json()
     info = site_info(plan, [u.as_json() for u in done.values()])
-    return Side(name, out, plan, {**info, "out": f"{out}@{checkpoint.name}"}, done)
+    return Side(name, out, plan, {**info, "out": f"{out}@{checkpoint.name}"}, *_channels(done))
 
 
 def load_model(side: Side, loaded: dict):
@@ -184,6 +193,7 @@ class CompareSummary:
     layers: list[dict]
     most_changed: list[dict]
     index: Path
+    learned: int = 0  # concepts and cells of either atlas, left out
 
 
 def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str | None = None):
@@ -222,6 +232,7 @@ def compare(out_a: str | Path, out_b: str | Path, dest: str | Path, device: str 
         layers=layers,
         most_changed=sorted(rows, key=_by_change)[:GRID_PREVIEW],
         index=dest / "index.html",
+        learned=a.learned + b.learned,
     )
     atomic_write_json(
         dest / "compare.json",
@@ -286,9 +297,15 @@ def describe(summary: CompareSummary) -> str:
         for row in summary.most_changed[:5]
         if not math.isnan(row["change"])
     )
+    skipped = (
+        f"left out {summary.learned} concepts and activation-atlas cells: each atlas learns its "
+        "own, so they do not pair by index\n"
+        if summary.learned
+        else ""
+    )
     return (
         f"compared {summary.matched} units in {len(summary.layers)} layers "
         f"({summary.only_a} only in A, {summary.only_b} only in B)\n"
-        f"most changed: {top or '-'}\n"
+        f"{skipped}most changed: {top or '-'}\n"
         f"compare: {summary.index}"
     )

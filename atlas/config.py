@@ -15,6 +15,10 @@ atlas.toml, every key optional except `model` (or the MODEL argument):
     exemplars_top = 6
     variants = ["neuron", "negative"]     # extra images per unit (neuron, negative), and a
                                           # whole-layer image per layer (layer)
+    concepts = 16                         # a dictionary of 16 concepts per concept layer and
+    activation_atlas = 8                  # an 8 x 8 activation atlas, learned from the
+    concept_layers = ["blocks.8"]         # exemplars (default: every planned layer but logits)
+    concept_steps = 64                    # steps of concept and cell units (default: the recipe's)
     colour_from = "photos/"               # decorrelate colour by these images' statistics: the
                                           # recipe's colour becomes their matrix (in the hash)
     out = "atlas-out"
@@ -71,6 +75,10 @@ class AtlasConfig:
     variants: tuple[str, ...] = ()  # of VARIANTS
     exemplars: str | None = None
     exemplars_top: int = 6
+    concepts: int = 0  # K concepts per concept layer (0: none), learned from the exemplars
+    activation_atlas: int = 0  # an N x N activation atlas per concept layer (0: none)
+    concept_layers: tuple[str, ...] = ()  # names or globs; empty: every planned layer
+    concept_steps: int = 0  # steps of concept and cell units (0: the recipe's)
     scheduler: str = "local"
     scheduler_file: str | None = None
     cluster: ClusterConfig | None = None  # worker jobs on a batch scheduler, not `scheduler`
@@ -81,6 +89,14 @@ class AtlasConfig:
 
     def channels_for(self, layer: str) -> str:
         return dict(self.channels_per_layer).get(layer, self.channels)
+
+    def recipe_for(self, learned: bool) -> Recipe:
+        """The recipe of a unit: a concept's or a cell's (`learned`) with `concept_steps` steps
+        when set, so that many of them stay affordable (the demo's 38) while channels keep
+        theirs; a channel's recipe, and so its key, is never changed by it."""
+        if learned and self.concept_steps:
+            return dataclasses.replace(self.recipe, steps=self.concept_steps)
+        return self.recipe
 
 
 def parse_indices(
@@ -146,9 +162,11 @@ def _read_toml(path: str | Path) -> dict:
 _TYPES = {
     **dict.fromkeys(("model", "out", "weights", "channels", "classes", "scheduler"), str),
     **dict.fromkeys(("samples", "seed", "batch", "timelapse", "exemplars_top", "keep"), int),
+    **dict.fromkeys(("concepts", "activation_atlas", "concept_steps"), int),
     **dict.fromkeys(("scheduler_file", "exemplars", "label"), str),
     "layers": tuple,
     "variants": tuple,
+    "concept_layers": tuple,
 }
 VARIANTS = ("neuron", "negative", "layer")  # extra images: centre neuron, negative, whole layer
 # colour_from is read into the recipe (its colour matrix), not kept as a setting of its own
@@ -338,7 +356,7 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         raise AtlasError("no model given: pass MODEL or set `model` in atlas.toml")
     if not values.get("out"):
         raise AtlasError("no output folder given: pass --out or set `out` in atlas.toml")
-    for key in ("layers", "variants"):
+    for key in ("layers", "variants", "concept_layers"):
         if isinstance(values.get(key), str):
             values[key] = [values[key]]
     values["variants"] = _variants(values.get("variants", ()))
@@ -369,9 +387,25 @@ def build(config_file: str | None = None, **flags) -> AtlasConfig:
         (config.exemplars_top >= 1, "exemplars_top must be at least 1"),
         (config.keep >= 1, "keep must be at least 1 (the checkpoint being run)"),
         (config.label != "", "label must not be empty"),
+        (config.concepts >= 0, "concepts must be 0 (none) or a number of concepts"),
+        (
+            config.activation_atlas != 1 and config.activation_atlas >= 0,
+            "activation_atlas must be 0 (none) or a grid size of at least 2",
+        ),
+        (config.concept_steps >= 0, "concept_steps must be 0 (the recipe's) or a number of steps"),
+        (
+            bool(config.exemplars) or not (config.concepts or config.activation_atlas),
+            "concepts and activation atlases are learned from exemplars: add --exemplars DIR",
+        ),
+        (
+            not config.concept_layers or bool(config.concepts or config.activation_atlas),
+            "concept_layers needs --concepts K or --activation-atlas N",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             raise AtlasError(message)
     check_timelapse(config.recipe, config.timelapse)
+    if config.concept_steps:
+        check_timelapse(config.recipe_for(True), config.timelapse)
     return config

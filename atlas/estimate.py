@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from atlas.plan import Plan
-from atlas.record import UnitRecord
+from atlas.record import UnitRecord, split_layer
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,16 @@ def from_records(records: list[UnitRecord], steps: int) -> float | None:
 
 def unmeasured_layers(plan: Plan, records: list[UnitRecord]) -> list[str]:
     """The planned layers that no earlier run in OUT has timings of."""
-    steps = plan.config.recipe.steps
     return [
         layer
         for layer in plan.units_per_layer()
-        if from_records([r for r in records if r.layer == layer], steps) is None
+        if from_records([r for r in records if r.layer == layer], layer_steps(plan, layer)) is None
     ]
+
+
+def layer_steps(plan: Plan, layer: str) -> int:
+    """The steps a layer's units run: a learned layer's may be --concept-steps."""
+    return plan.config.recipe_for(split_layer(layer)[0] != layer).steps
 
 
 def estimate(
@@ -39,10 +43,10 @@ def estimate(
 ) -> list[LayerEstimate]:
     """One LayerEstimate per planned layer: from earlier runs, else from `timings` (seconds
     per unit by layer, measured by a calibration), else unknown."""
-    steps = plan.config.recipe.steps
     timings = timings or {}
     estimates = []
     for layer in plan.units_per_layer():
+        steps = layer_steps(plan, layer)
         earlier = from_records([r for r in records if r.layer == layer], steps)
         if earlier is not None:
             estimates.append(LayerEstimate(layer, earlier, "earlier runs"))

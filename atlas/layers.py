@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -113,26 +113,50 @@ def capture(
 
 
 @contextmanager
-def gained(model, name: str, gains: torch.Tensor) -> Iterator[None]:
-    """Multiply the layer `name`'s channels by `gains` [B, C] in the forward passes run inside
-    the block (what `capture` reads for it is scaled too). With gains of 1 that require grad,
-    d(objective)/d(gain) is each channel's attribution (gradient x activation summed over
-    positions); with 1 +- eps on one channel, a finite difference of that channel's effect."""
+def edited(
+    model, name: str, edit: Callable[[Layout, torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the layer `name`'s output by edit(its layout, output) in the forward passes run
+    inside the block (what `capture` reads for it is edited too)."""
     modules = dict(model.module.named_modules())
     info = {layer.name: layer for layer in model.layers}[name]
     layout = _layout(info)
-    if info.pre_activation:  # the layer is read before its clamp: scale the clamp's input
+    if info.pre_activation:  # the layer is read before its clamp: edit the clamp's input
         handle = modules[info.pre_activation].register_forward_pre_hook(
-            lambda _module, inputs: (layout.scale(inputs[0], gains), *inputs[1:])
+            lambda _module, inputs: (edit(layout, inputs[0]), *inputs[1:])
         )
     else:
         handle = modules[info.module or name].register_forward_hook(
-            lambda _module, _inputs, output: layout.scale(output, gains)
+            lambda _module, _inputs, output: edit(layout, output)
         )
     try:
         yield
     finally:
         handle.remove()
+
+
+def gained(model, name: str, gains: torch.Tensor) -> AbstractContextManager[None]:
+    """Multiply the layer `name`'s channels by `gains` [B, C] in the forward passes run inside
+    the block (what `capture` reads for it is scaled too). With gains of 1 that require grad,
+    d(objective)/d(gain) is each channel's attribution (gradient x activation summed over
+    positions); with 1 +- eps on one channel, a finite difference of that channel's effect."""
+    return edited(model, name, lambda layout, output: layout.scale(output, gains))
+
+
+def steered(
+    model, name: str, directions: torch.Tensor, step: float
+) -> AbstractContextManager[None]:
+    """Move each image's activation at every position along its unit-norm direction [B, C] by
+    `step` times its own component there (a -> a + step (a . d) d): a gain along the
+    direction, as `gained` is one along a channel; with +-eps, a finite difference of what
+    turning the direction up does."""
+
+    def steer(layout: Layout, output: torch.Tensor) -> torch.Tensor:
+        acts = layout.read(output)
+        along = directions.view(*directions.shape, *(1,) * (acts.dim() - 2))
+        return layout.add(output, step * (acts * along).sum(1, keepdim=True) * along)
+
+    return edited(model, name, steer)
 
 
 def _layout(info: LayerInfo | None) -> Layout:

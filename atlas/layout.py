@@ -58,6 +58,18 @@ class Layout:
             return output * gains[:, :, None, None]
         return output * gains
 
+    def add(self, output: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """`output` plus `delta`, given as `read` shows it ([B, C, H, W] or [B, C]), in the
+        module's own layout (tokens outside the grid stay as they are)."""
+        if self.kind == "channels_last":
+            return output + delta.permute(0, 2, 3, 1)
+        if self.kind == "tokens":
+            grid = output[:, self.prefix :] + delta.flatten(2).transpose(1, 2)
+            return torch.cat([output[:, : self.prefix], grid], dim=1)
+        if self.kind == "cls_token":
+            return torch.cat([output[:, :1] + delta[:, None], output[:, 1:]], dim=1)
+        return output + delta
+
     def shape(self, raw: tuple[int, ...]) -> tuple[int, ...]:
         """The shape consumers see, from the module's output shape without the batch."""
         if self.kind == "channels_last":

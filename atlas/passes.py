@@ -21,9 +21,10 @@ from atlas import exemplars, trust
 from atlas.analysis import EvidenceTask, evidence_task
 from atlas.files import atomic_write_bytes, encode_image
 from atlas.layers import resolve, select
+from atlas.optim.objectives import Target, unit_target
 from atlas.plan import Plan, default_layer_patterns
 from atlas.progress import Progress
-from atlas.record import LOGITS, LOW_TRUST, UnitRecord
+from atlas.record import LOGITS, LOW_TRUST, UnitRecord, split_layer
 from atlas.store import Store
 
 if TYPE_CHECKING:
@@ -96,7 +97,9 @@ class ExemplarPass:
         self.keys: dict[tuple[str, int], str] = {}
         identity = model.identity
         for unit in plan_units:
-            if unit.index is None:  # a whole-layer image: no single unit to rank images by
+            # a whole-layer image: no single unit to rank images by; a concept's or a cell's
+            # exemplars come from the samples it was learned from (atlas.learning)
+            if unit.index is None or unit.learned is not None:
                 continue
             source = resolve(model, unit.layer).source
             key = exemplars.exemplar_key(identity, source, unit.index, folder_print, top)
@@ -237,13 +240,23 @@ class TrustPass:
     def for_run(cls, config: AtlasConfig, model, plan: Plan, store: Store) -> TrustPass | None:
         if not config.exemplars:
             return None
-        return cls(trust_path(model, plan), config.exemplars, store.out)
+        targets = {(unit.layer, unit.index): unit.target() for unit in plan.units}
+        return cls(trust_path(model, plan), config.exemplars, store.out, targets)
 
-    def __init__(self, path: list[str], folder: str | Path, out: Path):
+    def __init__(
+        self,
+        path: list[str],
+        folder: str | Path,
+        out: Path,
+        targets: dict[tuple[str, int | None], Target] | None = None,
+    ):
         """`path`: the layers whose patterns judge a unit, in the model's order (its main path
-        and the planned layers); a unit is judged by those before it."""
+        and the planned layers); a unit is judged by those before it (a concept by those
+        before its real layer). `targets`: what the planned units maximize, by (layer, index)
+        (a unit not there is a channel or a class)."""
         self.store = Store(out)
         self.folder = Path(folder)
+        self.targets = targets or {}
         units, _ = self.store.classify()
         stored = self.store.exemplars(verify=False)
         planned = [name for name in path if name != LOGITS]
@@ -258,7 +271,10 @@ class TrustPass:
                 trust.TRUST_VERSION,
             ):
                 continue
-            before = planned.index(unit.layer) if unit.layer in planned else len(planned)
+            if split_layer(unit.layer)[1] and (unit.layer, unit.index) not in self.targets:
+                continue  # a concept no longer planned: its direction is not known here
+            real = split_layer(unit.layer)[0]
+            before = planned.index(real) if real in planned else len(planned)
             earlier = planned[:before]
             self.todo.append((unit, found, earlier))
 
@@ -345,7 +361,9 @@ class TrustPass:
     def _evidence_task(self, unit: UnitRecord, found: dict) -> EvidenceTask:
         paths = [self.store.out / name for name in unit.images]
         paths += [self.folder / item["source"] for item in found["items"]]
-        return EvidenceTask(unit.layer, unit.index, unit.inputs_from, exemplars.read_blobs(paths))
+        target = self.targets.get((unit.layer, unit.index)) or unit_target(unit.layer, unit.index)
+        blobs = exemplars.read_blobs(paths)
+        return EvidenceTask(unit.layer, unit.index, target, unit.inputs_from, blobs)
 
 
 def _chunks(paths: list[str], layers: tuple[str, ...], device: str) -> Iterator[trust.PatternTask]:

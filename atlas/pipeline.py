@@ -4,7 +4,9 @@ then the passes) -> manifest -> site.
 The client loads the model once (CPU only, never CUDA) to discover layers and the weights
 digest; workers load it again through the executor's plugin. Every finished task is stored at
 once, so a run killed at any instant loses at most the tasks in flight, and the rerun does only
-what is missing.
+what is missing. With --concepts or --activation-atlas the learning step (atlas.learning) comes
+first: the plan's concepts and cells are what it learned. The executor starts when there is
+work for it: an unchanged rerun starts none.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -20,9 +23,10 @@ import torch
 import atlas
 from atlas.config import AtlasConfig
 from atlas.errors import AtlasError
-from atlas.execute import executor
+from atlas.execute import Executor, executor
 from atlas.files import naming_unwritable, writable_folder
 from atlas.history import Checkpoint, History
+from atlas.learning import Learning
 from atlas.optimize import optimize_task, unit_record
 from atlas.passes import PassSummary, pending_passes
 from atlas.plan import (
@@ -30,6 +34,7 @@ from atlas.plan import (
     Plan,
     Task,
     load_and_plan,
+    make_plan,
     make_tasks,
 )
 from atlas.progress import Progress
@@ -41,7 +46,7 @@ from atlas.store import Store, layer_dirname, webp_problem
 MANIFEST_EVERY_SECONDS = 60.0
 # the folders of OUT a run writes to, proved writable before any work starts
 WRITTEN_FOLDERS = ("units", "units/*", "exemplars", "exemplars/*", "checkpoints", "checkpoints/*")
-WRITTEN_FOLDERS += ("blobs", "blobs/*", "site", "site/*")
+WRITTEN_FOLDERS += ("blobs", "blobs/*", "site", "site/*", "concepts", "concepts/*")
 
 
 @dataclass
@@ -105,9 +110,46 @@ def run_atlas(
     `on_progress` and `on_cluster` (what batch jobs are doing) feed a progress display."""
     model, plan = load_and_plan(config)
     store = Store(writable_folder(config.out, WRITTEN_FOLDERS))
+    learning = Learning.for_run(config, model, plan, store)  # checks K, N and the layers first
     kept = "the units stored before are kept; rerun when it is writable"
-    with store.claimed(), naming_unwritable(store.out, kept):
-        return _run_claimed(config, model, plan, store, on_start, on_progress, on_cluster)
+    with (
+        store.claimed(),
+        naming_unwritable(store.out, kept),
+        OnDemand(config, model, on_cluster) as pools,
+    ):
+        learnt = None  # what the learning step did, reported first
+        if learning is not None:
+            if learning.needed:
+                learned, learnt = learning.learn(pools.get(), on_progress)
+            else:
+                learned = learning.stored()
+            plan = make_plan(config, model, learned=learned)
+        summary = _run_claimed(config, model, plan, store, pools, on_start, on_progress)
+        if learnt is not None:
+            summary.passes.insert(0, learnt)
+            summary.failures[:0] = learnt.failures
+        return summary
+
+
+class OnDemand:
+    """The run's executor, started on first use and closed with the block."""
+
+    def __init__(self, config: AtlasConfig, model, on_cluster: Callable[[str], None] | None):
+        self.config, self.model, self.on_cluster = config, model, on_cluster
+        self.stack = ExitStack()
+        self.pool: Executor | None = None
+
+    def get(self) -> Executor:
+        if self.pool is None:
+            started = executor(self.config, self.model, self.on_cluster)
+            self.pool = self.stack.enter_context(started)
+        return self.pool
+
+    def __enter__(self) -> OnDemand:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stack.__exit__(*exc_info)
 
 
 def _run_claimed(
@@ -115,9 +157,9 @@ def _run_claimed(
     model,
     plan: Plan,
     store: Store,
+    pools: OnDemand,
     on_start: Callable[[int, int, str | None], None] | None,
     on_progress: Callable[[Progress], None] | None,
-    on_cluster: Callable[[str], None] | None = None,
 ) -> RunSummary:
     started = now()
     history = store.history
@@ -135,23 +177,23 @@ def _run_claimed(
     clock = time.monotonic()
     passes_left = next(pending_passes(config, model, plan, store), None) is not None
     if todo or passes_left:  # passes left: e.g. the exemplars of a run killed before them
-        with executor(config, model, on_cluster) as pool:
-            if on_start:
-                on_start(len(todo), summary.skipped, pool.dashboard_link)
-            last_manifest = clock
-            tasks = with_previous(make_tasks(plan, todo, pool.device), history, checkpoint)
-            for outcome in pool.map(optimize_task, tasks):
-                _store_outcome(store, outcome, summary, checkpoint.id)
-                if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
-                    store.write_manifest()
-                    last_manifest = time.monotonic()
-                if on_progress:
-                    elapsed = time.monotonic() - clock
-                    on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
-            for made in pending_passes(config, model, plan, store):  # they see the new units
-                outcome = made.compute(pool, on_progress)
-                summary.passes.append(outcome)
-                summary.failures += outcome.failures
+        pool = pools.get()
+        if on_start:
+            on_start(len(todo), summary.skipped, pool.dashboard_link)
+        last_manifest = clock
+        tasks = with_previous(make_tasks(plan, todo, pool.device), history, checkpoint)
+        for outcome in pool.map(optimize_task, tasks):
+            _store_outcome(store, outcome, summary, checkpoint.id)
+            if time.monotonic() - last_manifest > MANIFEST_EVERY_SECONDS:
+                store.write_manifest()
+                last_manifest = time.monotonic()
+            if on_progress:
+                elapsed = time.monotonic() - clock
+                on_progress(Progress(summary.done, summary.failed, len(todo), elapsed))
+        for made in pending_passes(config, model, plan, store):  # they see the new units
+            outcome = made.compute(pool, on_progress)
+            summary.passes.append(outcome)
+            summary.failures += outcome.failures
     elif on_start:  # an unchanged nightly rerun: no cluster, no work
         on_start(0, summary.skipped, None)
     finished = plan_record(plan, model, started, now(), checkpoint)
@@ -185,7 +227,9 @@ def with_previous(tasks: list[Task], history: History, checkpoint: Checkpoint) -
     for task in tasks:
         images = []
         for unit in task.units:
-            record = archived.get((unit.layer, unit.index))
+            # a cell, or a concept matched to none before it, has no earlier picture of itself
+            followed = unit.learned is None or unit.learned.followed
+            record = archived.get((unit.layer, unit.index)) if followed else None
             path = history.out / record.images[0] if record and record.status == "done" else None
             images.append(path.read_bytes() if path and webp_problem(path) is None else None)
         given.append(dataclasses.replace(task, previous=tuple(images), previous_from=previous.id))

@@ -8,6 +8,11 @@ Every image has its own random stream, so a unit is made the same way whichever 
 units (not tasks) are what the store caches, and a task batches units of one layer that still
 need work. A unit's batch-mates are not in its key: another batch gives another picture, not
 the same bytes (atlas.optim.loop), that scores as unchanged (bench/batch_invariance.py).
+
+A layer's concepts and activation-atlas cells (atlas.learning) are units of a learned layer of
+their own ("blocks.8~concepts", "blocks.8~atlas"), listed after their real layer, whose units
+carry the direction their objective reads on the real layer; their keys also hold the kind,
+the direction's digest and the key of the dictionary or atlas it comes from.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from atlas import models
 from atlas.config import AtlasConfig, parse_indices
@@ -24,35 +29,86 @@ from atlas.errors import AtlasError, did_you_mean
 from atlas.layers import LayerInfo, select
 from atlas.mainpath import default_layers
 from atlas.models import LoadedModel
-from atlas.optim.objectives import Target, neuron, unit_target, whole_layer
+from atlas.optim.objectives import Direction, Target, neuron, unit_target, whole_layer
 from atlas.optim.recipes import Recipe
-from atlas.record import LOGITS
+from atlas.record import LOGITS, MATCHED, split_layer
 
 # Bump when the engine's images for equal inputs change: every unit is then recomputed.
 ENGINE_VERSION = "2"  # 2: unit records carry circuits, class effects and activation maps
 
 
 @dataclass(frozen=True)
+class Learned:
+    """What makes a unit a concept or an activation-atlas cell: the real layer it is a
+    direction over, its kind ("concept" or "cell"), the direction its objective reads (named
+    "concept3", "cell2-5"), the key of the dictionary or atlas it comes from, and the facts
+    its pages show (UnitRecord.direction)."""
+
+    of: str
+    kind: str
+    direction: Direction
+    source_key: str
+    facts: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def record(self) -> dict:
+        """What its unit's record holds of it (UnitRecord.direction)."""
+        return {"of": self.of, **self.facts}
+
+    @property
+    def followed(self) -> bool:
+        """Whether its picture at the previous checkpoint is of the same thing: a concept
+        matched to the one of its index in the dictionary before (atlas.learning), never a
+        cell (an activation atlas is laid out anew each time)."""
+        cosine = self.facts.get("matched")
+        return self.kind == "concept" and isinstance(cosine, int | float) and cosine >= MATCHED
+
+
+@dataclass(frozen=True)
+class LearnedLayer(LayerInfo):
+    """A learned layer ("blocks.8~concepts", "blocks.8~atlas") as the plan lists it, after its
+    real layer `of`; `units` its concepts or cells by index (an atlas's empty cells have
+    none), `key` that of its dictionary or atlas."""
+
+    of: str = ""
+    key: str = ""
+    units: tuple[tuple[int, Learned], ...] = field(default=(), compare=False, repr=False)
+
+    def as_dict(self) -> dict:
+        """As plan.json lists it: `concepts_of` or `atlas_of` its real layer."""
+        facts = {name: getattr(self, name) for name in ("name", "type", "shape", "channels")}
+        return {**facts, f"{split_layer(self.name)[1]}_of": self.of, "key": self.key}
+
+
+@dataclass(frozen=True)
 class Unit:
-    """A channel, a class logit, or (index None) a whole layer: one image, or K, each."""
+    """A channel, a class logit, (index None) a whole layer, or a learned direction (a concept,
+    a cell; `learned`): one image, or K, each."""
 
     layer: str
     index: int | None
     key: str
     label: str | None = None
     variants: tuple[str, ...] = ()  # extra images of this unit: "neuron", "negative"
+    learned: Learned | None = None
 
     @property
     def id(self) -> str:
+        if self.learned is not None:
+            return f"{self.learned.of}:{self.learned.direction.name}"
         return self.layer if self.index is None else f"{self.layer}:{self.index}"
 
     @property
     def kind(self) -> str:
+        if self.learned is not None:
+            return self.learned.kind
         if self.index is None:
             return "layer"
         return "logit" if self.layer == LOGITS else "channel"
 
     def target(self) -> Target:
+        if self.learned is not None:
+            return Target(self.learned.of, "direction", direction=self.learned.direction)
         if self.index is None:
             return whole_layer(self.layer)
         return unit_target(self.layer, self.index)
@@ -67,8 +123,11 @@ class Unit:
 
     def as_json(self) -> dict:
         """The unit as plan.json lists it; the store reads it as a missing UnitRecord."""
-        return {"id": self.id, "layer": self.layer, "kind": self.kind, "index": self.index,
-                "label": self.label, "key": self.key}  # fmt: skip
+        listed = {"id": self.id, "layer": self.layer, "kind": self.kind, "index": self.index,
+                  "label": self.label, "key": self.key}  # fmt: skip
+        if self.learned is not None:
+            listed["direction"] = self.learned.record
+        return listed
 
 
 @dataclass(frozen=True)
@@ -111,8 +170,10 @@ class Plan:
 
     def inputs_from(self, layer: str) -> str | None:
         """The planned layer whose channels a layer's units list as inputs: the one before it
-        (for the class logits, the last planned layer); None for the first."""
-        return inputs_from([info.name for info in self.layers], layer)
+        (for the class logits, the last planned layer; for concepts and cells, the one before
+        their real layer); None for the first."""
+        real = [info.name for info in self.layers if not isinstance(info, LearnedLayer)]
+        return inputs_from(real, split_layer(layer)[0])
 
 
 def inputs_from(planned: list[str], layer: str) -> str | None:
@@ -130,10 +191,12 @@ def unit_key(
     timelapse: int = 0,
     inputs: str | None = None,
     variants: tuple[str, ...] = (),
+    learned: Learned | None = None,
 ) -> str:
     """The unit's content key; `identity` is the model's (LoadedModel.identity), `source` its
-    layer's LayerInfo.source and `inputs` the layer its circuit reads (what the record's
-    inputs are channels of); `index` None is the layer's whole-layer image."""
+    layer's LayerInfo.source (a learned unit's: its real layer's) and `inputs` the layer its
+    circuit reads (what the record's inputs are channels of); `index` None is the layer's
+    whole-layer image."""
     fields = [
         identity,
         source,
@@ -146,6 +209,8 @@ def unit_key(
         inputs,
     ]
     fields += [list(variants)] if variants else []  # in the key only when asked for
+    if learned is not None:  # what a channel's key never held: channels keep their keys
+        fields.append([learned.kind, learned.direction.digest, learned.source_key])
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -157,9 +222,15 @@ def default_layer_patterns(model) -> tuple[str, ...]:
     return tuple(default_layers(model))
 
 
-def make_plan(config: AtlasConfig, model, identity: str | None = None) -> Plan:
-    """Every planned unit, in layer order then index order, with its key. `identity` is what
-    the keys hold of the model (default: `model.identity`)."""
+def make_plan(
+    config: AtlasConfig,
+    model,
+    identity: str | None = None,
+    learned: tuple[LearnedLayer, ...] = (),
+) -> Plan:
+    """Every planned unit, in layer order then index order, with its key; the `learned`
+    layers (atlas.learning) after their real layers. `identity` is what the keys hold of the
+    model (default: `model.identity`)."""
     identity = model.identity if identity is None else identity
     patterns = config.layers or default_layer_patterns(model)
     layers = [layer for layer in select(model, patterns) if layer.name != LOGITS]
@@ -172,28 +243,37 @@ def make_plan(config: AtlasConfig, model, identity: str | None = None) -> Plan:
     with_logits = chosen_names + ([LOGITS] if logits is not None and config.classes.strip() else [])
     units: list[Unit] = []
 
-    def add(layer: LayerInfo, indices: list[int | None], labels=None) -> None:
+    def add(layer: LayerInfo, indices: list, labels=None, made: LearnedLayer | None = None):
+        """Units of `layer`, or (with `made`) of its learned layer `made`, by index."""
+        learned_units = dict(made.units) if made is not None else {}
         for index in indices:
-            variants = unit_variants(config.variants, layer, index)
+            unit = learned_units.get(index)
+            variants = unit_variants(config.variants, layer, index) if unit is None else ()
             key = unit_key(
                 identity,
                 layer.source,
                 index,
-                config.recipe,
+                config.recipe_for(unit is not None),
                 config.samples,
                 config.seed,
                 config.timelapse,
                 inputs_from(with_logits, layer.name),
                 variants,
+                unit,
             )
             label = labels[index] if labels and index is not None else None
-            units.append(Unit(layer.name, index, key, label, variants))
+            name = layer.name if made is None else made.name
+            units.append(Unit(name, index, key, label, variants, unit))
 
+    chosen: list[LayerInfo] = []
     for layer in layers:
         spec = config.channels_for(layer.name)
         whole = [None] if "layer" in config.variants else []
         add(layer, whole + parse_indices(spec, layer.channels, "channel", owner=layer.name))
-    chosen = list(layers)
+        chosen.append(layer)
+        for made in (made for made in learned if made.of == layer.name):
+            add(layer, [index for index, _ in made.units], made=made)
+            chosen.append(made)
     if logits is not None and config.classes.strip():
         classes = parse_indices(
             config.classes, logits.channels, "class", model.labels, owner=model.spec
@@ -239,7 +319,8 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
     tasks = []
     for layer_name, kind in dict.fromkeys((unit.layer, unit.kind) for unit in units):
         todo = [unit for unit in units if (unit.layer, unit.kind) == (layer_name, kind)]
-        size = config.batch or default_batch(by_layer[layer_name], device)
+        # a learned layer's units run on its real layer: they batch as its channels do
+        size = config.batch or default_batch(by_layer[split_layer(layer_name)[0]], device)
         size = max(1, size // config.samples) if config.samples > 1 else size
         for first in range(0, len(todo), size):
             batch = tuple(todo[first : first + size])
@@ -247,7 +328,7 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
                 Task(
                     layer_name,
                     batch,
-                    config.recipe,
+                    config.recipe_for(layer_name != split_layer(layer_name)[0]),
                     config.samples,
                     config.seed,
                     config.timelapse,

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from atlas.errors import AtlasError
 from atlas.estimate import estimate, unmeasured_layers
 from atlas.execute import executor, visible_gpus
+from atlas.learning import Learning
 from atlas.optimize import calibration_task
-from atlas.plan import Plan, load_and_plan, make_tasks
+from atlas.plan import Plan, default_batch, load_and_plan, make_plan, make_tasks
 from atlas.progress import Progress, format_duration
+from atlas.record import split_layer
 from atlas.rekey import made_before_keying
 from atlas.store import Store
 
@@ -76,6 +78,9 @@ def plan_summary(
     `calibrate_layers`, the layers without earlier timings are timed (`calibrate`)."""
     model, plan = load_and_plan(config)
     store = Store(config.out)
+    learning = Learning.for_run(config, model, plan, store)  # reads what OUT has learned
+    if learning is not None:
+        plan = make_plan(config, model, learned=learning.stored())
     try:
         previous = store.read_plan()
     except AtlasError:  # a damaged plan.json: the run rewrites it and keeps nothing from before
@@ -110,6 +115,10 @@ def plan_summary(
                 "estimate_from": estimates[layer].source if left else "nothing to do",
             }
         )
+    unlearned = learning.missing() if learning is not None else []
+    for name, units, up_to in unlearned:
+        row = _unlearned(name, units, up_to, plan, device, estimates)
+        layers.insert(_after(layers, split_layer(name)[0]), row)
     known = [row["estimated_seconds"] for row in layers if row["todo"]]
     recipe = config.recipe
     return {
@@ -121,13 +130,41 @@ def plan_summary(
         "samples": config.samples,
         "seed": config.seed,
         "device": device,
-        "units": len(plan.units),
-        "todo": len(todo),
+        "units": len(plan.units) + sum(units for _, units, _ in unlearned),
+        "todo": len(todo) + sum(units for _, units, _ in unlearned),
+        "up_to": any(up_to for *_, up_to in unlearned),  # cells not learned yet
         "kept_from_before": len(kept),
-        "tasks": len(todo_tasks),
+        "tasks": len(todo_tasks) + sum(row["tasks"] for row in layers if "up_to" in row),
         "estimated_seconds": None if None in known else sum(known),
         "calibration_failures": failures,
         "layers": layers,
+    }
+
+
+def _after(rows: list[dict], layer: str) -> int:
+    """Where a row of `layer`'s concepts or atlas goes: after the rows of the layer."""
+    return max(i for i, row in enumerate(rows) if split_layer(row["layer"])[0] == layer) + 1
+
+
+def _unlearned(name: str, units: int, up_to: bool, plan, device: str, estimates) -> dict:
+    """A row of concepts or cells not learned yet (atlas.learning): K of them, or up to N x N,
+    each costing about what a channel of its real layer does."""
+    real = split_layer(name)[0]
+    per_unit = estimates[real].seconds_per_unit if real in estimates else None
+    size = plan.config.batch or default_batch(
+        next(i for i in plan.layers if i.name == real), device
+    )
+    tasks = -(-units // size)
+    return {
+        "layer": name,
+        "units": units,
+        "up_to": up_to,
+        "tasks": tasks,
+        "todo": units,
+        "todo_tasks": tasks,
+        "seconds_per_unit": per_unit,
+        "estimated_seconds": None if per_unit is None else per_unit * units,
+        "estimate_from": "not learned yet",
     }
 
 
@@ -141,8 +178,10 @@ def plan_table(summary: dict) -> str:
     ]
     for row in summary["layers"]:
         per_unit = "-" if row["seconds_per_unit"] is None else f"{row['seconds_per_unit']:.2f}"
+        up_to = "<=" if row.get("up_to") else ""
         lines.append(
-            f"{row['layer']:<{width}}  {row['units']:>6} {row['tasks']:>6} {row['todo']:>6} "
+            f"{row['layer']:<{width}}  {up_to + str(row['units']):>6} {row['tasks']:>6} "
+            f"{up_to + str(row['todo']):>6} "
             f"{per_unit:>8} {format_duration(row['estimated_seconds']) if row['todo'] else '-':>8}"
         )
     sources = sorted({row["estimate_from"] for row in summary["layers"] if row["todo"]})
@@ -152,8 +191,9 @@ def plan_table(summary: dict) -> str:
             f"{summary['kept_from_before']} units stored before preprocessing was part of unit "
             "keys are kept, as made with the preprocessing of now (--force redoes them)"
         )
+    up_to = "up to " if summary.get("up_to") else ""
     lines.append(
-        f"{summary['todo']} of {summary['units']} units to do in {summary['tasks']} tasks; "
+        f"{up_to}{summary['todo']} of {summary['units']} units to do in {summary['tasks']} tasks; "
         f"estimated {estimated} on one {summary['device']} worker"
         + (f" (from {', '.join(sources)})" if sources else "")
     )

@@ -49,6 +49,7 @@ class RunProgress:
         self.lock = threading.Lock()
 
     def start(self, todo: int, skipped: int, dashboard: str | None) -> None:
+        self.finish()  # the learning step's images (atlas.learning) may have drawn a line
         message = f"{todo} units to do, {skipped} already stored"
         if dashboard:
             message += f"; Dask dashboard: {dashboard}"

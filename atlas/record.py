@@ -26,6 +26,24 @@ STATUSES = ("done", "failed", "missing", "stale")  # what the store adds on read
 PAIRS = ("history", "inputs", "classes")  # fields of (number, number) pairs
 ATTACHED = ("exemplars", "filmstrip")  # what the store attaches on reading: lists of dicts
 VARIANT_FILE = "variant:"  # a `files` name for the store: "variant:neuron" -> <index>.neuron.webp
+# a real layer's concepts and activation-atlas cells are the units of a layer of their own,
+# "<layer>~concepts" and "<layer>~atlas" (atlas.learning), whose unit kinds these are
+LEARNED_KINDS = {"concepts": "concept", "atlas": "cell"}
+MATCHED = 0.5  # a concept matched to the one before it (atlas.learning) under this cosine is
+# another concept: its filmstrip is marked and it gets no change score
+
+
+def learned_layer(layer: str, part: str) -> str:
+    """The layer that holds the concepts ("blocks.8~concepts") or the activation-atlas cells
+    ("blocks.8~atlas") of a real layer: every place keyed by (layer, index) keeps working."""
+    return f"{layer}~{part}"
+
+
+def split_layer(name: str) -> tuple[str, str | None]:
+    """(the real layer, "concepts" or "atlas") of a learned layer; (name, None) of any other
+    ("~" is no character of a module path)."""
+    real, tilde, part = name.rpartition("~")
+    return (real, part) if tilde and part in LEARNED_KINDS else (name, None)
 
 
 def downsample(history: list[float], points: int = HISTORY_POINTS) -> list[list[float]]:
@@ -57,7 +75,7 @@ class UnitRecord:
 
     layer: str
     index: int | None  # None for a whole-layer objective (`atlas visualize blocks.8`)
-    kind: str = "channel"  # channel | logit | neuron | region | layer
+    kind: str = "channel"  # channel | logit | neuron | region | layer | concept | cell
     id: str = ""  # the target's id ('blocks.8:3', 'logits:285', 'blocks.8:3@centre')
     label: str | None = None  # the class name of a logit
     key: str | None = None  # the plan's content key; None outside `atlas run`
@@ -91,6 +109,12 @@ class UnitRecord:
     change_from: str | None = None
     change: float | None = None
     checkpoint: str | None = None  # the id of the checkpoint whose weights made it (atlas run)
+    # a concept's or an activation-atlas cell's facts (atlas.learning): "of" (the real layer
+    # it is a direction over), "channels" ([channel, weight] of the largest weights), then a
+    # concept's "share" (of the layer's activations it explains) and "matched" (its cosine to
+    # the concept of its index in the dictionary before, or None), or a cell's "row", "col",
+    # "count" (of sampled activations in it) and "concepts" ([index, cosine], nearest first)
+    direction: dict | None = None
     # attached by the store when it reads OUT (from OUT/exemplars), never written with the unit
     exemplars: tuple[dict, ...] = field(default=(), compare=False)
     trust: dict | None = field(default=None, compare=False)  # atlas.trust: score, layers

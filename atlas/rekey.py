@@ -29,7 +29,7 @@ def made_before_keying(store, plan: Plan, model, previous: dict | None) -> dict:
     for unit in plan.units:
         record = stored.get((unit.layer, unit.index))
         place = (unit.layer, unit.index)
-        if record is not None and record.status == "done" and record.key == before[place]:
+        if record is not None and record.status == "done" and record.key == before.get(place):
             found[place] = (record, unit.key)
     return found
 

@@ -7,6 +7,9 @@ manifest.json is rebuilt from both, so it can never disagree with them.
     OUT/plan.json                         the last run's model, recipe, layers, unit keys, times
     OUT/exemplars/<layer>/<index>.json    a unit's dataset exemplars (--exemplars DIR), written
     OUT/exemplars/<layer>/<index>.<key>.<j>.webp  after its patches; summary.json for the folder
+    OUT/concepts/<layer>/                 a layer's samples, dictionary and activation atlas
+                                          (atlas.learning); its concepts' and cells' units and
+                                          exemplars are those of <layer>~concepts, <layer>~atlas
     OUT/manifest.json                     everything the site needs
     OUT/checkpoints/, OUT/blobs/          earlier checkpoints' results (atlas.history)
 
@@ -42,14 +45,18 @@ from atlas.files import (
 )
 from atlas.history import History
 from atlas.history_timeline import timeline
-from atlas.record import STATUSES, VARIANT_FILE, UnitRecord
+from atlas.record import STATUSES, VARIANT_FILE, UnitRecord, split_layer
 
 UNIT_FILES = ("timelapse", "maps")  # record fields that name a unit's extra WebP files
 
 
 def layer_dirname(layer: str) -> str:
     """A folder name for a layer: the name itself when safe, else a sanitized name plus a
-    short hash, so that two layers never share a folder."""
+    short hash, so that two layers never share a folder. A learned layer's is its real
+    layer's with its "~part" (no safe name holds a "~")."""
+    real, part = split_layer(layer)
+    if part is not None:
+        return f"{layer_dirname(real)}~{part}"
     safe = safe_name(layer)
     return safe if safe == layer else f"{safe}-{hashlib.sha256(layer.encode()).hexdigest()[:8]}"
 
@@ -283,11 +290,12 @@ class Store:
         return True
 
     def save_exemplars(self, record: dict) -> None:
-        """The record (its patches are written already), then patches of older passes that
-        this one no longer lists are removed."""
+        """The record (its patches, and the maps of where a concept fires, are written
+        already), then files of older passes that this one no longer lists are removed."""
         layer, index = record["layer"], record["index"]
         atomic_write_json(self.exemplar_path(layer, index, ".json"), record)
-        keep = {Path(item["image"]).name for item in record["items"]}
+        named = [item.get(name) for item in record["items"] for name in ("image", "map")]
+        keep = {Path(name).name for name in named if name}
         for old in self.exemplar_path(layer, index, "").parent.glob(f"{index}.*.webp"):
             if old.name not in keep:
                 old.unlink(missing_ok=True)

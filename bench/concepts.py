@@ -123,7 +123,7 @@ def judge_features(judge, crops: list[np.ndarray]) -> np.ndarray:
 def coherence_of(judge, model, samples: Samples, folder: Path, picks) -> tuple[float, int]:
     """Mean pairwise cosine of the patches' Lite2 features, and how many of the photos that
     demo_photos.py cropped they come from (crop i is of photo i mod the photo count)."""
-    cut = [patch for patch in patches(model, samples, folder, picks) if patch is not None]
+    cut = [patch for _, patch in patches(model, samples, folder, picks) if patch is not None]
     features = judge_features(judge, cut)
     similarity = features @ features.T
     count = len(features)

@@ -192,6 +192,18 @@
     });
   }
 
+  // Activation atlas pages: the zoom slider sets the size of the grid's cells (without the
+  // script the grid keeps its size and scrolls). A click on a cell opens its panel (CSS :target).
+  var zoom = document.getElementById("zoom");
+  var plane = document.getElementById("activation-atlas");
+  if (zoom && plane) {
+    var zoomBox = document.getElementById("zoom-box");
+    var resize = function () { plane.style.setProperty("--cell", zoom.value + "px"); };
+    if (zoomBox) { zoomBox.hidden = false; }
+    zoom.addEventListener("input", resize);
+    resize();
+  }
+
   // Keyboard: "/" focuses the filter or search box; arrows go to the previous/next unit.
   document.addEventListener("keydown", function (event) {
     var typing = /^(INPUT|TEXTAREA|SELECT)$/.test(document.activeElement.tagName);

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from atlas.concepts.dictionary import Dictionary
-from atlas.concepts.grid import activation_atlas, check_atlas, grid_cells, to_unit_square
+from atlas.concepts.grid import (
+    ActivationAtlas,
+    activation_atlas,
+    check_atlas,
+    grid_cells,
+    to_unit_square,
+)
 from atlas.concepts.samples import Samples
 from atlas.errors import AtlasError
 
@@ -81,15 +87,34 @@ def test_separated_clusters_land_in_separate_cells():
     np.testing.assert_array_equal(again.coords, atlas.coords)  # seeded
 
 
+def test_an_atlas_is_saved_and_loaded_whole(tmp_path):
+    samples, labels = clustered(per_cluster=10)
+    coords = np.zeros((40, 2), np.float32)
+    coords[labels == 1] = (0.1, 0.9)
+    dictionary = Dictionary("nmf", np.eye(8, dtype=np.float32)[:4], np.zeros(8, np.float32), 4)
+    cells = grid_cells(samples, coords, 3, dictionary=dictionary)
+    saved = ActivationAtlas("mix", 3, 3, coords, cells, "key")
+    saved.save(tmp_path / "atlas.npz")
+    loaded = ActivationAtlas.load(tmp_path / "atlas.npz")
+    assert (loaded.layer, loaded.size, loaded.min_count, loaded.key) == ("mix", 3, 3, "key")
+    np.testing.assert_array_equal(loaded.coords, coords)
+    for before, after in zip(cells, loaded.cells, strict=True):
+        assert (after.row, after.col, after.count) == (before.row, before.col, before.count)
+        np.testing.assert_array_equal(after.mean, before.mean)
+        np.testing.assert_array_equal(after.members, before.members)
+        assert (after.channels, after.concepts) == (before.channels, before.concepts)
+
+
 def test_a_folder_too_small_for_the_grid_is_one_sentence():
-    samples, _ = clustered(per_cluster=20)
     with pytest.raises(AtlasError, match=r"a 20 x 20 activation atlas of mix needs at least 400"):
-        check_atlas(20, samples)
+        check_atlas(20, "mix", 80, 80)
     with pytest.raises(AtlasError, match="use at least 400 images or a smaller grid"):
-        check_atlas(20, samples)
+        check_atlas(20, "mix", 80, 80)
+    with pytest.raises(AtlasError, match="use at least 100 images"):
+        check_atlas(20, "mix", 80, 20)  # 4 vectors an image
     with pytest.raises(AtlasError, match="at least 2 x 2"):
-        check_atlas(1, samples)
-    check_atlas(8, samples)  # 80 vectors fill 8 x 8
+        check_atlas(1, "mix", 80, 80)
+    check_atlas(8, "mix", 80, 80)  # 80 vectors fill 8 x 8
 
 
 def test_a_missing_umap_names_the_extra(monkeypatch):

@@ -3,12 +3,14 @@ coefficient is highest and, on their images, where it fires.
 
 Exemplars come from the sampled vectors (atlas.concepts.samples): the best sample of each
 image, best images first, cut as the exemplar pass cuts a channel's (a square patch as wide
-as the layer's effective receptive field, centred on the position). Where a concept fires on
-an image takes the image's whole map: `firing_maps` runs the model on those images.
+as the layer's effective receptive field, centred on the position). Where a concept (or an
+activation-atlas cell) fires on an image takes the image's whole map: `firing_task` runs the
+model on those images, on a worker.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +24,12 @@ from atlas.exemplars import (
     DECODE_ERRORS,
     cut_patch,
     decode,
+    fit_settings,
     patch_box,
-    read_blobs,
     receptive_halfwidth,
 )
 from atlas.optim.device import resolve_device
-from atlas.optim.objectives import Target, direction
+from atlas.optim.objectives import Target, direction, direction_values
 
 COSINE_POWER = 2.0  # of direction targets, measured in bench/concepts.py
 TOP_CHANNELS = 5
@@ -118,39 +120,67 @@ def describe(
     ]
 
 
-def firing_maps(
-    model,
-    layer: str,
-    dictionary: Dictionary,
-    paths: Sequence[Path],
-    device: str | None = None,
-) -> np.ndarray:
-    """Each concept's coefficient at every position of the layer's map on each image: float32
-    [len(paths), K, H, W] (zeros for an image that does not decode)."""
+@dataclass(frozen=True, eq=False)
+class FiringTask:
+    """Images (their bytes, and their ids: indices into Samples.files) and, for each, the
+    units whose maps at `layer` are asked: concepts of `dictionary` (their coefficients) or
+    activation-atlas cells, rows of `means` (their direction objective, at `power`)."""
+
+    layer: str
+    ids: tuple[int, ...]
+    blobs: tuple[bytes, ...]
+    units: tuple[tuple[int, ...], ...]
+    dictionary: Dictionary | None = None
+    means: np.ndarray | None = None  # float32 [M, C]
+    power: float = COSINE_POWER
+
+    @property
+    def name(self) -> str:
+        """How executors name the task: the layer, the first image and what it asks."""
+        asked = f"{self.layer}|{self.ids}|{self.units}|{self.dictionary is None}".encode()
+        return f"firing-{self.ids[0]}-{hashlib.sha256(asked).hexdigest()[:12]}"
+
+
+def firing_task(model, task: FiringTask, device: str | None = None) -> dict:
+    """Where each asked unit fires on its image: float16 [units, H, W] per image (None for
+    an image that does not decode), the images shown as the model's preprocessing shows
+    them."""
     device = resolve_device(device)
-    images, kept = decode(read_blobs(paths), model.input_size, model.input_channels)
-    acts = layer_maps(model, layer, images, device)
-    maps = acts if acts.dim() == 4 else acts[:, :, None, None]
-    count, channels, height, width = maps.shape
-    codes = dictionary.encode(maps.permute(0, 2, 3, 1).reshape(-1, channels))
-    codes = codes.reshape(count, height, width, -1).permute(0, 3, 1, 2).cpu()
-    found = torch.zeros(len(paths), dictionary.size, height, width)
-    found[kept] = codes
-    return found.numpy()
+    images, kept = decode(task.blobs, *fit_settings(model))
+    maps: list[np.ndarray | None] = [None] * len(task.blobs)
+    if not kept:
+        return {"maps": maps}
+    acts = layer_maps(model, task.layer, images, device)
+    acts = acts if acts.dim() == 4 else acts[:, :, None, None]
+    height, width = acts.shape[2:]
+    for row, position in enumerate(kept):
+        units = list(task.units[position])
+        if task.dictionary is not None:
+            codes = task.dictionary.encode(acts[row].flatten(1).T)  # [H W, K]
+            found = codes.T.reshape(-1, height, width)[units]
+        else:
+            weights = torch.from_numpy(task.means[units]).to(acts.device)
+            weights = torch.nn.functional.normalize(weights, dim=1)
+            powers = torch.full((len(units),), task.power, device=acts.device)
+            found = direction_values(acts[row].expand(len(units), -1, -1, -1), weights, powers)
+        maps[position] = found.cpu().numpy().astype(np.float16)
+    return {"maps": maps}
 
 
 def patches(
     model, samples: Samples, folder: str | Path, picks: Sequence[Exemplar]
-) -> list[np.ndarray | None]:
-    """The exemplar patch of each pick (uint8 [112, 112, 3], as the exemplar pass cuts them;
-    None for an image changed or removed since it was sampled)."""
+) -> list[tuple[tuple[float, ...], np.ndarray | None]]:
+    """The box (model-input pixels) and exemplar patch of each pick (uint8 [112, 112, 3], as
+    the exemplar pass cuts them; None for an image changed or removed since it was
+    sampled)."""
     reach = receptive_halfwidth(model, samples.layer)
     cut = []
     for pick in picks:
         box = patch_box(pick.row, pick.col, samples.map_size, reach, model.input_size)
         path = Path(folder) / samples.files[pick.image]
         try:
-            cut.append(cut_patch(path, box, model.input_size, model.input_channels))
+            patch = cut_patch(path, box, model.input_size, model.input_channels, model.crop)
         except DECODE_ERRORS:
-            cut.append(None)
+            patch = None
+        cut.append((box, patch))
     return cut

@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,13 @@ class Dictionary:
         cross = ((residual.T @ codes).T * atoms).sum(1)
         return ((2 * cross + codes.square().sum(0)) / _total(data)).numpy()
 
+    def reordered(self, order: np.ndarray) -> Dictionary:
+        """The same dictionary with its concepts in `order` (concept k is concept order[k])."""
+        encoder = None if self.encoder is None else self.encoder[order]
+        bias = None if self.encoder_bias is None else self.encoder_bias[order]
+        directions = self.directions[order]
+        return replace(self, directions=directions, encoder=encoder, encoder_bias=bias)
+
     def save(self, path: Path) -> None:
         """One .npz file, written atomically."""
         arrays = {"directions": self.directions, "centre": self.centre}
@@ -170,10 +178,30 @@ def learn_concepts(
     check_concepts(
         concepts, samples.channels, samples.image_count, len(samples.vectors), samples.layer
     )
-    if method == "sae" or (method == "auto" and (samples.vectors < 0).any()):
-        active = default_active(concepts) if active is None else min(active, concepts)
-    key = dictionary_key(samples.key, concepts, method, active or 0, seed)
+    key = concepts_key(samples, concepts, method=method, active=active, seed=seed)
+    active = _active(samples, concepts, method, active)
     return learn(samples.vectors, concepts, method=method, active=active, seed=seed, key=key)
+
+
+def concepts_key(
+    samples: Samples,
+    concepts: int,
+    *,
+    method: str = "auto",
+    active: int | None = None,
+    seed: int = 0,
+) -> str:
+    """The key `learn_concepts` gives the dictionary of these settings, known before learning
+    it: a dictionary stored under it is reused, not learned again."""
+    active = _active(samples, concepts, method, active)
+    return dictionary_key(samples.key, concepts, method, active or 0, seed)
+
+
+def _active(samples: Samples, concepts: int, method: str, active: int | None) -> int | None:
+    """The autoencoder's codes per vector where it is the method, else `active` as given."""
+    if method == "sae" or (method == "auto" and (samples.vectors < 0).any()):
+        return default_active(concepts) if active is None else min(active, concepts)
+    return active
 
 
 def learn(
@@ -204,22 +232,19 @@ def learn(
         active = default_active(concepts) if active is None else min(active, concepts)
         dictionary = _learn_sae(vectors, concepts, active, seed)
     dictionary.key = key
-    order = np.argsort(-dictionary.shares(vectors), kind="stable")
-    dictionary.directions = dictionary.directions[order]
-    if dictionary.encoder is not None:
-        dictionary.encoder, dictionary.encoder_bias = (
-            dictionary.encoder[order],
-            dictionary.encoder_bias[order],
-        )
-    return dictionary
+    return dictionary.reordered(np.argsort(-dictionary.shares(vectors), kind="stable"))
 
 
 def _learn_nmf(vectors: np.ndarray, concepts: int, seed: int) -> Dictionary:
     decomposition = require("sklearn.decomposition", "scikit-learn", "concept dictionaries")
+    exceptions = require("sklearn.exceptions", "scikit-learn", "concept dictionaries")
     nmf = decomposition.NMF(
         n_components=concepts, init="nndsvda", max_iter=NMF_ITERATIONS, random_state=seed
     )
-    nmf.fit(vectors.astype(np.float32))
+    with warnings.catch_warnings():  # a dictionary short of convergence is still one: its
+        # explained share (learned.json, the layer page) says how good it is
+        warnings.simplefilter("ignore", exceptions.ConvergenceWarning)
+        nmf.fit(vectors.astype(np.float32))
     components = nmf.components_.astype(np.float32)
     norms = np.linalg.norm(components, axis=1, keepdims=True)
     directions = components / np.maximum(norms, 1e-12)

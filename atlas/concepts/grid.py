@@ -12,9 +12,11 @@ that a few outliers do not squeeze every other vector into a few cells.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +32,7 @@ from atlas.concepts.dictionary import Dictionary
 from atlas.concepts.extra import require
 from atlas.concepts.samples import Samples
 from atlas.errors import AtlasError
+from atlas.files import atomic_write_bytes
 from atlas.optim.objectives import Target, direction
 
 ATLAS_VERSION = "1"
@@ -46,20 +49,19 @@ def atlas_key(samples_key: str, size: int, min_count: int, seed: int) -> str:
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
-def check_atlas(size: int, samples: Samples) -> None:
-    """One sentence for a grid the folder's vectors cannot fill: N x N needs at least N²
-    vectors (one a cell on average), and more than UMAP's neighbours."""
+def check_atlas(size: int, layer: str, vectors: int, images: int) -> None:
+    """One sentence for a grid that `vectors` sampled from `images` cannot fill: N x N needs
+    at least N² vectors (one a cell on average), and more than UMAP's neighbours."""
     if size < 2:
         raise AtlasError(f"an activation atlas needs a grid of at least 2 x 2, not {size} x {size}")
     needed = max(size * size, NEIGHBOURS + 1)
-    have = len(samples.vectors)
-    if have < needed:
-        per_image = have / max(samples.image_count, 1)
-        images = int(np.ceil(needed / max(per_image, 1e-9)))
+    if vectors < needed:
+        per_image = vectors / max(images, 1)
+        enough = int(np.ceil(needed / max(per_image, 1e-9)))
         raise AtlasError(
-            f"a {size} x {size} activation atlas of {samples.layer} needs at least {needed} "
-            f"sampled activations; the exemplar folder gave {have} from {samples.image_count} "
-            f"images: use at least {images} images or a smaller grid"
+            f"a {size} x {size} activation atlas of {layer} needs at least {needed} "
+            f"sampled activations; the exemplar folder gave {vectors} from {images} "
+            f"images: use at least {enough} images or a smaller grid"
         )
 
 
@@ -105,6 +107,46 @@ class ActivationAtlas:
     cells: list[Cell]  # by row, then column
     key: str = ""
 
+    def save(self, path: Path) -> None:
+        """One .npz file, written atomically: the layout, and each cell's place, count,
+        mean, members, channels and nearest concepts."""
+        cells = self.cells
+        meta = {"layer": self.layer, "size": self.size, "min_count": self.min_count}
+        meta.update(key=self.key, channels=[c.channels for c in cells])
+        meta["concepts"] = [c.concepts for c in cells]
+        width = len(cells[0].mean) if cells else 0
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            coords=self.coords,
+            places=np.array([(c.row, c.col, c.count) for c in cells], np.int32).reshape(-1, 3),
+            means=np.array([c.mean for c in cells], np.float32).reshape(len(cells), width),
+            members=np.concatenate([c.members for c in cells]) if cells else np.zeros(0, int),
+            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        )
+        atomic_write_bytes(Path(path), buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path) -> ActivationAtlas:
+        with np.load(Path(path)) as saved:
+            meta = json.loads(saved["meta"].tobytes())
+            coords, places, means = saved["coords"], saved["places"], saved["means"]
+            members = np.split(saved["members"], np.cumsum(places[:, 2])[:-1])
+        cells = [
+            Cell(
+                meta["layer"],
+                int(row),
+                int(col),
+                int(count),
+                means[number],
+                members[number],
+                [tuple(pair) for pair in meta["channels"][number]],
+                [tuple(pair) for pair in meta["concepts"][number]],
+            )
+            for number, (row, col, count) in enumerate(places)
+        ]
+        return cls(meta["layer"], meta["size"], meta["min_count"], coords, cells, meta["key"])
+
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -146,11 +188,7 @@ def grid_cells(
         mean = samples.vectors[members].mean(0)
         cosine = _unit(samples.vectors[members]) @ _unit(mean[None])[0]
         members = members[np.argsort(-cosine, kind="stable")]
-        nearest = []
-        if dictionary is not None:
-            similarity = dictionary.directions @ _unit(mean[None])[0]
-            order = np.argsort(-similarity, kind="stable")[:NEAREST_CONCEPTS]
-            nearest = [(int(k), round(float(similarity[k]), 4)) for k in order]
+        nearest = [] if dictionary is None else nearest_concepts(mean, dictionary)
         unit = _unit(mean[None])[0]
         cells.append(
             Cell(
@@ -167,6 +205,13 @@ def grid_cells(
     return cells
 
 
+def nearest_concepts(mean: np.ndarray, dictionary: Dictionary) -> list[tuple[int, float]]:
+    """The NEAREST_CONCEPTS concepts nearest to a cell's mean: (index, cosine), nearest first."""
+    similarity = dictionary.directions @ _unit(mean[None])[0]
+    order = np.argsort(-similarity, kind="stable")[:NEAREST_CONCEPTS]
+    return [(int(k), round(float(similarity[k]), 4)) for k in order]
+
+
 def activation_atlas(
     samples: Samples,
     size: int,
@@ -177,7 +222,7 @@ def activation_atlas(
 ) -> ActivationAtlas:
     """UMAP of the samples, an N x N grid, and its cells (with their nearest concepts when a
     dictionary of the layer is given)."""
-    check_atlas(size, samples)
+    check_atlas(size, samples.layer, len(samples.vectors), samples.image_count)
     coords = to_unit_square(umap_layout(samples.vectors, seed))
     cells = grid_cells(samples, coords, size, min_count, dictionary)
     key = atlas_key(samples.key, size, min_count, seed)

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atlas.exemplars import CHUNK_IMAGES, decode, fingerprint, list_images, read_blobs
+from atlas.exemplars import CHUNK_IMAGES, decode, fingerprint, fit_settings, list_images, read_blobs
 from atlas.files import atomic_write_bytes
 from atlas.layers import capture, resolve, run_forward
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
 
-SAMPLES_VERSION = "1"
+SAMPLES_VERSION = "2"  # 2: images shown as the model's preprocessing shows them (crop, resize)
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,18 @@ class Sampling:
         """The most vectors of `channels` floats that the collection may hold."""
         return max(1, min(self.max_vectors, self.max_bytes // (4 * channels)))
 
+    def sizes(self, channels: int, spots: int, images: int) -> tuple[int, int]:
+        """(positions per image, images used) for a folder of `images` and a map of `spots`
+        positions: what the collection will hold, known before any image is read."""
+        cap = self.cap(channels)
+        return max(1, min(self.per_image, spots, cap // images)), min(images, cap)
 
-def samples_key(digest: str, source: str, folder_print: str, sampling: Sampling) -> str:
-    """What decides the vectors: the model (weights and preprocessing), what the layer reads
-    (atlas.layers.LayerInfo.source), the folder's fingerprint and the sampling settings."""
-    fields = [digest, source, folder_print, list(vars(sampling).values()), SAMPLES_VERSION]
+
+def samples_key(identity: str, source: str, folder_print: str, sampling: Sampling) -> str:
+    """What decides the vectors: the model's identity (weights and preprocessing), what the
+    layer reads (atlas.layers.LayerInfo.source), the folder's fingerprint and the sampling
+    settings."""
+    fields = [identity, source, folder_print, list(vars(sampling).values()), SAMPLES_VERSION]
     return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
@@ -93,7 +100,7 @@ def sample_task(model, task: SampleTask, device: str | None = None) -> dict:
     """One chunk on a worker: the vectors at each image's positions, their image ids, rows and
     columns, and the ids of the images that did not decode."""
     device = resolve_device(device)
-    images, kept = decode(task.blobs, model.input_size, model.input_channels)
+    images, kept = decode(task.blobs, *fit_settings(model))
     result = {"unreadable": [task.ids[p] for p in range(len(task.blobs)) if p not in kept]}
     vectors, ids, rows, cols = [], [], [], []
     if kept:
@@ -176,16 +183,15 @@ class Collection:
         self.layer, self.sampling, self.folder = layer, sampling, Path(folder)
         self.paths = list_images(self.folder)
         self.key = samples_key(
-            model.digest, info.source, fingerprint(self.folder, self.paths), sampling
+            model.identity, info.source, fingerprint(self.folder, self.paths), sampling
         )
         self.map_size = tuple(info.shape[1:]) if len(info.shape) == 3 else (1, 1)
-        cap = sampling.cap(info.channels)
         spots = self.map_size[0] * self.map_size[1]
-        self.per_image = max(1, min(sampling.per_image, spots, cap // len(self.paths)))
+        self.per_image, used = sampling.sizes(info.channels, spots, len(self.paths))
         chosen = np.arange(len(self.paths))
-        if len(self.paths) > cap:  # even one position each is too many: a seeded subset
+        if used < len(self.paths):  # even one position each is too many: a seeded subset
             rng = np.random.default_rng([sampling.seed, len(self.paths)])
-            chosen = np.sort(rng.choice(len(self.paths), size=cap, replace=False))
+            chosen = np.sort(rng.choice(len(self.paths), size=used, replace=False))
         self.chosen = chosen
         self.capacity = len(chosen) * self.per_image
         self.vectors = np.zeros((self.capacity, info.channels), np.float32)

@@ -348,15 +348,23 @@ def direction_dot_cosine(acts: torch.Tensor, group: TermGroup) -> torch.Tensor:
     target's positions. With power 0 a plain dot product, which a few loud channels can
     dominate; a higher power rewards pointing along the direction (bench/concepts.py)."""
     picked = acts[group.tensor("rows", acts.device)].float()
-    weights, powers = group.directions(acts.device)
-    shape = (-1, weights.shape[1]) + (1,) * (picked.dim() - 2)
-    dot = (picked * weights.view(shape)).sum(1)
-    cosine = dot / picked.norm(dim=1).clamp_min(1e-6)
-    powers = powers.view((-1,) + (1,) * (dot.dim() - 1))
-    value = dot * cosine.clamp_min(COSINE_FLOOR).pow(powers)
+    value = direction_values(picked, *group.directions(acts.device))
     if value.dim() == 1:
         return value
     return (value * group.masks(*value.shape[-2:], acts.device)).flatten(1).sum(1)
+
+
+def direction_values(
+    acts: torch.Tensor, weights: torch.Tensor, powers: torch.Tensor
+) -> torch.Tensor:
+    """The direction objective at every position: [n, C, H, W] (or [n, C]) activations, [n, C]
+    unit-norm weights and [n] cosine powers -> [n, H, W] (or [n]). What a direction's map on
+    an image shows (atlas.analysis), as the objective reads it."""
+    shape = (-1, weights.shape[1]) + (1,) * (acts.dim() - 2)
+    dot = (acts * weights.view(shape)).sum(1)
+    cosine = dot / acts.norm(dim=1).clamp_min(1e-6)
+    powers = powers.view((-1,) + (1,) * (dot.dim() - 1))
+    return dot * cosine.clamp_min(COSINE_FLOOR).pow(powers)
 
 
 @objective_kind("layer", needs=())

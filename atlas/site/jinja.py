@@ -7,6 +7,8 @@ import math
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from atlas.store import layer_dirname
+
 
 def environment() -> Environment:
     """Jinja2 with autoescape on and StrictUndefined: a typo in a template is an error."""
@@ -23,4 +25,6 @@ def environment() -> Environment:
     env.filters["change"] = lambda v: "-" if v is None or math.isnan(v) else f"{v:.2f}"
     env.filters["signed"] = lambda v: f"{v:+.3g}"
     env.filters["dash"] = lambda v: "-" if v is None else v
+    env.filters["percent"] = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    env.filters["layer_dir"] = layer_dirname  # a layer's folder, for links between layers
     return env

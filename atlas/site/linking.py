@@ -101,7 +101,9 @@ def _linked_page(
                 warn(f"{item['image']} {problem}; the next atlas run with --exemplars redoes it")
         else:
             link_or_copy(source, site / layer_dir / "ex" / source.name)
-            page.exemplars.append({**item, "src": f"ex/{source.name}"})
+            page.exemplars.append(
+                {**item, "src": f"ex/{source.name}", **_map(out, site, layer_dir, item)}
+            )
     page.timelapse = _linked_file(out, site, layer_dir, record.timelapse)
     page.maps = _linked_file(out, site, layer_dir, record.maps)
     for variant, name in sorted(record.variants.items()):
@@ -118,6 +120,17 @@ def _linked_page(
         page.thumb_size = _thumbnail(first, thumb)
         page.thumb = f"img/{thumb.name}"
     return page
+
+
+def _map(out: Path, site: Path, layer_dir: str, item: dict) -> dict:
+    """Where a concept or a cell fires on an exemplar's image (atlas.learned_exemplars),
+    linked beside the patch: {"map_src": ...} (with "map_size"), or {} without a sound one."""
+    name, size = item.get("map"), item.get("map_size")
+    sized = isinstance(size, list) and len(size) == 2 and all(type(n) is int for n in size)
+    if not (isinstance(name, str) and sized) or webp_problem(out / name):
+        return {}
+    link_or_copy(out / name, site / layer_dir / "ex" / Path(name).name)
+    return {"map_src": f"ex/{Path(name).name}", "map_size": size}
 
 
 def linked_frames(

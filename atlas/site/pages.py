@@ -1,6 +1,8 @@
 """The pages of an atlas as data: index.html (the model and its layers), <layer>/index.html (a
-grid of every unit), <layer>/<index>.html (one unit) and search-index.js, each a Page
-(path, template, context) for the writer (atlas.site.writer).
+grid of every unit; a layer's concepts are a layer of their own, <layer>~concepts, and its
+activation atlas, <layer>~atlas, is laid out on its grid), <layer>/<index>.html (one unit,
+concepts and cells too) and search-index.js, each a Page (path, template, context) for the
+writer (atlas.site.writer).
 
 A damaged stored file never stops a build: it is named in one `warning:` line and its unit is
 shown as missing (the next `atlas run` redoes it); a manifest entry atlas cannot read has the
@@ -9,11 +11,20 @@ manifest rebuilt from the unit files, which are the truth.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from atlas.record import LOGITS, LOW_TRUST, RunRecord, UnitRecord
+from atlas.record import (
+    LOGITS,
+    LOW_TRUST,
+    MATCHED,
+    RunRecord,
+    UnitRecord,
+    learned_layer,
+    split_layer,
+)
 from atlas.site import timeline
 from atlas.site.linking import linked_frames, unit_page
 from atlas.site.units import (
@@ -106,6 +117,7 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     for layer in layers:
         layer["dir"] = layer_dirname(layer["name"])
         layer["units"] = len(units_by_layer[layer["name"]])
+        layer["title"] = _title(layer)
     counts_by_layer = {
         name: Counter(unit.status for unit in units) for name, units in units_by_layer.items()
     }
@@ -116,6 +128,7 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
         "counts": {status: shown.get(status, 0) for status in STATUSES},
         "exemplar_folder": Path(exemplars.get("folder", "the exemplar folder")).name,
         "low_trust": LOW_TRUST,
+        "matched": MATCHED,
         "timeline": checkpoints,
     }
     pages = []
@@ -124,24 +137,12 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     labels = {}  # class index -> label, of the classes the search can name
     for layer in layers:
         units = units_by_layer[layer["name"]]
-        by_default, shown_units = grid_order(units, checkpoints)
-        context = {
-            **common,
-            "root": "../",
-            "layer": layer,
-            "units": shown_units,
-            "is_logits": layer["name"] == LOGITS,
-            "layer_counts": counts_by_layer[layer["name"]],
-            "sorts": _sorts(units),
-            "default_sort": by_default,
-            "last_step": timeline.last_step(checkpoints),
-            "push_filter": any(unit.classes.up for unit in units),
-            "low_trust_units": sum(unit.low_trust for unit in units),
-            "whole": _whole_layer(out, site, wholes.get(layer["name"]), warn),
-        }
-        whole_files = tuple(context["whole"].files()) if context["whole"] else ()
-        links = tuple(f"{layer['dir']}/{name}" for name in whole_files)
-        pages.append(Page(f"{layer['dir']}/index.html", "layer.html", context, links=links))
+        if layer.get("atlas_of"):
+            pages.append(_atlas_page(common, layer, units))
+        else:
+            whole = _whole_layer(out, site, wholes.get(layer["name"]), warn)
+            counts = counts_by_layer[layer["name"]]
+            pages.append(_layer_page(common, layer, units_by_layer, counts, whole))
         for position, unit in enumerate(units):
             pages.append(_unit_page(common, layer, units, position))
             label = unit.record.label or ""
@@ -159,6 +160,79 @@ def site_pages(out: Path, site: Path, manifest: dict, warn: Callable[[str], None
     search_context = {"search": search, "labels": labels}
     pages.append(Page("search-index.js", "search-index.js", search_context))
     return pages
+
+
+def _layer_page(
+    common: dict,
+    layer: dict,
+    units_by_layer: dict[str, list[UnitPage]],
+    counts: Counter,
+    whole: UnitPage | None,
+) -> Page:
+    """A layer's grid of units; a real layer's also lists its concepts, by share, and links
+    to its activation atlas (atlas.learning)."""
+    units = units_by_layer[layer["name"]]
+    checkpoints = common["timeline"]
+    by_default, shown_units = grid_order(units, checkpoints)
+    concepts = learned_layer(layer["name"], "concepts")
+    atlas = learned_layer(layer["name"], "atlas")
+    context = {
+        **common,
+        "root": "../",
+        "layer": layer,
+        "units": shown_units,
+        "is_logits": layer["name"] == LOGITS,
+        "layer_counts": counts,
+        "sorts": _sorts(units),
+        "default_sort": by_default,
+        "last_step": timeline.last_step(checkpoints),
+        "push_filter": any(unit.classes.up for unit in units),
+        "low_trust_units": sum(unit.low_trust for unit in units),
+        "whole": whole,
+        "concepts": sorted(units_by_layer.get(concepts, []), key=lambda u: -(u.share or 0)),
+        "concepts_dir": layer_dirname(concepts),
+        "atlas": units_by_layer.get(atlas),
+        "atlas_dir": layer_dirname(atlas),
+    }
+    links = tuple(f"{layer['dir']}/{name}" for name in (whole.files() if whole else ()))
+    return Page(f"{layer['dir']}/index.html", "layer.html", context, links=links)
+
+
+def _atlas_page(common: dict, layer: dict, units: list[UnitPage]) -> Page:
+    """A layer's activation atlas: its N x N grid with each cell's picture where UMAP put its
+    activations, sized by its count (the square root of its share of the fullest cell's), and
+    a panel per cell."""
+    size = layer["shape"][0] if layer.get("shape") else 0
+    fullest = max([unit.count or 0 for unit in units] + [1])
+    cells = [
+        {
+            "unit": unit,
+            "row": (unit.learned or {}).get("row", 0),
+            "col": (unit.learned or {}).get("col", 0),
+            "scale": round(0.35 + 0.65 * math.sqrt((unit.count or 0) / fullest), 3),
+        }
+        for unit in units
+    ]
+    of = layer.get("atlas_of", "")
+    context = {
+        **common,
+        "root": "../",
+        "layer": layer,
+        "of": {"name": of, "dir": layer_dirname(of)},
+        "size": size,
+        "cells": cells,
+        "layer_counts": Counter(unit.status for unit in units),
+    }
+    links = tuple(f"{layer['dir']}/{name}" for unit in units for name in unit.files())
+    return Page(f"{layer['dir']}/index.html", "atlas.html", context, links=links)
+
+
+def _title(layer: dict) -> str:
+    """How the pages head a layer: the class logits, a learned layer by what it is ("16
+    concepts of blocks.8"), any other by its name."""
+    if layer["name"] == LOGITS:
+        return "Class logits"
+    return layer["type"] if split_layer(layer["name"])[1] else layer["name"]
 
 
 def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
@@ -193,6 +267,8 @@ def _sorts(units: list[UnitPage]) -> list[tuple[str, str]]:
     """The orders the layer grid offers (value, name): by index, and by change since the
     previous checkpoint, trust and activation ratio when some unit has one."""
     sorts = [("index", "unit index")]
+    if any(unit.share is not None for unit in units):
+        sorts.append(("share-high", "share of the layer's activations, largest first"))
     if any(unit.change is not None for unit in units):
         sorts.append((timeline.CHANGE_SORT, "change since the previous checkpoint, most first"))
     if any(unit.trust_score is not None for unit in units):

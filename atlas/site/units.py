@@ -20,12 +20,12 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from atlas.record import LOGITS, LOW_TRUST, UnitRecord
+from atlas.record import LOGITS, LOW_TRUST, UnitRecord, learned_layer, split_layer
 from atlas.site.timeline import CHANGE_SORT, CheckpointEntry, Frame, score
 
 CURVE_WIDTH, CURVE_HEIGHT = 480, 160
 SHOWN_UP, SHOWN_DOWN = 6, 3  # exciting and inhibiting inputs (and outputs) a page shows
-PLANNED = ("layer", "index", "kind", "id", "label", "key")  # what a plan says of a unit
+PLANNED = ("layer", "index", "kind", "id", "label", "key", "direction")  # what a plan says
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,46 @@ class UnitPage:
     outputs_measured: int = 0  # units of the next layer whose inputs are known
     classes: Ranked = field(default_factory=Ranked)
     trust_layers: list[tuple[str, float]] = field(default_factory=list)  # in plan order
+    # a concept's or a cell's (UnitRecord.direction): its real layer's channels that weigh
+    # most in it, and a cell's nearest concepts (weights: cosines)
+    top_channels: tuple[Link, ...] = ()
+    near_concepts: tuple[Link, ...] = ()
+
+    @property
+    def learned(self) -> dict | None:
+        """A concept's or a cell's facts (UnitRecord.direction), None for any other unit."""
+        return self.record.direction
+
+    @property
+    def name(self) -> str:
+        """How grids caption it: its index, or a concept's or a cell's name ("concept3")."""
+        return self.record.id.rpartition(":")[2] if self.learned else str(self.index)
+
+    @property
+    def share(self) -> float | None:
+        """A concept's share of its layer's activations."""
+        value = (self.learned or {}).get("share")
+        return float(value) if isinstance(value, int | float) else None
+
+    @property
+    def count(self) -> int | None:
+        """A cell's count of sampled activations."""
+        value = (self.learned or {}).get("count")
+        return value if type(value) is int else None
+
+    @property
+    def matched(self) -> float | None:
+        """A concept's cosine to the concept of its index in the dictionary before."""
+        value = (self.learned or {}).get("matched")
+        return float(value) if isinstance(value, int | float) else None
 
     @property
     def activation_ratio(self) -> float | None:
         """The unit's activation on its visualization over that on its best exemplar."""
         activation = self.record.activation
         best = self.exemplars[0]["score"] if self.exemplars else None
-        if activation is None or best is None or best <= 0:
+        # a concept's exemplars score its coefficient, a cell's a cosine: no common scale
+        if activation is None or best is None or best <= 0 or self.learned:
             return None
         return activation / best
 
@@ -116,6 +149,9 @@ class UnitPage:
 
     @property
     def alt(self) -> str:
+        if self.learned:
+            of = self.learned.get("of")
+            return f"Feature visualization of {self.record.kind} {self.name} of {of}"
         kind = "class" if self.record.kind == "logit" else "channel"
         what = f"{kind} {self.index}"
         if self.record.label:
@@ -180,6 +216,7 @@ class UnitPage:
         """The files of this unit that its page links (images, thumbnail, animation, maps,
         exemplar patches, filmstrip frames), relative to its layer folder."""
         extras = [self.thumb, self.timelapse, self.maps, *(e["src"] for e in self.exemplars)]
+        extras += [e.get("map_src") for e in self.exemplars]
         extras += [src for _, src in self.variants]
         extras += [frame.src for frame in self.filmstrip]
         return [*self.images, *(name for name in extras if name)]
@@ -208,12 +245,14 @@ def connect(
     no neighbours. `labels` are the model's class names (plan.json has them)."""
     pages = {(v.record.layer, v.index): v for units in units_by_layer.values() for v in units}
     logits = {v.index: v for v in units_by_layer.get(LOGITS, [])}
+    real = [name for name in planned if split_layer(name)[1] is None]
     for layer, units in units_by_layer.items():
-        position = planned.index(layer) if layer in planned else None
-        before = planned[position - 1] if position else None
-        after = None
-        if position is not None and layer != LOGITS and position + 1 < len(planned):
-            after = planned[position + 1]
+        of, part = split_layer(layer)
+        position = real.index(of) if of in real and (part is None or layer in planned) else None
+        before = real[position - 1] if position else None
+        after = None  # a concept's outputs are not measured: the next layer's inputs are channels
+        if position is not None and layer != LOGITS and position + 1 < len(real) and not part:
+            after = real[position + 1]
         # the next layer's units that weigh this layer's channels, inverted: channel -> units
         driven: dict[int, list[tuple[UnitPage, float]]] = {}
         measured = 0
@@ -245,6 +284,28 @@ def connect(
                 lambda k, e: class_link(logits.get(k), k, e, labels),
             )
             page.trust_layers = trust_layers(page.record.trust)
+            if page.learned:
+                learned_links(page, pages, of)
+
+
+def learned_links(page: UnitPage, pages: dict, of: str) -> None:
+    """A concept's or a cell's links: its top channels, by |weight| as atlas.concepts ranks
+    them, and a cell's nearest concepts, each with its picture where the atlas has it."""
+
+    def pairs(name: str) -> list[tuple[int, float]]:
+        found = page.learned.get(name)
+        found = found if isinstance(found, list) else []
+        return [tuple(pair) for pair in found if isinstance(pair, list) and len(pair) == 2]
+
+    page.top_channels = tuple(
+        unit_link(pages.get((of, int(c))), int(c), float(w)) for c, w in pairs("channels")
+    )
+    concepts, near = learned_layer(of, "concepts"), []
+    for k, cosine in pairs("concepts"):
+        found = pages.get((concepts, int(k)))
+        link = unit_link(found, int(k), float(cosine))
+        near.append(dataclasses.replace(link, name=found.name if found else f"concept{int(k)}"))
+    page.near_concepts = tuple(near)
 
 
 def trust_layers(trust: dict | None) -> list[tuple[str, float]]:
