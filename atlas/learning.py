@@ -203,18 +203,9 @@ class Learning:
         if entry is None:
             return None
         kind = Dictionary if part == "concepts" else ActivationAtlas
-        path = (
-            self.folder_of(layer)
-            / f"{'dictionary' if kind is Dictionary else 'atlas'}-{entry['key'][:16]}.npz"
-        )
-        try:
-            loaded = kind.load(path)
-        except FileNotFoundError:
-            return None
-        except DAMAGED:
-            self.store.report(path, "is corrupt", "it is learned again")
-            return None
-        return loaded if loaded.key == entry["key"] else None
+        name = "dictionary" if kind is Dictionary else "atlas"
+        path = self.folder_of(layer) / f"{name}-{entry['key'][:16]}.npz"
+        return self._reused(path, kind, entry["key"])
 
     def current(self, layer: str) -> tuple[Dictionary | None, ActivationAtlas | None]:
         """The layer's dictionary and atlas as OUT holds them under the current keys (None
@@ -396,8 +387,8 @@ class Learning:
         atomic_write_json(folder / "learned.json", fresh)
 
     def _reused(self, path: Path, kind: type, key: str) -> Dictionary | ActivationAtlas | None:
-        """The dictionary or atlas an earlier run stored under `key` (another K or N asked for
-        since, then this one again), None when there is none: it is learned."""
+        """The dictionary or atlas an earlier run stored under `key`, None when there is none
+        or its file is damaged (named: it is learned again)."""
         try:
             loaded = kind.load(path)
         except FileNotFoundError:
