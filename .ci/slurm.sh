@@ -118,7 +118,7 @@ EOF
 }
 
 case $action in
-  start) start ;;
+  start) trap 'stop' ERR; start ;;  # a daemon that fails to start: stop those that did
   stop) stop ;;
   *) usage ;;
 esac

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
@@ -161,6 +162,9 @@ class DaskExecutor:
     def __init__(self, client, model, weights: str | None, planned: int = 0):
         self.client = client
         self.digest = model.identity  # the plugin's models are held by identity
+        # in every task's key: Dask merges equal keys, and another run on a shared scheduler
+        # may name a task as this one does (the same images, another model or dictionary)
+        self.run = uuid.uuid4().hex[:8]
         plugin = ModelPlugin(model.spec, weights, self.digest)
         try:
             client.register_plugin(plugin, name=f"atlas-model-{self.digest}")
@@ -189,7 +193,7 @@ class DaskExecutor:
                 function,
                 self.digest,
                 task,
-                key=f"atlas-{task.name}",
+                key=f"atlas-{self.run}-{task.name}",
                 pure=False,
                 retries=RETRIES,
             )

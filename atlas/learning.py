@@ -63,7 +63,9 @@ if TYPE_CHECKING:
     from atlas.execute import Executor
 
 LEARNED_VERSION = "1"
-DAMAGED = (OSError, ValueError, KeyError, zipfile.BadZipFile)  # a stored .npz atlas cannot read
+# what reading a damaged .npz raises (np.load of an empty file: EOFError; malformed arrays or
+# metadata: the others)
+DAMAGED = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile)
 
 
 def concept_layers(config: AtlasConfig, plan: Plan) -> list[LayerInfo]:
@@ -192,9 +194,22 @@ class Learning:
             LEARNED_VERSION,
             self.keys[layer],
         )
-        if current and isinstance(entry, dict) and entry.get("size") == size:
-            return entry
-        return None
+        if not (current and isinstance(entry, dict) and entry.get("size") == size):
+            return None
+        units = entry.get("units")
+        whole = isinstance(entry.get("key"), str) and (
+            part != "concepts"
+            or (
+                isinstance(units, list)
+                and len(units) == size
+                and all(isinstance(u, dict) for u in units)
+            )
+        )
+        if not whole:
+            path = self.folder_of(layer) / "learned.json"
+            self.store.report(path, f"has a damaged {part} entry", "it is learned again")
+            return None
+        return entry
 
     def _load(self, layer: str, part: str, size: int) -> Dictionary | ActivationAtlas | None:
         """The layer's current dictionary or atlas as stored, None when there is none (or its
@@ -370,12 +385,12 @@ class Learning:
         fresh = {"version": LEARNED_VERSION, "layer": layer, "samples": samples.key}
         if config.concepts:
             entry = self._part(layer, "concepts", config.concepts)
-            if entry is None:
+            if self._load(layer, "concepts", config.concepts) is None:  # or its file is damaged
                 entry = self._learn_concepts(layer, samples, state.get("concepts"))
             fresh["concepts"] = entry
         if config.activation_atlas:
             entry = self._part(layer, "atlas", config.activation_atlas)
-            if entry is None:
+            if self._load(layer, "atlas", config.activation_atlas) is None:
                 size = config.activation_atlas
                 key = atlas_key(samples.key, size, MIN_COUNT, config.seed)
                 atlas = self._reused(folder / f"atlas-{key[:16]}.npz", ActivationAtlas, key)

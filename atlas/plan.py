@@ -312,6 +312,13 @@ def default_batch(layer: LayerInfo, device: str) -> int:
     return max(8, min(128, 2 ** int(24 - elements.bit_length())))
 
 
+def units_per_task(config: AtlasConfig, layer: LayerInfo, device: str) -> int:
+    """How many units of `layer` one task holds: the batch of images (`--batch`, else the
+    layer's default on `device`), shared by each unit's K samples."""
+    size = config.batch or default_batch(layer, device)
+    return max(1, size // config.samples) if config.samples > 1 else size
+
+
 def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
     """Batches `units` (those still to do) into tasks of one layer each."""
     config = plan.config
@@ -320,8 +327,7 @@ def make_tasks(plan: Plan, units: list[Unit], device: str) -> list[Task]:
     for layer_name, kind in dict.fromkeys((unit.layer, unit.kind) for unit in units):
         todo = [unit for unit in units if (unit.layer, unit.kind) == (layer_name, kind)]
         # a learned layer's units run on its real layer: they batch as its channels do
-        size = config.batch or default_batch(by_layer[split_layer(layer_name)[0]], device)
-        size = max(1, size // config.samples) if config.samples > 1 else size
+        size = units_per_task(config, by_layer[split_layer(layer_name)[0]], device)
         for first in range(0, len(todo), size):
             batch = tuple(todo[first : first + size])
             tasks.append(

@@ -16,7 +16,7 @@ from atlas.estimate import estimate, unmeasured_layers
 from atlas.execute import executor, visible_gpus
 from atlas.learning import Learning
 from atlas.optimize import calibration_task
-from atlas.plan import Plan, default_batch, load_and_plan, make_plan, make_tasks
+from atlas.plan import Plan, load_and_plan, make_plan, make_tasks, units_per_task
 from atlas.progress import Progress, format_duration
 from atlas.record import split_layer
 from atlas.rekey import made_before_keying
@@ -26,13 +26,16 @@ WHAT = "layer shapes"  # what the progress line counts
 
 
 def shape_groups(plan: Plan, layers: list[str]) -> dict[str, list[str]]:
-    """The layer to time for each distinct output shape among `layers`, with the layers its
-    figure stands for: the middle one, whose depth is their mean when they follow each other
-    (a deeper layer costs more: its forward and backward passes are longer)."""
+    """The layer to time for each distinct output shape among `layers` (a learned layer's: its
+    real layer's), with the layers its figure stands for: the middle one, whose depth is their
+    mean when they follow each other (a deeper layer costs more: its forward and backward
+    passes are longer)."""
     info = {layer.name: layer for layer in plan.layers}
     groups: dict[tuple, list[str]] = {}
     for name in layers:
-        groups.setdefault((info[name].kind, tuple(info[name].shape)), []).append(name)
+        # a concept or a cell costs what a channel of its real layer does, at its own steps
+        real, part = split_layer(name)
+        groups.setdefault((info[real].kind, tuple(info[real].shape), part), []).append(name)
     return {members[len(members) // 2]: members for members in groups.values()}
 
 
@@ -148,13 +151,15 @@ def _after(rows: list[dict], layer: str) -> int:
 
 def _unlearned(name: str, units: int, up_to: bool, plan, device: str, estimates) -> dict:
     """A row of concepts or cells not learned yet (atlas.learning): K of them, or up to N x N,
-    each costing about what a channel of its real layer does."""
+    each costing what a channel of its real layer does, at their own steps (--concept-steps)."""
     real = split_layer(name)[0]
-    per_unit = estimates[real].seconds_per_unit if real in estimates else None
-    size = plan.config.batch or default_batch(
-        next(i for i in plan.layers if i.name == real), device
+    channel = estimates[real].seconds_per_unit if real in estimates else None
+    config = plan.config
+    ratio = config.recipe_for(True).steps / config.recipe.steps
+    per_unit = None if channel is None else channel * ratio
+    tasks = -(
+        -units // units_per_task(config, next(i for i in plan.layers if i.name == real), device)
     )
-    tasks = -(-units // size)
     return {
         "layer": name,
         "units": units,

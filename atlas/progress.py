@@ -49,7 +49,8 @@ class RunProgress:
         self.lock = threading.Lock()
 
     def start(self, todo: int, skipped: int, dashboard: str | None) -> None:
-        self.finish()  # the learning step's images (atlas.learning) may have drawn a line
+        with self.lock:  # the learning step's images (atlas.learning) may have drawn a line;
+            self._end_line()  # the jobs' state stays, to be drawn with the units' line
         message = f"{todo} units to do, {skipped} already stored"
         if dashboard:
             message += f"; Dask dashboard: {dashboard}"

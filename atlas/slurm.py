@@ -44,6 +44,7 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 # spill, and pausing at 80% stalls for good a worker whose torch alone is that large
 MEMORY_SETTINGS = ("TARGET", "SPILL", "PAUSE", "TERMINATE")
 COMMAND_TIMEOUT = 60  # seconds for one sbatch, squeue, sinfo or scancel
+SUBMIT_TIMEOUT = 2 * COMMAND_TIMEOUT  # seconds until the first job must have an id
 
 
 def _slurm(*args: str) -> subprocess.CompletedProcess:
@@ -230,8 +231,16 @@ class WorkerJobs:
         from dask.utils import parse_timedelta
 
         limit = parse_timedelta(timeout)
+        waiting_since = time.monotonic()
         while not client.scheduler_info().get("workers"):
             ids = self.job_ids()
+            if not ids and time.monotonic() - waiting_since > SUBMIT_TIMEOUT:
+                # dask-jobqueue keeps a job whose sbatch failed, without an id: it never runs
+                raise AtlasError(
+                    f"no worker job was submitted within {SUBMIT_TIMEOUT} s: sbatch failed "
+                    "after accepting the job script (SLURM's controller busy, a submit "
+                    "limit?); the log above has SLURM's words"
+                )
             if ids and ids <= self.polled and not ids & set(self.states):
                 raise AtlasError(f"the worker jobs ended before a worker joined: {self.why()}")
             if self.running_since and time.monotonic() - self.running_since > limit:
@@ -253,7 +262,12 @@ class WorkerJobs:
 
     def cancel(self) -> None:
         """End the watch and every job, through Dask and then by scancel of any job it
-        missed, so that nothing is left in squeue."""
+        missed, so that nothing is left in squeue; a second Ctrl-C or SIGTERM meanwhile
+        waits until it is done."""
+        with _uninterrupted():
+            self._cancel()
+
+    def _cancel(self) -> None:
         self.stop.set()
         if self.watcher.is_alive():
             self.watcher.join(timeout=COMMAND_TIMEOUT)
@@ -267,6 +281,22 @@ class WorkerJobs:
                 left = self.submitted
             if left:
                 _slurm("scancel", *sorted(left))
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM ignored for the block (in the main thread, where handlers are set):
+    cancelling the jobs must not be cut short by the signal that asked for it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, left as it is
+                signal.signal(sig, handler)
 
 
 @contextmanager

@@ -219,6 +219,11 @@ def learn(
     (default_active); NMF uses every concept."""
     if method not in METHODS:
         raise AtlasError(f"unknown concept method {method!r}; expected one of {METHODS}")
+    if not np.isfinite(vectors).all() or not vectors.any():
+        raise AtlasError(
+            "the layer's sampled activations are all zero (or not finite) on these images: "
+            "there are no concepts to learn; choose another layer or folder"
+        )
     negative = bool((vectors < 0).any())
     if method == "auto":
         method = "sae" if negative else "nmf"

@@ -37,6 +37,7 @@ from atlas.optim.objectives import Target, direction
 
 ATLAS_VERSION = "1"
 MIN_COUNT = 3  # cells with fewer vectors are dropped
+ZERO = 1e-6  # and cells whose mean activation is no longer than this (a silent region)
 NEIGHBOURS = 20  # UMAP's n_neighbors, min_dist and metric as in Carter et al.'s notebooks
 MIN_DIST = 0.01
 CLIP = 0.5  # per cent of points clipped to the grid's edge on each side of each axis
@@ -177,7 +178,7 @@ def grid_cells(
     dictionary: Dictionary | None = None,
 ) -> list[Cell]:
     """The cells of an N x N grid over `coords` ([N, 2] in [0, 1]) that hold at least
-    `min_count` vectors."""
+    `min_count` vectors whose mean is not zero."""
     bins = np.minimum((coords * size).astype(int), size - 1)
     flat = bins[:, 0] * size + bins[:, 1]
     cells = []
@@ -186,6 +187,8 @@ def grid_cells(
         if len(members) < min_count:
             continue
         mean = samples.vectors[members].mean(0)
+        if not np.linalg.norm(mean) > ZERO:  # silent activations: no direction to draw
+            continue
         cosine = _unit(samples.vectors[members]) @ _unit(mean[None])[0]
         members = members[np.argsort(-cosine, kind="stable")]
         nearest = [] if dictionary is None else nearest_concepts(mean, dictionary)

@@ -189,7 +189,9 @@ def _layer_page(
         "push_filter": any(unit.classes.up for unit in units),
         "low_trust_units": sum(unit.low_trust for unit in units),
         "whole": whole,
-        "concepts": sorted(units_by_layer.get(concepts, []), key=lambda u: -(u.share or 0)),
+        "concepts": sorted(
+            current(units_by_layer.get(concepts, [])), key=lambda u: -(u.share or 0)
+        ),
         "concepts_dir": layer_dirname(concepts),
         "atlas": units_by_layer.get(atlas),
         "atlas_dir": layer_dirname(atlas),
@@ -202,16 +204,21 @@ def _atlas_page(common: dict, layer: dict, units: list[UnitPage]) -> Page:
     """A layer's activation atlas: its N x N grid with each cell's picture where UMAP put its
     activations, sized by its count (the square root of its share of the fullest cell's), and
     a panel per cell."""
-    size = layer["shape"][0] if layer.get("shape") else 0
-    fullest = max([unit.count or 0 for unit in units] + [1])
+    placed = current(units)
+    places = [
+        ((unit.learned or {}).get("row", 0), (unit.learned or {}).get("col", 0)) for unit in placed
+    ]
+    # a layer no longer planned has no shape in the manifest: its grid is as large as its cells
+    size = layer["shape"][0] if layer.get("shape") else 1 + max(max(p) for p in places + [(0, 0)])
+    fullest = max([unit.count or 0 for unit in placed] + [1])
     cells = [
         {
             "unit": unit,
-            "row": (unit.learned or {}).get("row", 0),
-            "col": (unit.learned or {}).get("col", 0),
+            "row": row,
+            "col": col,
             "scale": round(0.35 + 0.65 * math.sqrt((unit.count or 0) / fullest), 3),
         }
-        for unit in units
+        for unit, (row, col) in zip(placed, places, strict=True)
     ]
     of = layer.get("atlas_of", "")
     context = {
@@ -227,12 +234,21 @@ def _atlas_page(common: dict, layer: dict, units: list[UnitPage]) -> Page:
     return Page(f"{layer['dir']}/index.html", "atlas.html", context, links=links)
 
 
+def current(units: list[UnitPage]) -> list[UnitPage]:
+    """The units of a learned layer that its last atlas or dictionary made, without those an
+    earlier one (another K, N or checkpoint) left stored: their places and ranks belong to a
+    layout that is gone. A layer no longer planned keeps all of its own."""
+    made = [unit for unit in units if unit.status != "stale"]
+    return made or units
+
+
 def _title(layer: dict) -> str:
     """How the pages head a layer: the class logits, a learned layer by what it is ("16
     concepts of blocks.8"), any other by its name."""
     if layer["name"] == LOGITS:
         return "Class logits"
-    return layer["type"] if split_layer(layer["name"])[1] else layer["name"]
+    learned = split_layer(layer["name"])[1] and layer["type"] != "not planned"
+    return layer["type"] if learned else layer["name"]
 
 
 def _once(warn: Callable[[str], None]) -> Callable[[str], None]:
