@@ -48,6 +48,22 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         raise
 
 
+def write_arrays(path: Path, meta: dict, **arrays: np.ndarray) -> None:
+    """Arrays and their JSON-able metadata as one .npz file, written atomically (how a
+    layer's samples, dictionary and activation atlas are stored)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def read_arrays(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """What write_arrays stored: (metadata, arrays by name). A damaged file raises what
+    np.load raises (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)."""
+    with np.load(Path(path)) as saved:
+        meta = json.loads(saved["meta"].tobytes())
+        return meta, {name: saved[name] for name in saved.files if name != "meta"}
+
+
 def atomic_write_json(path: Path, value: object, *, indent: int | None = 2) -> None:
     """Sorted keys, indented for people; the manifest (megabytes, for the site) is not."""
     atomic_write_bytes(path, (json.dumps(value, indent=indent, sort_keys=True) + "\n").encode())

@@ -19,7 +19,6 @@ Measures, on vectors A [N, C] with column means m:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ import torch
 from atlas.concepts.extra import require
 from atlas.concepts.samples import Samples
 from atlas.errors import AtlasError
-from atlas.files import atomic_write_bytes
+from atlas.files import read_arrays, write_arrays
 
 DICTIONARY_VERSION = "1"
 METHODS = ("auto", "nmf", "sae")
@@ -135,15 +134,11 @@ class Dictionary:
         if self.encoder is not None:
             arrays.update(encoder=self.encoder, encoder_bias=self.encoder_bias)
         meta = {"method": self.method, "active": self.active, "key": self.key}
-        buffer = io.BytesIO()
-        np.savez(buffer, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        write_arrays(path, meta, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Dictionary:
-        with np.load(Path(path)) as saved:
-            meta = json.loads(saved["meta"].tobytes())
-            arrays = {name: saved[name] for name in saved.files if name != "meta"}
+        meta, arrays = read_arrays(path)
         return cls(meta["method"], active=meta["active"], key=meta["key"], **arrays)
 
 

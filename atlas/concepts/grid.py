@@ -12,7 +12,6 @@ that a few outliers do not squeeze every other vector into a few cells.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from atlas.concepts.dictionary import Dictionary
 from atlas.concepts.extra import require
 from atlas.concepts.samples import Samples
 from atlas.errors import AtlasError
-from atlas.files import atomic_write_bytes
+from atlas.files import read_arrays, write_arrays
 from atlas.optim.objectives import Target, direction
 
 ATLAS_VERSION = "1"
@@ -116,23 +115,20 @@ class ActivationAtlas:
         meta.update(key=self.key, channels=[c.channels for c in cells])
         meta["concepts"] = [c.concepts for c in cells]
         width = len(cells[0].mean) if cells else 0
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
+        write_arrays(
+            path,
+            meta,
             coords=self.coords,
             places=np.array([(c.row, c.col, c.count) for c in cells], np.int32).reshape(-1, 3),
             means=np.array([c.mean for c in cells], np.float32).reshape(len(cells), width),
             members=np.concatenate([c.members for c in cells]) if cells else np.zeros(0, int),
-            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
         )
-        atomic_write_bytes(Path(path), buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> ActivationAtlas:
-        with np.load(Path(path)) as saved:
-            meta = json.loads(saved["meta"].tobytes())
-            coords, places, means = saved["coords"], saved["places"], saved["means"]
-            members = np.split(saved["members"], np.cumsum(places[:, 2])[:-1])
+        meta, arrays = read_arrays(path)
+        coords, places, means = arrays["coords"], arrays["places"], arrays["means"]
+        members = np.split(arrays["members"], np.cumsum(places[:, 2])[:-1])
         cells = [
             Cell(
                 meta["layer"],

@@ -18,7 +18,6 @@ file reading and decoding it reuses): `Collection.tasks()` yields chunks of imag
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from atlas.exemplars import CHUNK_IMAGES, decode, fingerprint, fit_settings, list_images, read_blobs
-from atlas.files import atomic_write_bytes
+from atlas.files import read_arrays, write_arrays
 from atlas.layers import capture, resolve, run_forward
 from atlas.optim.device import resolve_device
 from atlas.optim.fold import running_module
@@ -146,24 +145,15 @@ class Samples:
 
     def save(self, path: Path) -> None:
         """One .npz file, written atomically."""
-        buffer = io.BytesIO()
         meta = {"layer": self.layer, "key": self.key, "map_size": list(self.map_size)}
         meta.update(files=list(self.files), unreadable=list(self.unreadable))
-        np.savez(
-            buffer,
-            vectors=self.vectors,
-            images=self.images,
-            rows=self.rows,
-            cols=self.cols,
-            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-        )
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        arrays = {"vectors": self.vectors, "images": self.images}
+        write_arrays(path, meta, rows=self.rows, cols=self.cols, **arrays)
 
     @classmethod
     def load(cls, path: Path) -> Samples:
-        with np.load(Path(path)) as saved:
-            meta = json.loads(saved["meta"].tobytes())
-            arrays = {name: saved[name] for name in ("vectors", "images", "rows", "cols")}
+        meta, stored = read_arrays(path)
+        arrays = {name: stored[name] for name in ("vectors", "images", "rows", "cols")}
         return cls(
             meta["layer"],
             meta["key"],
