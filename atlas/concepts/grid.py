@@ -34,7 +34,7 @@ from atlas.errors import AtlasError
 from atlas.files import read_arrays, write_arrays
 from atlas.optim.objectives import Target, direction
 
-ATLAS_VERSION = "1"
+ATLAS_VERSION = "2"  # 2: cells whose mean activation is zero are left out
 MIN_COUNT = 3  # cells with fewer vectors are dropped
 ZERO = 1e-6  # and cells whose mean activation is no longer than this (a silent region)
 NEIGHBOURS = 20  # UMAP's n_neighbors, min_dist and metric as in Carter et al.'s notebooks
